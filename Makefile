@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch/torchvision first, pinned: on our machines they install from local disk (see README).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/transfer demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/extract_throughput.py
+	$(PY) benchmarks/extract_memory.py
+	$(PY) benchmarks/fit_memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

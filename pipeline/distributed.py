@@ -1,0 +1,144 @@
+"""Extraction across processes, GPUs and machines under torchrun: who does which rows, and the end.
+
+Each rank takes a disjoint contiguous slice of the image listing (no padding, unlike
+DistributedSampler, whose repeated samples would duplicate rows), writes its own shard file in the
+partial-cache format, and rank 0 assembles the shards into one cache in listing order. A single
+process is simply rank 0 of 1. The process group (gloo) carries only the final barrier: the
+features go through the shared file system, so no GPU collective is needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch.distributed as tdist
+
+from . import cache
+from .errors import TransferError
+
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+
+def init() -> Dist:
+    """Identity from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); 0 of 1 without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+             int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if not tdist.is_initialized():
+        # Generous timeout: ranks meet only once, at the end, and may finish hours apart.
+        tdist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    return d
+
+
+def device_for(d: Dist, device: str) -> str:
+    """Each rank on its own GPU (LOCAL_RANK) when GPUs are asked for or available."""
+    if d.world_size == 1 or device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    return f"cuda:{d.local_rank}" if torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+
+
+def my_positions(n: int, d: Dist) -> np.ndarray:
+    """Listing positions of this rank: the contiguous slice [n*r/W, n*(r+1)/W)."""
+    return np.arange(n * d.rank // d.world_size, n * (d.rank + 1) // d.world_size, dtype=np.int64)
+
+
+def shard_path(out: str, d: Dist) -> str:
+    return shard_path_of(out, d.rank, d.world_size)
+
+
+def shard_path_of(out: str, rank: int, world: int) -> str:
+    return f"{out}.rank{rank:04d}-of-{world:04d}.partial"
+
+
+def all_parts(out: str, world: int) -> list[str]:
+    if world == 1:
+        return [cache.partial_path(out)]
+    return [shard_path_of(out, r, world) for r in range(world)]
+
+
+class _Reporter:
+    """Feeds one progress sink for the whole job: rank 0 adds up every shard's committed rows."""
+
+    def __init__(self, d: Dist, out: str, sink, total: int):
+        self.d, self.parts, self.sink, self.total = d, all_parts(out, d.world_size), sink, total
+        self.shown = 0
+        self.last_poll = 0.0
+
+    def start(self, already: int) -> None:
+        if self.d.rank == 0:
+            self.shown = already if self.d.world_size == 1 else self._committed()
+            self.sink.start(self.total, self.shown)
+
+    def advance(self, n: int) -> None:
+        if self.d.rank != 0:
+            return
+        if self.d.world_size == 1:
+            self.shown += n
+            self.sink.advance(n)
+        else:
+            self.poll(force=False)
+
+    def poll(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_poll < POLL_SECONDS:
+            return
+        self.last_poll = now
+        committed = self._committed()
+        if committed > self.shown:
+            self.sink.advance(committed - self.shown)
+            self.shown = committed
+
+    def _committed(self) -> int:
+        total = 0
+        for part in self.parts:
+            try:
+                total += cache.PartialCache(part).progress().finished
+            except (OSError, KeyError):
+                pass  # not created yet by its rank
+        return total
+
+
+def progress_reporter(d: Dist, out: str, sink, total: int) -> _Reporter:
+    return _Reporter(d, out, sink, total)
+
+
+def finish(d: Dist, out: str, total: int, reporter: _Reporter) -> list[str] | None:
+    """Wait for every rank; return the shard files to assemble (rank 0) or None (other ranks)."""
+    if d.world_size == 1:
+        return [cache.partial_path(out)]
+    work = tdist.barrier(async_op=True)
+    while not work.is_completed():  # rank 0 keeps the one progress line moving meanwhile
+        if d.rank == 0:
+            reporter.poll(force=True)
+        time.sleep(POLL_SECONDS)
+    work.wait()
+    tdist.destroy_process_group()
+    if d.rank != 0:
+        return None
+    parts = all_parts(out, d.world_size)
+    for rank, part in enumerate(parts):
+        try:
+            p = cache.PartialCache(part).progress()
+        except (OSError, KeyError):
+            raise TransferError(f"rank {rank}: its shard {part} is missing or unreadable; rerun to redo it") from None
+        if p.finished != p.total:
+            raise TransferError(f"rank {rank}: its shard {part} is incomplete ({p.finished}/{p.total}); "
+                                "rerun the same command to resume it")
+    reporter.poll(force=True)
+    return parts

@@ -1,0 +1,273 @@
+"""Stage 1, wired: images -> frozen backbone -> feature cache, resumable, one or many processes.
+
+`run_extract` only composes the parts: `images` decodes, `backbones.Embedder` computes, `cache`
+writes. Under torchrun, `distributed` gives each rank its slice and rank 0 assembles the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+
+from . import cache, distributed
+from .backbones import (PRECISIONS, Embedder, check_backbone_name, default_precision, load_backbone,
+                        resolve_device)
+from .errors import TransferError
+from .images import ImageDataset, ImageListing, collate, scan_image_folder
+
+
+@dataclass
+class ExtractRequest:
+    image_dir: str
+    out: str
+    backbone: str = "vgg16"
+    weights: str | None = None  # torchvision weights name, state_dict file, or "random"
+    batch_size: int | None = None  # default: 32 on CPU, 256 on GPU
+    device: str = "auto"
+    precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    workers: int | None = None  # decoding processes; default from the device and core count
+    overwrite: bool = False
+    seed: int = 0
+    command: str = ""  # the command line, named in "resume with" messages
+
+
+@dataclass
+class ExtractSummary:
+    out: str
+    state: str  # "written" | "already complete"
+    total: int  # images listed
+    done: int  # images in the cache
+    failed: int
+    resumed_from: int  # images already committed when this run started
+    processed: int  # images this run went through
+    seconds: float  # wall time of this run
+    images_per_second: float  # processed / time spent in the extraction loop
+    out_bytes: int
+    skipped_files: int  # files without an image extension
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    device: str = ""
+    precision: str = ""
+    batch_size: int = 0
+    workers: int = 0
+    world_size: int = 1
+
+
+class ProgressSink:
+    """Receives progress; the library never prints. `start` once, then `advance` per batch."""
+
+    def start(self, total: int, already: int) -> None: ...
+
+    def advance(self, images: int) -> None: ...
+
+
+def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
+                on_ready: Callable[[dict], None] | None = None) -> ExtractSummary:
+    """Extract features for every image under req.image_dir into req.out (see docs/cache-format.md)."""
+    started = time.perf_counter()
+    progress = progress or ProgressSink()
+    out = req.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise TransferError(f"output folder {folder} does not exist; create it first")
+    if os.path.isdir(out):
+        raise TransferError(f"--out {out} is a folder; expected a file name such as {os.path.join(out, 'features.h5')}")
+    check_backbone_name(req.backbone)
+    if req.batch_size is not None and req.batch_size < 1:
+        raise TransferError(f"--batch-size must be at least 1, got {req.batch_size}")
+    if req.workers is not None and req.workers < 0:
+        raise TransferError(f"--workers must be 0 or more, got {req.workers}")
+    dist = distributed.init()
+    device = resolve_device(distributed.device_for(dist, req.device))
+    precision = req.precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise TransferError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    batch_size = req.batch_size or (256 if device.type == "cuda" else 32)
+    workers = req.workers if req.workers is not None else _default_workers(device, dist.local_world_size)
+
+    listing = scan_image_folder(req.image_dir)
+    sharded = dist.world_size > 1
+    target = distributed.shard_path(out, dist) if sharded else cache.partial_path(out)
+    with cache.WriterLock(target if sharded else out):
+        cache.remove_stale_temporaries(out if dist.rank == 0 else target)
+        backbone = load_backbone(req.backbone, req.weights, req.seed)
+        meta = _metadata(req, backbone, listing, precision)
+        if _already_complete(out, meta, req.overwrite):
+            info = cache.read_info(out)
+            return _summary(req, "already complete", info, listing, 0, 0, started, 0.0, device, precision,
+                            batch_size, workers, dist.world_size)
+        positions = distributed.my_positions(len(listing), dist)
+        shard = _open_partial(target, meta, listing, positions, backbone.dim, req.overwrite)
+        before = shard.progress()
+        if on_ready:
+            on_ready({"device": str(device), "precision": precision, "batch_size": batch_size, "workers": workers,
+                      "total": len(listing), "already": before.finished, "rank": dist.rank,
+                      "world_size": dist.world_size, "partial": target})
+        embedder = Embedder(backbone, device, precision)
+        reporter = distributed.progress_reporter(dist, out, progress, len(listing))
+        reporter.start(before.finished)
+        loop_started = time.perf_counter()
+        paths = [listing.paths[p] for p in positions]
+        processed = _extract_rows(shard, embedder, listing.root, paths, backbone.preprocessing.pil_transform(),
+                                  batch_size, workers, reporter)
+        loop_seconds = time.perf_counter() - loop_started
+        left = shard.progress()
+        if left.finished != left.total:
+            raise TransferError(f"{target}: {left.total - left.finished} rows still pending after the run")
+        parts = distributed.finish(dist, out, len(listing), reporter)
+        if parts is None:  # not rank 0: rank 0 assembles
+            return _summary(req, "shard written", None, listing, before.finished, processed, started,
+                            loop_seconds, device, precision, batch_size, workers, dist.world_size)
+        with cache.WriterLock(out) if sharded else _nothing():
+            info = cache.assemble(parts, out, meta)
+            for part in parts:
+                os.remove(part)
+    return _summary(req, "written", info, listing, before.finished, processed, started, loop_seconds, device,
+                    precision, batch_size, workers, dist.world_size)
+
+
+def _nothing():
+    return contextlib.nullcontext()
+
+
+def _default_workers(device: torch.device, local_procs: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(1, min(8, cores // max(1, local_procs) - 1))
+    # On the CPU the network needs every core; one decoding process keeps ahead of it (see
+    # benchmarks/extract_throughput.py).
+    return 1
+
+
+def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: str) -> dict:
+    meta = {
+        **backbone.provenance(),
+        "precision": precision,
+        "classes": listing.classes,
+        "image_dir": os.path.abspath(listing.root),
+        "num_listed": len(listing),
+        "listing_sha256": cache.listing_digest(listing.classes, listing.paths, listing.labels, listing.splits),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": req.command,
+    }
+    if backbone.name == "efficientnet_lite0":
+        import timm
+
+        meta["timm_version"] = timm.__version__
+    return meta
+
+
+def _already_complete(out: str, meta: dict, overwrite: bool) -> bool:
+    """True when `out` already holds this very extraction; refuses to replace a different one."""
+    if not os.path.exists(out):
+        return False
+    try:
+        old = cache.check_cache(out)
+    except TransferError as e:
+        if overwrite:
+            return False
+        raise TransferError(f"{out} exists and is not a finished cache ({e}); pass --overwrite to replace it") from None
+    if cache.identity(old) == cache.identity(meta):
+        return True
+    if overwrite:
+        return False
+    raise TransferError(f"{out} holds a different extraction ({cache.describe_difference(old, meta)}); "
+                        "pass --overwrite to replace it, or choose another --out")
+
+
+def _open_partial(path: str, meta: dict, listing: ImageListing, positions: np.ndarray, dim: int,
+                  overwrite: bool) -> cache.PartialCache:
+    """Resume `path` when it holds this same extraction; otherwise start it (or refuse)."""
+    if os.path.exists(path):
+        try:
+            old = cache.PartialCache.read_meta(path)
+            same = cache.identity(old) == cache.identity(meta) and np.array_equal(
+                cache.PartialCache(path).positions(), positions)
+        except (OSError, KeyError):
+            same, old = False, None  # unreadable: only a crash before the rename can leave this
+        if same:
+            return cache.PartialCache(path)
+        if not overwrite and old is not None:
+            raise TransferError(f"{path} holds an unfinished extraction with other settings "
+                                f"({cache.describe_difference(old, meta)}); rerun its own command to resume it "
+                                f"({old.get('command') or 'unknown'}), or pass --overwrite to discard it")
+        os.remove(path)
+    return cache.PartialCache.create(
+        path, meta, positions, [listing.paths[p] for p in positions], listing.labels[positions],
+        None if listing.splits is None else [listing.splits[p] for p in positions], dim)
+
+
+def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, paths: list[str], transform,
+                  batch_size: int, workers: int, reporter) -> int:
+    """Run every pending row of `shard` through the network; commit batch by batch. Returns rows done."""
+    rows = shard.pending_rows().tolist()
+    if not rows:
+        return 0
+    cuda = embedder.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(root, paths, rows, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+    )
+    processed = 0
+    in_flight = None  # the previous batch: its features are copied back while this one computes
+    with shard:
+        for batch in loader:
+            features = embedder(batch.images)
+            if cuda:
+                host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+                host.copy_(features, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host, ready = features, None
+            if in_flight:
+                processed += _commit(shard, *in_flight, reporter)
+            in_flight = (batch, host, ready)
+        if in_flight:
+            processed += _commit(shard, *in_flight, reporter)
+    return processed
+
+
+def _commit(shard: cache.PartialCache, batch, host: torch.Tensor, ready, reporter) -> int:
+    if ready is not None:
+        ready.synchronize()
+    shard.commit(batch.indices.numpy(), host.numpy(), batch.failed)
+    n = len(batch.indices) + len(batch.failed)
+    reporter.advance(n)
+    return n
+
+
+def _summary(req, state, info, listing, resumed_from, processed, started, loop_seconds, device, precision,
+             batch_size, workers, world_size) -> ExtractSummary:
+    return ExtractSummary(
+        out=req.out,
+        state=state,
+        total=len(listing),
+        done=info.n if info else 0,
+        failed=len(info.failed) if info else 0,
+        resumed_from=resumed_from,
+        processed=processed,
+        seconds=time.perf_counter() - started,
+        images_per_second=processed / loop_seconds if loop_seconds > 0 else 0.0,
+        out_bytes=os.path.getsize(req.out) if info else 0,
+        skipped_files=len(listing.skipped),
+        failures=info.failed if info else [],
+        device=str(device),
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        world_size=world_size,
+    )

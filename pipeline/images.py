@@ -1,0 +1,248 @@
+"""Reading images: find them in an ImageFolder tree and decode each one to RGB, safely.
+
+Stage 1a of images -> backbone -> cache -> head -> model. Nothing here knows about networks;
+`backbones.Preprocessing` turns a decoded image into the tensor a backbone wants.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import TransferError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+SPLIT_NAMES = ("train", "val", "test")
+# Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS). A file declaring more is treated as a
+# decompression bomb and refused before any pixel buffer is allocated.
+MAX_PIXELS = 2 * 89_478_485
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """Every image under an ImageFolder root, in a deterministic order.
+
+    paths: N paths relative to root, as `os.fsdecode` gives them (non-UTF-8 bytes survive as
+    surrogates, so `os.fsencode(path)` recovers the exact name). labels: (N,) int64, an index
+    into classes. splits: N split names, or None when the tree has no split folders.
+    """
+
+    root: str
+    classes: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    splits: list[str] | None
+    skipped: list[str]  # files without an image extension, relative to root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _sort_key(name: str) -> bytes:
+    # Sort on the bytes of the name: the same order on every machine and locale.
+    return os.fsencode(name)
+
+
+def _visible_subdirs(folder: str) -> list[str]:
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    return sorted(names, key=_sort_key)
+
+
+def _walk_files(folder: str) -> list[str]:
+    """All non-hidden files under folder (symlinks included, even dangling), relative, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_sort_key)
+        rel = os.path.relpath(dirpath, folder)
+        for name in sorted(filenames, key=_sort_key):
+            if not name.startswith("."):
+                found.append(name if rel == "." else os.path.join(rel, name))
+    return sorted(found, key=_sort_key)
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_image_folder(root: str | os.PathLike) -> ImageListing:
+    """List IMAGE_DIR/CLASS/... or IMAGE_DIR/{train,val,test}/CLASS/... in a deterministic order."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise TransferError(f"image folder {root} does not exist")
+    if not os.path.isdir(root):
+        raise TransferError(f"{root} is not a folder; expected a folder with one subfolder per class")
+    subdirs = _visible_subdirs(root)
+    if not subdirs:
+        raise TransferError(
+            f"{root} has no class folders; expected one subfolder per class, e.g. {root}/apple/1.jpg"
+        )
+    split_dirs = [d for d in subdirs if d in SPLIT_NAMES]
+    if split_dirs and len(split_dirs) != len(subdirs):
+        others = [d for d in subdirs if d not in SPLIT_NAMES]
+        raise TransferError(
+            f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders "
+            f"({', '.join(others[:3])}); expected either only class folders or only train/val/test"
+        )
+    if split_dirs:
+        trees = [(s, os.path.join(root, s)) for s in SPLIT_NAMES if s in split_dirs]
+    else:
+        trees = [(None, root)]
+    per_tree = {}
+    for split, base in trees:
+        classes_here = _visible_subdirs(base)
+        if not classes_here:
+            raise TransferError(f"split folder {base} has no class folders")
+        per_tree[split] = classes_here
+    classes = sorted({c for cs in per_tree.values() for c in cs}, key=_sort_key)
+    index = {c: i for i, c in enumerate(classes)}
+
+    paths, labels, splits, skipped = [], [], [], []
+    for split, base in trees:
+        prefix = "" if split is None else split
+        skipped += [os.path.join(prefix, f) for f in _loose_files(base)]
+        for cls in per_tree[split]:
+            files = _walk_files(os.path.join(base, cls))
+            images = [f for f in files if is_image_name(f)]
+            skipped += [os.path.join(prefix, cls, f) for f in files if not is_image_name(f)]
+            if not images:
+                raise TransferError(
+                    f"class folder {os.path.join(base, cls)} has no images "
+                    f"(looked for {', '.join(IMAGE_EXTENSIONS)}, any case)"
+                )
+            paths += [os.path.join(prefix, cls, f) for f in images]
+            labels += [index[cls]] * len(images)
+            splits += [split] * len(images)
+    return ImageListing(
+        root=root,
+        classes=classes,
+        paths=paths,
+        labels=np.asarray(labels, dtype=np.int64),
+        splits=splits if split_dirs else None,
+        skipped=skipped,
+    )
+
+
+def _loose_files(folder: str) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted((e.name for e in entries if not e.is_dir() and not e.name.startswith(".")), key=_sort_key)
+
+
+class DecodeError(Exception):
+    """An image that cannot be used; `reason` is one short line for the cache's `failed` list."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(path: str) -> Image.Image:
+    """Decode one file to an RGB image as a viewer shows it (EXIF orientation applied).
+
+    Raises DecodeError, never anything else, so one bad file cannot stop a run.
+    """
+    try:
+        return _decode(path)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError("dangling symlink" if os.path.islink(path) else "file not found") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except IsADirectoryError:
+        raise DecodeError("is a directory") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is one bad image, not a crash
+        raise DecodeError(_short(f"corrupt image: {type(e).__name__}: {e}")) from None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _decode(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise DecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Sizes between Pillow's warning and error limits are allowed; ours is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(f)
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise DecodeError(
+                    f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit "
+                    "(decompression bomb?)"
+                )
+            img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited over white, as viewers show it."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # Pillow's convert("L") clips 16-bit samples at 255 (a white image); scale them instead.
+        deep = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(deep, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    transparent = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if transparent:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclass
+class ImageBatch:
+    """indices: (B,) int64 listing positions of the decoded images; images: (B, 3, S, S) uint8;
+    failed: (listing position, reason) for the images that could not be used."""
+
+    indices: torch.Tensor
+    images: torch.Tensor
+    failed: list[tuple[int, str]]
+
+    def pin_memory(self) -> "ImageBatch":
+        return ImageBatch(self.indices.pin_memory(), self.images.pin_memory(), self.failed)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses listing positions `order[i]`; a bad file yields its reason."""
+
+    def __init__(self, root: str, paths: list[str], order: list[int], transform):
+        self.root, self.paths, self.order, self.transform = root, paths, order, transform
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        position = self.order[i]
+        try:
+            image = decode_image(os.path.join(self.root, self.paths[position]))
+            return position, self.transform(image), None
+        except DecodeError as e:
+            return position, None, e.reason
+        except Exception as e:  # noqa: BLE001 - a transform failure is one bad image too
+            return position, None, _short(f"preprocessing failed: {type(e).__name__}: {e}")
+
+
+def collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
+    good = [(i, x) for i, x, _ in samples if x is not None]
+    failed = [(i, reason) for i, x, reason in samples if x is None]
+    if good:
+        images = torch.stack([x for _, x in good])
+    else:
+        images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+    return ImageBatch(torch.tensor([i for i, _ in good], dtype=torch.int64), images, failed)
