@@ -16,8 +16,10 @@ DEBUG_FLAG = "--debug"
 
 
 def _command_line() -> str:
-    prog = "transfer" if os.path.basename(sys.argv[0]) == "transfer" else f"python {sys.argv[0]}"
-    return shlex.join([prog] + sys.argv[1:])
+    """The command as the user typed it, for "resume with: ..." messages."""
+    script = sys.argv[0]
+    prog = f"python {script}" if script.endswith("cli.py") else "transfer"
+    return shlex.join([prog] + click.get_current_context().find_root().obj["argv"])
 
 
 def _size(n: int) -> str:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = DEBUG_FLAG in argv
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
-        cli.main(args=argv, prog_name="transfer", standalone_mode=False)
+        cli.main(args=argv, prog_name="transfer", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(0)

@@ -59,10 +59,12 @@ def listing_digest(classes: list[str], paths: list[str], labels: np.ndarray, spl
 
 
 def identity(meta: dict) -> dict:
-    return {k: meta.get(k) for k in IDENTITY_KEYS}
+    """The settings that decide the features, in a form comparable across a file round trip."""
+    return json.loads(json.dumps({k: meta.get(k) for k in IDENTITY_KEYS}))
 
 
 def describe_difference(old: dict, new: dict) -> str:
+    old, new = identity(old), identity(new)
     keys = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
     shown = []
     for k in keys:

@@ -174,8 +174,9 @@ def _decode(path: str) -> Image.Image:
         if os.fstat(f.fileno()).st_size == 0:
             raise DecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
-            # Sizes between Pillow's warning and error limits are allowed; ours is checked below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about sizes under our limit (checked below) and about recoverable damage
+            # such as corrupt EXIF; neither should interrupt a progress bar.
+            warnings.simplefilter("ignore")
             img = Image.open(f)
             width, height = img.size
             if width * height > MAX_PIXELS:
@@ -184,8 +185,8 @@ def _decode(path: str) -> Image.Image:
                     "(decompression bomb?)"
                 )
             img.load()
-        ImageOps.exif_transpose(img, in_place=True)
-        return to_rgb(img)
+            ImageOps.exif_transpose(img, in_place=True)
+            return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

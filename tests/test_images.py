@@ -1,0 +1,97 @@
+"""pipeline/images.py: listing ImageFolder trees and turning files into RGB tensors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import TransferError
+from pipeline.images import ImageDataset, collate, decode_image, scan_image_folder
+from tests.conftest import make_folder, write_image
+
+
+def test_flat_layout_lists_classes_labels_and_paths_in_order(tmp_path):
+    root = make_folder(tmp_path / "d", {"banana": 2, "apple": 3})
+    listing = scan_image_folder(root)
+    assert listing.classes == ["apple", "banana"]
+    assert listing.paths == ["apple/img000.png", "apple/img001.png", "apple/img002.png",
+                             "banana/img000.png", "banana/img001.png"]
+    assert listing.labels.tolist() == [0, 0, 0, 1, 1]
+    assert listing.splits is None
+
+
+def test_split_layout_records_each_images_split_and_unions_classes(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 1}, splits=("train", "val"))
+    make_folder(root / "test", {"c": 1})
+    listing = scan_image_folder(root)
+    assert listing.classes == ["a", "b", "c"]
+    assert listing.splits == ["train"] * 3 + ["val"] * 3 + ["test"]
+    assert listing.paths[0] == "train/a/img000.png" and listing.paths[-1] == "test/c/img000.png"
+    assert listing.labels.tolist() == [0, 0, 1, 0, 0, 1, 2]
+
+
+def test_extensions_are_case_insensitive_and_other_files_are_skipped(tmp_path):
+    root = tmp_path / "d"
+    for name in ["x.JPG", "y.Jpeg", "z.png", "w.WEBP", "v.tif", "u.TIFF", "t.bmp", "s.gif"]:
+        (root / "k").mkdir(parents=True, exist_ok=True)
+        (root / "k" / name).write_bytes(b"")
+    (root / "k" / "notes.txt").write_text("hi")
+    (root / "k" / ".DS_Store").write_bytes(b"")
+    (root / ".ipynb_checkpoints").mkdir()
+    listing = scan_image_folder(root)
+    assert listing.classes == ["k"]
+    assert len(listing) == 8
+    assert listing.skipped == ["k/notes.txt"]
+
+
+def test_nested_folders_inside_a_class_are_walked(tmp_path):
+    root = tmp_path / "d"
+    write_image(root / "a" / "sub" / "deep.png", 1)
+    write_image(root / "a" / "top.png", 2)
+    assert scan_image_folder(root).paths == ["a/sub/deep.png", "a/top.png"]
+
+
+def test_order_does_not_depend_on_creation_order(tmp_path):
+    first = tmp_path / "one"
+    second = tmp_path / "two"
+    for name in ["b.png", "a.png", "c.png"]:
+        write_image(first / "k" / name, 0)
+    for name in ["c.png", "a.png", "b.png"]:
+        write_image(second / "k" / name, 0)
+    assert scan_image_folder(first).paths == scan_image_folder(second).paths == ["k/a.png", "k/b.png", "k/c.png"]
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "has no class folders"),
+    (lambda p: (p / "a").mkdir(parents=True), "has no images"),
+    (lambda p: (write_image(p / "train" / "a" / "x.png", 0), (p / "cats").mkdir()), "mixes split folders"),
+    (lambda p: p.write_text("not a folder"), "is not a folder"),
+])
+def test_bad_trees_are_refused_with_a_reason(tmp_path, setup, fragment):
+    root = tmp_path / "images"
+    setup(root)
+    with pytest.raises(TransferError, match=fragment):
+        scan_image_folder(root)
+
+
+def test_dataset_yields_uint8_tensors_and_reasons_and_collate_separates_them(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 2})
+    (root / "a" / "bad.png").write_bytes(b"garbage")
+    listing = scan_image_folder(root)
+    transform = lambda img: torch.from_numpy(np.array(img.resize((8, 8)))).permute(2, 0, 1)
+    dataset = ImageDataset(str(root), listing.paths, [0, 1, 2], transform)
+    batch = collate([dataset[i] for i in range(3)])
+    assert listing.paths[0] == "a/bad.png"
+    assert batch.indices.tolist() == [1, 2]
+    assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.uint8
+    assert batch.failed == [(0, "not a recognised image format")]
+
+
+def test_decode_gives_rgb_with_the_files_pixels(tmp_path):
+    path = write_image(tmp_path / "x.png", 3)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(decode_image(str(path))), np.asarray(Image.open(path).convert("RGB")))
+    assert os.path.exists(path)
