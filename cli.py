@@ -18,8 +18,8 @@ DEBUG_FLAG = "--debug"
 def _command_line() -> str:
     """The command as the user typed it, for "resume with: ..." messages."""
     script = sys.argv[0]
-    prog = f"python {script}" if script.endswith("cli.py") else "transfer"
-    return shlex.join([prog] + click.get_current_context().find_root().obj["argv"])
+    prog = ["python", script] if script.endswith("cli.py") else ["transfer"]
+    return shlex.join(prog + click.get_current_context().find_root().obj["argv"])
 
 
 def _size(n: int) -> str:

@@ -13,13 +13,17 @@ Two kinds of file:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
+import gc
 import fcntl
 import glob
 import hashlib
 import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 
 import h5py
@@ -236,7 +240,7 @@ class PartialCache:
             for lo, hi, sel in _runs(all_rows):
                 f["status"][lo:hi] = values[sel]
             f.flush()
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # HDF5 reports some failed writes as RuntimeError
             raise TransferError(
                 f"writing {self.path} failed ({_os_reason(e)}); the rows committed before it are "
                 "intact: fix the cause and rerun the same command to resume"
@@ -262,12 +266,13 @@ def _runs(rows: np.ndarray):
         yield int(rows[s]), int(rows[e - 1]) + 1, slice(int(s), int(e))
 
 
-def _os_reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC or "No space left" in str(e):
+def _os_reason(e: Exception) -> str:
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(e) or "errno = 28" in str(e):
         return "no space left on device"
-    if e.errno == errno.EFBIG or "File too large" in str(e):
+    if code == errno.EFBIG or "File too large" in str(e):
         return "file too large for this file system or limit"
-    return e.strerror or str(e)
+    return getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
 
 
 def remove_stale_temporaries(prefix: str) -> None:
@@ -291,11 +296,13 @@ def assemble(parts: list[str], out: str, meta: dict) -> "CacheInfo":
     Nothing named `out` exists until every row has been copied.
     """
     tmp = f"{out}.assembling-{os.getpid()}"
+    _check_free_space(parts, out)
     try:
-        with h5py.File(tmp, "w") as dst:
-            _assemble_into(dst, parts, meta)
+        with _quiet_h5py_teardown():
+            with h5py.File(tmp, "w") as dst:
+                _assemble_into(dst, parts, meta)
         os.replace(tmp, out)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # HDF5 reports failed writes at close as RuntimeError
         _remove_quietly(tmp)
         raise TransferError(
             f"writing {out} failed ({_os_reason(e)}); the extracted features are safe in "
@@ -305,6 +312,31 @@ def assemble(parts: list[str], out: str, meta: dict) -> "CacheInfo":
         _remove_quietly(tmp)
         raise
     return read_info(out)
+
+
+def _check_free_space(parts: list[str], out: str) -> None:
+    """Fail before writing when the final copy clearly cannot fit (it is about the partials' size)."""
+    needed = sum(os.stat(p).st_blocks * 512 for p in parts)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+    if needed > free:
+        raise TransferError(
+            f"writing {out} needs about {needed / 2**20:.1f} MB but only {free / 2**20:.1f} MB are free "
+            f"(no space left on device); the extracted features are safe in {', '.join(parts)}: "
+            "free some space and rerun the same command to finish"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_h5py_teardown():
+    """When a write fails, h5py also reports each object it can no longer close through
+    sys.unraisablehook (a traceback on stderr); the failure itself is raised and reported once."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
@@ -485,19 +517,26 @@ def incomplete_message(path: str, meta: dict, progress: Progress) -> str:
 class WriterLock:
     """An exclusive, non-blocking lock on `OUT.lock`, held for a whole extraction.
 
-    The kernel drops it when the process dies, so a killed run never leaves a stale lock.
+    A POSIX record lock (lockf): the kernel drops it when the process dies, so a killed run never
+    leaves a stale lock, and unlike flock it is not shared with forked DataLoader workers, which
+    could otherwise outlive a killed parent and keep holding it.
     """
+
+    _held: set[str] = set()  # POSIX locks do not exclude the same process: track its own locks here
 
     def __init__(self, out: str):
         self.path = out + ".lock"
         self._fd: int | None = None
 
     def __enter__(self) -> "WriterLock":
+        if os.path.abspath(self.path) in WriterLock._held:
+            raise TransferError(f"another extract (pid {os.getpid()}) is writing {self.path[:-5]}; "
+                                "wait for it to finish or stop it first")
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 raise TransferError(f"another extract (pid {holder}) is writing {self.path[:-5]}; "
@@ -512,6 +551,7 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        WriterLock._held.add(os.path.abspath(self.path))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -519,3 +559,4 @@ class WriterLock:
             _remove_quietly(self.path)  # while still held; a waiter that opened it re-checks the inode
             os.close(self._fd)
             self._fd = None
+            WriterLock._held.discard(os.path.abspath(self.path))

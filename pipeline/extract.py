@@ -223,8 +223,9 @@ def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, path
     )
     processed = 0
     in_flight = None  # the previous batch: its features are copied back while this one computes
+    batches = iter(loader)  # fork the decoding workers before the cache file is opened for writing
     with shard:
-        for batch in loader:
+        for batch in batches:
             features = embedder(batch.images)
             if cuda:
                 host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from pipeline import cache
 from pipeline.cache import DONE, FAILED, PENDING, PartialCache, WriterLock
 from pipeline.errors import TransferError
-from tests.conftest import write_image
+from tests.conftest import ROOT, write_image
 
 META = {"backbone": "toy", "weights": "random", "weights_sha256": "", "pretrained": False, "seed": 0,
         "layer": "toy", "dim": 4, "preprocessing": {"resize": 8, "crop": 8}, "precision": "fp32",
@@ -164,11 +167,20 @@ def test_newer_format_versions_are_refused(tmp_path):
 
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     out = str(tmp_path / "x.h5")
+    other = ("import sys; sys.path.insert(0, %r)\n"
+             "from pipeline.cache import WriterLock\n"
+             "from pipeline.errors import TransferError\n"
+             "try:\n    WriterLock(%r).__enter__(); print('acquired')\n"
+             "except TransferError as e:\n    print(e)\n") % (str(ROOT), out)
     with WriterLock(out):
+        in_other_process = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True)
+        assert f"another extract (pid {os.getpid()}) is writing {out}" in in_other_process.stdout
         with pytest.raises(TransferError, match="another extract .* is writing"):
-            with WriterLock(out):
+            with WriterLock(out):  # and in this same process
                 pass
-    with WriterLock(out):  # released: free again
+    in_other_process = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True)
+    assert in_other_process.stdout.strip() == "acquired"  # released: free again
+    with WriterLock(out):
         pass
     assert not (tmp_path / "x.h5.lock").exists()
 

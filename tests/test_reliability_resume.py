@@ -1,0 +1,224 @@
+"""Reliability: an extraction killed with SIGKILL at any moment resumes to exactly the cache an
+uninterrupted run writes; the files on disk stay readable and show only committed rows; a second
+writer is turned away; a full disk or a vanished file is reported without losing committed rows."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import cache
+from pipeline.errors import TransferError
+from tests.conftest import ROOT, assert_one_line_error, make_folder, run_cli
+
+N_IMAGES = 48
+BATCH = 4
+ARGS = ("--backbone", "efficientnet_lite0", "--weights", "random", "--batch-size", str(BATCH), "--workers", "1")
+
+
+def start(images: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", str(images), "--out", str(out), *ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def committed(partial: Path) -> np.ndarray | None:
+    """Status bytes as a concurrent reader sees them; None before the file exists."""
+    if not partial.exists():
+        return None
+    with h5py.File(partial, "r", locking=False) as f:
+        return f["status"][...]
+
+
+def read_cache(path: Path):
+    with h5py.File(path, "r") as f:
+        return list(f["paths"].asstr()[...]), f["labels"][...], f["features"][...]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = make_folder(tmp_path_factory.mktemp("kill") / "images", {"a": N_IMAGES // 2, "b": N_IMAGES // 2})
+    (root / "b" / "broken.png").write_bytes(b"not an image")  # a failure must survive resumes too
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    result = run_cli("extract", images, "--out", out, *ARGS, subprocess_=True)
+    assert result.code == 0, result.err
+    return out
+
+
+def check_consistent(out: Path, partial: Path, ref_features: np.ndarray) -> int:
+    """After a kill: `out` is absent or complete; the partial is readable and every row it marks
+    done holds exactly the reference features. Returns how many rows are finished."""
+    if out.exists():
+        cache.check_cache(str(out))  # complete, or this raises
+        return N_IMAGES + 1
+    status = committed(partial)
+    if status is None:
+        return 0
+    with h5py.File(partial, "r", locking=False) as f:
+        features = f["features"][...]
+        assert f.attrs["state"] == "partial"
+    done = np.flatnonzero(status == cache.DONE)
+    position = {i: i - (i > broken_row) for i in done}  # reference rows skip the broken file
+    for row in done:
+        np.testing.assert_allclose(features[row], ref_features[position[row]], rtol=0, atol=1e-6)
+    assert set(np.unique(status)) <= {cache.PENDING, cache.DONE, cache.FAILED}
+    return int((status != cache.PENDING).sum())
+
+
+broken_row = N_IMAGES // 2  # "b/broken.png" sorts first in class b
+
+
+def test_sigkill_at_many_moments_then_rerun_equals_an_uninterrupted_run(images, reference, tmp_path):
+    ref_paths, ref_labels, ref_features = read_cache(reference)
+    out = tmp_path / "c.h5"
+    partial = Path(cache.partial_path(str(out)))
+    finished_before = -1
+    # Kill after N committed rows (mid-run, at several depths), and at fixed delays that land in
+    # start-up, partial creation and the final assembly.
+    moments = [("rows", 1), ("rows", 9), ("delay", 0.3), ("rows", 21), ("delay", 2.5), ("rows", 37), ("rows", 49)]
+    for kind, value in moments:
+        proc = start(images, out)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if kind == "delay":
+                time.sleep(value)
+                break
+            status = committed(partial)
+            if status is not None and (status != cache.PENDING).sum() >= min(value, N_IMAGES + 1):
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        finished = check_consistent(out, partial, ref_features)
+        assert finished >= finished_before  # committed work is never lost
+        finished_before = finished
+        if out.exists():
+            break
+    assert not out.exists() or not partial.exists()
+    final = run_cli("extract", images, "--out", out, *ARGS, subprocess_=True)
+    assert final.code == 0, final.err
+    paths, labels, features = read_cache(out)
+    assert paths == ref_paths and np.array_equal(labels, ref_labels)
+    np.testing.assert_allclose(features, ref_features, rtol=0, atol=1e-6)
+    with h5py.File(out, "r") as f, h5py.File(reference, "r") as r:
+        assert list(f["failed/paths"].asstr()[...]) == list(r["failed/paths"].asstr()[...]) == ["b/broken.png"]
+    assert not list(tmp_path.glob("c.h5.*"))
+
+
+def test_a_rerun_redoes_only_the_uncommitted_rows(images, reference, tmp_path):
+    out = tmp_path / "c.h5"
+    partial = Path(cache.partial_path(str(out)))
+    proc = start(images, out)
+    while proc.poll() is None:
+        status = committed(partial)
+        if status is not None and (status != cache.PENDING).sum() >= 2 * BATCH:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = int((committed(partial) != cache.PENDING).sum())
+    assert kept % BATCH == 0  # whole batches only
+    resumed = run_cli("extract", images, "--out", out, *ARGS)
+    assert resumed.code == 0, resumed.err
+    assert f"extracted {N_IMAGES + 1 - kept} images (resumed after {kept})" in resumed.out
+
+
+def test_fit_refuses_a_cache_that_is_still_being_written(images, tmp_path):
+    out = tmp_path / "c.h5"
+    partial = Path(cache.partial_path(str(out)))
+    proc = start(images, out)
+    try:
+        while committed(partial) is None:
+            time.sleep(0.01)
+        with pytest.raises(TransferError) as info:
+            cache.check_cache(str(out))
+        assert "is incomplete" in str(info.value) and "resume it with: python" in str(info.value)
+        assert f"extract {images} --out {out}" in str(info.value)
+        second = run_cli("extract", images, "--out", out, *ARGS)
+        assert_one_line_error(second, "another extract", "is writing")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_disk_full_while_committing_is_reported_and_committed_rows_stay(tmp_path, monkeypatch, images):
+    """Fault injection at the lowest write: HDF5 fails with ENOSPC during the third commit."""
+    calls = {"n": 0}
+    real_commit, real_setitem = cache.PartialCache.commit, h5py.Dataset.__setitem__
+
+    def no_space(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def third_commit_fails(self, rows, features, failed):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            monkeypatch.setattr(h5py.Dataset, "__setitem__", no_space)
+        try:
+            return real_commit(self, rows, features, failed)
+        finally:
+            monkeypatch.setattr(h5py.Dataset, "__setitem__", real_setitem)
+
+    monkeypatch.setattr(cache.PartialCache, "commit", third_commit_fails)
+    out = tmp_path / "c.h5"
+    result = run_cli("extract", images, "--out", out, *ARGS)
+    assert_one_line_error(result, "no space left on device", "rows committed before it are intact")
+    status = committed(Path(cache.partial_path(str(out))))
+    assert (status != cache.PENDING).sum() == 2 * BATCH
+    assert not out.exists()
+    monkeypatch.undo()
+    resumed = run_cli("extract", images, "--out", out, *ARGS)
+    assert resumed.code == 0 and f"resumed after {2 * BATCH}" in resumed.out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a small tmpfs")
+def test_a_really_full_disk_keeps_committed_rows_and_resumes(images, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        out = disk / "c.h5"
+        # 49 rows x 1280 float32 = 250 KB of features: the partial fits, the assembled copy does not.
+        result = run_cli("extract", images, "--out", out, *ARGS)
+        assert_one_line_error(result, "no space left on device", "rerun the same command")
+        assert not out.exists() and not list(disk.glob("*.assembling-*"))
+        partial = Path(cache.partial_path(str(out)))
+        assert (committed(partial) != cache.PENDING).all()  # every committed row is still there
+        shutil.copy(partial, tmp_path / "kept.partial")
+    finally:
+        subprocess.run(["umount", str(disk)])
+    # With space again, the same command finishes from the kept rows without recomputing them.
+    shutil.copy(tmp_path / "kept.partial", tmp_path / "c.h5.partial")
+    again = run_cli("extract", images, "--out", tmp_path / "c.h5", *ARGS)
+    assert again.code == 0 and "extracted 0 images (resumed after 49)" in again.out, again.out + again.err
+
+
+def test_removing_the_partial_file_mid_run_stops_with_a_clear_error(images, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    real_commit = cache.PartialCache.commit
+    calls = {"n": 0}
+
+    def remove_then_commit(self, rows, features, failed):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.remove(self.path)
+        return real_commit(self, rows, features, failed)
+
+    monkeypatch.setattr(cache.PartialCache, "commit", remove_then_commit)
+    result = run_cli("extract", images, "--out", out, *ARGS)
+    assert_one_line_error(result, "was removed or replaced while extracting")
+    assert not out.exists()
