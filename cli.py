@@ -68,7 +68,7 @@ def cli(debug: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Compute precision [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
-@click.option("--workers", type=int, default=None, help="Image decoding processes [default: 1 on CPU, up to 8 on GPU].")
+@click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
 def extract(image_dir, out, backbone, weights, batch_size, device, precision, workers, overwrite, seed):
@@ -91,7 +91,7 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
             resumed = f", resuming at {info['already']}/{info['total']}" if info["already"] else ""
             ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
             click.echo(f"extracting {info['total']} images with {backbone} on {info['device']} "
-                       f"({info['precision']}, batch {info['batch_size']}, {info['workers']} decode workers{ranks})"
+                       f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
                        f"{resumed}", err=True)
 
     try:
@@ -124,6 +124,153 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
             click.echo(f"  {path}: {reason}")
         if len(summary.failures) > 10:
             click.echo(f"  ... and {len(summary.failures) - 10} more")
+
+
+class _CValue(click.ParamType):
+    """`auto` or a number (its sign is checked by the library, which says what was wrong)."""
+
+    name = "auto|VALUE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value is None:
+            return value
+        if str(value).lower() == "auto":
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+
+
+def _fit_options(f):
+    """Options shared by `fit` and (as grids) by `experiment`."""
+    for option in reversed([
+        click.option("--class-weight", default="none", show_default=True,
+                     help="none or balanced (weights classes inversely to their frequency)."),
+        click.option("--max-iter", type=int, default=1000, show_default=True, help="lbfgs iteration limit per fit."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits and solvers."),
+        click.option("--normalize", default="standard", show_default=True, help="standard, l2 or none."),
+        click.option("--pca", type=int, default=None, help="Reduce features to this many PCA dimensions first."),
+        click.option("--train-fraction", type=float, default=1.0, show_default=True,
+                     help="Fit on a stratified fraction of the training split."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.argument("cache_file", metavar="CACHE.h5", type=click.Path(path_type=str))
+@click.option("--out", "run_dir", type=click.Path(path_type=str), default=None,
+              help="Run folder to write [default: reports/<cache name>-<timestamp>].")
+@click.option("--C", "C", type=_CValue(), default="auto", show_default=True,
+              help="Inverse regularisation strength, or auto: chosen on the validation split.")
+@_fit_options
+@click.option("--export/--no-export", default=True, show_default=True,
+              help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
+def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, export):
+    """Fit the new last layer (logistic regression) on a feature cache; no network is run.
+
+    With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
+    the model is refit on train+val and scored on test when there is one.
+    """
+    from pipeline import report
+    from pipeline.cache import read_info
+    from pipeline.fit import FitSettings, fit_head
+
+    info = read_info(cache_file)
+    settings = FitSettings(C=C, class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize,
+                           pca=pca, train_fraction=train_fraction)
+    result = fit_head(cache_file, settings, info)
+    run_dir = run_dir or report.default_run_dir(cache_file)
+    report.write_fit_run(result, info, run_dir, _command_line())
+    s, sizes = result.scores, result.splits.sizes()
+    where = "test" if result.evaluated_on == "test" else "val (also chose C: optimistic)"
+    chosen = (f"{result.C:.4g} (best val top-1 of {len(result.sweep)} fits)" if result.sweep
+              else f"{result.C:.4g} (given)")
+    top5 = f"  top-5 {s['top5']:.4f}" if s["top5"] is not None else ""
+    rows = [
+        ("splits", f"train {sizes['train']}  val {sizes['val']}  test {sizes['test'] or '-'}"),
+        ("chosen C", chosen),
+        (f"scores on {where}", f"top-1 {s['top1']:.4f}{top5}  balanced {s['balanced_accuracy']:.4f}  "
+                               f"log-loss {s['log_loss']:.4f}"),
+        ("fit time", f"{result.timings['total_s']:.1f} s"),
+        ("run folder", run_dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    for note in result.notes[1:]:
+        click.echo(f"note: {note}")
+    if not result.convergence["converged"]:
+        click.echo(f"warning: lbfgs stopped at --max-iter {max_iter} before converging (C={result.C:.4g}); "
+                   "raise --max-iter", err=True)
+    if export:
+        _export_and_report(run_dir, None)
+
+
+@cli.command(name="export")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=str))
+@click.option("--out", "model_path", type=click.Path(path_type=str), default=None,
+              help="Where to write the TorchScript model [default: RUN_DIR/model.pt].")
+def export_cmd(run_dir, model_path):
+    """Write RUN_DIR/head.pt (a torch.nn.Linear state_dict) and one TorchScript model.pt
+    (preprocessing + frozen backbone + new head + softmax), after checking both against scikit-learn."""
+    _export_and_report(run_dir, model_path)
+
+
+def _export_and_report(run_dir: str, model_path: str | None, backbone=None) -> None:
+    from pipeline.export import export_run
+
+    result = export_run(run_dir, model_path, backbone)
+    f, e = result.parity["cached_features"], result.parity["end_to_end"]
+    click.echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
+               f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), argmax identical")
+    if "skipped" in e:
+        click.echo(f"parity: end to end not checked: {e['skipped']}")
+    else:
+        click.echo(f"parity: model.pt on {e['images']} original images vs scikit-learn: max |p diff| "
+                   f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), argmax identical")
+    click.echo(f"model: {result.model_path} ({_size(os.path.getsize(result.model_path))})  "
+               f"head: {result.head_path}")
+
+
+@cli.command(name="predict")
+@click.argument("model_path", metavar="MODEL.pt", type=click.Path(path_type=str))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out", type=click.Path(path_type=str), default=None,
+              help="Write predictions to a .csv or .json file instead of the terminal.")
+@click.option("--top-k", type=int, default=None, help="Labels per image [default: min(3, classes)].")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+def predict_cmd(model_path, paths, out, top_k, batch_size, device):
+    """Classify image files (or every image in folders) with a model.pt from `transfer export`."""
+    from pipeline.backbones import resolve_device
+    from pipeline.predict import check_output_name, list_inputs, load_model, predict, write_predictions
+
+    if out:
+        check_output_name(out)
+    device = resolve_device(device)
+    model, meta = load_model(model_path, device)
+    classes = meta["classes"]
+    top_k = top_k or min(3, len(classes))
+    files = list_inputs(list(paths))
+    bar = _Bar("predict")
+    bar.start(len(files), 0)
+    try:
+        results = predict(model, classes, files, top_k, batch_size, device, bar.advance)
+    finally:
+        bar.close()
+    errors = sum(r.error is not None for r in results)
+    if out:
+        write_predictions(results, out, top_k)
+        click.echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
+        return
+    width = min(60, max(len(r.path) for r in results))
+    for r in results:
+        shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
+        click.echo(f"{r.path:<{width}}  {shown}")
+    if errors:
+        click.echo(f"{errors} of {len(results)} files could not be read")
 
 
 class _Exit(Exception):

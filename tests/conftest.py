@@ -104,3 +104,82 @@ def hymenoptera_lite0(tmp_path_factory) -> Path:
     result = run_cli("extract", HYMENOPTERA, "--out", out, "--backbone", "efficientnet_lite0", subprocess_=True)
     assert result.code == 0, result.err
     return out
+
+
+def make_cache(path: Path, features: np.ndarray, labels: np.ndarray, classes: list[str],
+               splits: list[str] | None = None, failed_rows: dict[int, str] | None = None) -> Path:
+    """A finished cache holding the given features, written through the cache module's own API."""
+    from pipeline import cache
+
+    n, dim = features.shape
+    paths = [f"{'' if splits is None else splits[i] + '/'}{classes[labels[i]]}/{i:05d}.png" for i in range(n)]
+    meta = {"backbone": "synthetic", "weights": "none", "weights_sha256": "", "pretrained": False, "seed": 0,
+            "layer": "synthetic", "dim": dim, "preprocessing": {}, "precision": "fp32",
+            "listing_sha256": cache.listing_digest(classes, paths, labels, splits), "classes": classes,
+            "image_dir": str(path.parent / "images"), "command": f"transfer extract images --out {path}"}
+    part = cache.PartialCache.create(str(path) + ".partial", meta, np.arange(n), paths, labels, splits, dim)
+    failed = failed_rows or {}
+    ok = np.array([i for i in range(n) if i not in failed], dtype=np.int64)
+    with part:
+        part.commit(ok, features[ok].astype(np.float32), sorted(failed.items()))
+    cache.assemble([part.path], str(path), meta)
+    Path(part.path).unlink()
+    return path
+
+
+def blobs(n_per_class: int, n_classes: int, dim: int, seed: int = 0, spread: float = 1.0):
+    """Gaussian clusters: features (n, dim) float32 and labels (n,) int64, classes c0..cK-1."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    features = centres[labels] + rng.normal(0, spread, size=(len(labels), dim))
+    return features.astype(np.float32), labels, [f"c{i}" for i in range(n_classes)]
+
+
+def subset_cache(src: Path, dst: Path, rows: np.ndarray, keep_split: bool = False) -> Path:
+    """A new finished cache with some rows of `src` (same provenance, paths and image folder)."""
+    import h5py
+
+    from pipeline import cache
+
+    info = cache.read_info(str(src))
+    with h5py.File(src, "r") as f:
+        raw = [f["path_bytes"][i] for i in rows]
+    paths = [os.fsdecode(p) for p in raw]
+    splits = [str(s) for s in info.splits[rows]] if keep_split and info.splits is not None else None
+    labels = info.labels[rows]
+    meta = {**info.meta, "listing_sha256": cache.listing_digest(info.classes, paths, labels, splits)}
+    for key in ("state", "num_images", "num_failed", "assembled", "format", "format_version"):
+        meta.pop(key, None)
+    part = cache.PartialCache.create(str(dst) + ".partial", meta, np.arange(len(rows)), paths, labels, splits,
+                                     info.dim)
+    with part:
+        part.commit(np.arange(len(rows)), info.read_features(rows), [])
+    cache.assemble([part.path], str(dst), meta)
+    Path(part.path).unlink()
+    return dst
+
+
+LITE = ("--backbone", "efficientnet_lite0", "--weights", "random")
+
+
+def fitted_run(tmp_path: Path, classes: dict, name: str) -> Path:
+    """Images -> extract (random Lite0) -> fit with export; returns the run folder."""
+    images = make_folder(tmp_path / f"{name}-images", classes, splits=("train", "val", "test"))
+    cache = tmp_path / f"{name}.h5"
+    assert run_cli("extract", images, "--out", cache, *LITE).code == 0
+    run = tmp_path / f"{name}-run"
+    result = run_cli("fit", cache, "--out", run, "--C", "0.1")
+    assert result.code == 0, result.err
+    assert "parity: torch Linear vs scikit-learn" in result.out and "parity: model.pt on" in result.out
+    return run
+
+
+@pytest.fixture(scope="session")
+def binary_run(tmp_path_factory) -> Path:
+    return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin")
+
+
+@pytest.fixture(scope="session")
+def three_run(tmp_path_factory) -> Path:
+    return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three")

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from pipeline.backbones import load_backbone
-from tests.conftest import assert_one_line_error, make_folder, run_cli
-
-LITE = ("--backbone", "efficientnet_lite0", "--weights", "random")
+from tests.conftest import LITE, assert_one_line_error, make_folder, run_cli
 
 
 def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):

@@ -1,0 +1,298 @@
+"""Stage 2: the replacement last layer, a multinomial logistic regression on cached features.
+
+The regularisation is chosen by the linear-probe protocol of Kornblith et al. (2019) and CLIP
+(Radford et al. 2021, App. A.3): a pass over decades of C on the validation split, then halving
+the step around the best until 8 steps per decade; refit on train+val; score on test. Test
+labels never reach the choice of C: the sweep only ever sees train and val rows.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, log_loss,
+                             precision_recall_fscore_support, top_k_accuracy_score)
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+
+from .cache import CacheInfo, read_info
+from .errors import TransferError
+
+COARSE_C = 10.0 ** np.arange(-6, 6)  # 1e-6 .. 1e5, Kornblith et al.'s range, one per decade
+REFINE_HALVINGS = 3  # 1 -> 1/2 -> 1/4 -> 1/8 decade, CLIP's resolution
+NORMALIZATIONS = ("standard", "l2", "none")
+CLASS_WEIGHTS = ("none", "balanced")
+SCALER_ROWS = 4096  # rows per block when computing the scaler, to avoid a full-size temporary
+
+
+@dataclass
+class FitSettings:
+    C: float | None = None  # None: choose on the validation split
+    class_weight: str = "none"
+    max_iter: int = 1000
+    seed: int = 0
+    normalize: str = "standard"
+    pca: int | None = None
+    train_fraction: float = 1.0  # stratified subsample of train (learning curves)
+
+    def check(self, dim: int) -> None:
+        if self.C is not None and not (self.C > 0 and np.isfinite(self.C)):
+            raise TransferError(f"C must be a positive number, got {self.C}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise TransferError(f"unknown class weight {self.class_weight!r}; expected one of {', '.join(CLASS_WEIGHTS)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise TransferError(f"unknown normalization {self.normalize!r}; expected one of {', '.join(NORMALIZATIONS)}")
+        if self.max_iter < 1:
+            raise TransferError(f"--max-iter must be at least 1, got {self.max_iter}")
+        if self.pca is not None and not 1 <= self.pca <= dim:
+            raise TransferError(f"PCA dimension {self.pca} is outside 1..{dim} (the feature dimension)")
+        if not 0 < self.train_fraction <= 1:
+            raise TransferError(f"train fraction {self.train_fraction} is outside (0, 1]")
+
+
+@dataclass
+class Splits:
+    """Row numbers into the cache: train (n_tr,), val (n_val,), test (n_te,) int64."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    source: str  # how they were made, for the report
+
+    def sizes(self) -> dict:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+@dataclass
+class FitResult:
+    pipeline: Pipeline
+    C: float
+    sweep: list[dict]  # one entry per C tried: C, val top-1, val log-loss, iterations, converged
+    splits: Splits
+    evaluated_on: str  # "test" | "val"
+    scores: dict
+    convergence: dict
+    timings: dict
+    classes: list[str]
+    settings: FitSettings
+    notes: list[str] = field(default_factory=list)
+
+
+def make_splits(info: CacheInfo, seed: int) -> Splits:
+    """The cache's own train/val/test when it has them; stratified, seeded splits otherwise."""
+    labels, n_classes = info.labels, len(info.classes)
+    _check_classes(labels, info.classes, np.arange(len(labels)), "the cache")
+    rows = np.arange(len(labels))
+    if info.splits is None:
+        _need_per_class(labels, info.classes, 3, "a stratified train/val/test split")
+        rest, test = train_test_split(rows, test_size=0.2, stratify=labels, random_state=seed)
+        train, val = train_test_split(rest, test_size=0.2, stratify=labels[rest], random_state=seed)
+        source = f"no split folders: stratified 64/16/20 train/val/test split of {len(rows)} images (seed {seed})"
+        return Splits(np.sort(train), np.sort(val), np.sort(test), source)
+    names = set(np.unique(info.splits))
+    unknown = names - {"train", "val", "test"}
+    if unknown:
+        raise TransferError(f"the cache has unknown split names {sorted(unknown)}; expected train, val, test")
+    if "train" not in names:
+        raise TransferError("the cache has split folders but no 'train' split to fit on")
+    train = rows[info.splits == "train"]
+    test = rows[info.splits == "test"]
+    if "val" in names:
+        val = rows[info.splits == "val"]
+        source = "the cache's own " + "/".join(s for s in ("train", "val", "test") if s in names) + " split"
+    else:
+        _need_per_class(labels[train], info.classes, 2, "carving a validation split out of train")
+        train, val = train_test_split(train, test_size=0.2, stratify=labels[train], random_state=seed)
+        train, val = np.sort(train), np.sort(val)
+        source = f"the cache's train{'/test' if len(test) else ''} split; validation: stratified 20% of train (seed {seed})"
+    _check_classes(labels, info.classes, train, "the train split")
+    if n_classes > len(np.unique(labels[val])):
+        missing = sorted(set(range(n_classes)) - set(labels[val].tolist()))
+        raise TransferError(f"class {info.classes[missing[0]]!r} has no validation images; "
+                            "C cannot be chosen fairly without them")
+    return Splits(train, val, test, source)
+
+
+def _check_classes(labels: np.ndarray, classes: list[str], rows: np.ndarray, where: str) -> None:
+    if len(classes) < 2:
+        raise TransferError(f"the cache has only one class ({classes[0] if classes else 'none'}); "
+                            "a classifier needs at least two")
+    present = np.bincount(labels[rows], minlength=len(classes))
+    if (present == 0).any():
+        name = classes[int(np.flatnonzero(present == 0)[0])]
+        raise TransferError(f"class {name!r} has no images in {where}; every class needs training images")
+
+
+def _need_per_class(labels: np.ndarray, classes: list[str], k: int, what: str) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    if (counts < k).any():
+        i = int(np.argmin(counts))
+        raise TransferError(f"class {classes[i]!r} has {counts[i]} image{'s' if counts[i] != 1 else ''}; "
+                            f"{what} needs at least {k} per class")
+
+
+def subsample(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A stratified fraction of `rows` (at least one per class), sorted."""
+    if fraction >= 1:
+        return rows
+    n_classes = len(np.unique(labels[rows]))
+    keep = max(n_classes, int(round(fraction * len(rows))))
+    if keep >= len(rows):
+        return rows
+    kept, _ = train_test_split(rows, train_size=keep, stratify=labels[rows], random_state=seed)
+    return np.sort(kept)
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+def _preprocessing(settings: FitSettings, X: np.ndarray, n_fit: int) -> list:
+    """Fit the normalization (and PCA) on the first n_fit rows of X and apply them to all of X.
+
+    The standard scaler is computed block by block and applied in place: no full-size copy.
+    Returns the fitted steps; X holds transformed rows afterwards (or see the PCA note).
+    """
+    steps = []
+    if settings.normalize == "standard":
+        scaler = StandardScaler()
+        for lo in range(0, n_fit, SCALER_ROWS):
+            scaler.partial_fit(X[lo:min(lo + SCALER_ROWS, n_fit)])
+        scaler.transform(X, copy=False)
+        steps.append(scaler)
+    elif settings.normalize == "l2":
+        normalizer = Normalizer().fit(X[:n_fit])
+        normalizer.transform(X, copy=False)
+        steps.append(normalizer)
+    if settings.pca:
+        steps.append(PCA(n_components=settings.pca, random_state=settings.seed).fit(X[:n_fit]))
+    return steps
+
+
+def _project(steps: list, X: np.ndarray) -> np.ndarray:
+    """PCA, when present, makes a new (N, pca) array; the other steps were applied in place."""
+    return steps[-1].transform(X) if steps and isinstance(steps[-1], PCA) else X
+
+
+def _logistic(settings: FitSettings, C: float) -> LogisticRegression:
+    return LogisticRegression(C=C, solver="lbfgs", max_iter=settings.max_iter, random_state=settings.seed,
+                              class_weight=None if settings.class_weight == "none" else settings.class_weight)
+
+
+def _fit_lr(settings: FitSettings, C: float, X: np.ndarray, y: np.ndarray) -> tuple[LogisticRegression, dict]:
+    model = _logistic(settings, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported once, as data, by the caller
+        model.fit(X, y)
+    iterations = int(np.max(model.n_iter_))
+    return model, {"iterations": iterations, "converged": iterations < settings.max_iter}
+
+
+def sweep_C(settings: FitSettings, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray,
+            n_classes: int) -> tuple[float, list[dict]]:
+    """Coarse decades, then halve the step around the best. Ranked by val top-1, ties broken by
+    lower val log-loss (accuracy alone ties often on small validation sets)."""
+    tried: dict[float, dict] = {}
+
+    def evaluate(C: float) -> None:
+        C = float(C)
+        if C in tried:
+            return
+        model, conv = _fit_lr(settings, C, Xtr, ytr)
+        proba = model.predict_proba(Xval)
+        tried[C] = {"C": C, "val_top1": float((proba.argmax(1) == yval).mean()),
+                    "val_log_loss": float(log_loss(yval, proba, labels=np.arange(n_classes))), **conv}
+
+    def best() -> float:
+        return max(tried.values(), key=lambda r: (r["val_top1"], -r["val_log_loss"], -r["C"]))["C"]
+
+    for C in COARSE_C:
+        evaluate(C)
+    step = 1.0
+    for _ in range(REFINE_HALVINGS):
+        step /= 2
+        centre = best()
+        for C in (centre * 10 ** -step, centre * 10 ** step):
+            if COARSE_C[0] <= C <= COARSE_C[-1]:  # stay inside the published range
+                evaluate(C)
+    return best(), sorted(tried.values(), key=lambda r: r["C"])
+
+
+def scores(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """Top-1, top-5 (5+ classes), balanced accuracy, log-loss, per-class P/R/F1, confusion matrix."""
+    labels = np.arange(len(classes))
+    predicted = proba.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
+    out = {
+        "n": int(len(y)),
+        "top1": float((predicted == y).mean()),
+        "top5": float(top_k_accuracy_score(y, proba, k=5, labels=labels)) if len(classes) >= 5 else None,
+        "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+        "log_loss": float(log_loss(y, proba, labels=labels)),
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y, predicted, labels=labels).tolist(),
+    }
+    return out
+
+
+def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = None) -> FitResult:
+    """The whole protocol on one cache; reads the features once per phase, straight into float64."""
+    timings, started = {}, time.perf_counter()
+    info = info or read_info(cache_path)
+    settings.check(info.dim)
+    splits = make_splits(info, settings.seed)
+    splits.train = subsample(splits.train, info.labels, settings.train_fraction, settings.seed)
+    classes, y_all = info.classes, info.labels
+    order = np.concatenate([splits.train, splits.val, splits.test])
+    n_tr, n_val = len(splits.train), len(splits.val)
+    y = y_all[order]
+    y_tr, y_val, y_te = y[:n_tr], y[n_tr:n_tr + n_val], y[n_tr + n_val:]
+
+    X = np.empty((len(order), info.dim), dtype=np.float64)  # the one full-size array
+    t = time.perf_counter()
+    info.read_features(order, out=X)
+    timings["read_s"] = time.perf_counter() - t
+
+    # 1. Choose C on validation: everything fitted on train rows only.
+    t = time.perf_counter()
+    steps = _preprocessing(settings, X[:n_tr + n_val], n_tr)
+    Z = _project(steps, X[:n_tr + n_val])
+    if settings.C is None:
+        C, sweep = sweep_C(settings, Z[:n_tr], y_tr, Z[n_tr:], y_val, len(classes))
+    else:
+        C, sweep = settings.C, []
+    timings["sweep_s"] = time.perf_counter() - t
+    notes = [f"splits: {splits.source}"]
+    if len(splits.test):
+        evaluated_on = "test"
+    else:
+        # No test split: the honest figure left is validation, from a model fitted on train only.
+        model, _ = _fit_lr(settings, C, Z[:n_tr], y_tr)
+        val_scores = scores(model.predict_proba(Z[n_tr:]), y_val, classes)
+        evaluated_on = "val"
+        notes.append("no test split: scores are on the validation split that also chose C "
+                     "(optimistic); the saved model is refit on train+val")
+    del Z
+
+    # 2. Refit on train+val with the chosen C, from freshly read features.
+    t = time.perf_counter()
+    info.read_features(order, out=X)
+    steps = _preprocessing(settings, X, n_tr + n_val)
+    Z = _project(steps, X)
+    final, convergence = _fit_lr(settings, C, Z[:n_tr + n_val], y[:n_tr + n_val])
+    timings["refit_s"] = time.perf_counter() - t
+    final_scores = scores(final.predict_proba(Z[n_tr + n_val:]), y_te, classes) if len(y_te) else val_scores
+    pipeline = Pipeline([(type(s).__name__.lower(), s) for s in steps] + [("logisticregression", final)])
+    timings["total_s"] = time.perf_counter() - started
+    if settings.C is None:
+        unconverged = sum(not r["converged"] for r in sweep)
+        if unconverged:
+            notes.append(f"{unconverged} of {len(sweep)} sweep fits stopped at --max-iter {settings.max_iter}")
+    return FitResult(pipeline, C, sweep, splits, evaluated_on, final_scores, convergence, timings, classes,
+                     settings, notes)

@@ -1,0 +1,176 @@
+"""Run folders and the things people read: metrics.json, report.md and plots.
+
+A fit run folder is written under a temporary name and renamed when complete, so a folder named
+like a run is always a whole run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+
+import joblib
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import head as head_mod  # noqa: E402
+from .cache import CacheInfo  # noqa: E402
+from .errors import TransferError  # noqa: E402
+from .fit import FitResult  # noqa: E402
+
+PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer", "dim", "preprocessing",
+                   "precision", "torch_version", "torchvision_version", "created", "image_dir", "listing_sha256")
+
+
+def default_run_dir(cache_path: str, root: str = "reports") -> str:
+    stem = os.path.splitext(os.path.basename(cache_path))[0]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(root, f"{stem}-{stamp}")
+
+
+def provenance(info: CacheInfo) -> dict:
+    return {"cache": os.path.abspath(info.path), **{k: info.meta.get(k) for k in PROVENANCE_KEYS}}
+
+
+def write_fit_run(result: FitResult, info: CacheInfo, run_dir: str, command: str) -> str:
+    """Write the whole run folder; returns its path. Refuses to write into a non-empty folder."""
+    if os.path.exists(run_dir) and (not os.path.isdir(run_dir) or os.listdir(run_dir)):
+        raise TransferError(f"{run_dir} already exists and is not empty; choose another --out")
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{run_dir.rstrip(os.sep)}.writing-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
+        meta = {"provenance": provenance(info), "C": result.C, "settings": vars(result.settings), "command": command}
+        head, raw = head_mod.fold([s for _, s in result.pipeline.steps], result.classes, meta)
+        head_mod.save(head, raw, tmp)
+        metrics = metrics_doc(result, info, command)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        plot_confusion(result, os.path.join(tmp, "confusion_matrix.png"))
+        if result.sweep:
+            plot_sweep(result, os.path.join(tmp, "c_sweep.png"))
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(report_markdown(metrics, bool(result.sweep)))
+        if os.path.isdir(run_dir):
+            os.rmdir(run_dir)  # empty, checked above
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def metrics_doc(result: FitResult, info: CacheInfo, command: str) -> dict:
+    return {
+        "cache": os.path.abspath(info.path),
+        "command": command,
+        "classes": result.classes,
+        "evaluated_on": result.evaluated_on,
+        "scores": result.scores,
+        "C": result.C,
+        "C_selection": {
+            "method": ("validation top-1 (ties: lower log-loss) over decades 1e-6..1e5, then 3 halvings of the "
+                       "log10 step around the best (CLIP's coarse-to-fine, 8 steps per decade)")
+            if result.sweep else "given by --C",
+            "sweep": result.sweep,
+        },
+        "convergence": {**result.convergence, "max_iter": result.settings.max_iter},
+        "splits": result.splits.sizes(),
+        "split_source": result.splits.source,
+        "settings": vars(result.settings),
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "notes": result.notes,
+        "provenance": provenance(info),
+    }
+
+
+def plot_confusion(result: FitResult, path: str) -> None:
+    matrix = np.asarray(result.scores["confusion_matrix"])
+    k = len(result.classes)
+    size = max(4.5, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # colour = share of the true class
+    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), result.classes, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+    ax.set_yticks(range(k), result.classes)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                        color="white" if shown[i, j] > 0.5 else "black", fontsize=10 if k <= 10 else 7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    s = result.scores
+    ax.set_title(f"Confusion matrix, {result.evaluated_on} split (n={s['n']})\n"
+                 f"top-1 {s['top1']:.3f}, balanced accuracy {s['balanced_accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(result: FitResult, path: str) -> None:
+    Cs = [r["C"] for r in result.sweep]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.semilogx(Cs, [r["val_top1"] for r in result.sweep], "o-", color="tab:blue", label="val top-1")
+    ax.set_xlabel("C (inverse L2 regularisation strength)")
+    ax.set_ylabel("validation top-1", color="tab:blue")
+    ax.axvline(result.C, color="tab:green", linestyle="--", label=f"chosen C = {result.C:.3g}")
+    loss = ax.twinx()
+    loss.semilogx(Cs, [r["val_log_loss"] for r in result.sweep], "s:", color="tab:red", markersize=4,
+                  label="val log-loss")
+    loss.set_ylabel("validation log-loss", color="tab:red")
+    unconverged = [r for r in result.sweep if not r["converged"]]
+    if unconverged:
+        ax.plot([r["C"] for r in unconverged], [r["val_top1"] for r in unconverged], "x", color="black",
+                markersize=9, label="hit --max-iter")
+    handles = ax.get_legend_handles_labels()[0] + loss.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower center", fontsize=8)
+    ax.set_title(f"Choosing C on the validation split ({len(Cs)} fits)")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_markdown(m: dict, has_sweep: bool) -> str:
+    s = m["scores"]
+    where = "test split" if m["evaluated_on"] == "test" else "validation split (it also chose C: optimistic)"
+    top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
+    lines = [
+        f"# Fit report: {os.path.basename(m['cache'])}",
+        "",
+        f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
+        f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| scored on | {where}, n = {s['n']} |",
+        f"| top-1 | {s['top1']:.4f} |",
+        f"| top-5 | {top5} |",
+        f"| balanced accuracy | {s['balanced_accuracy']:.4f} |",
+        f"| log-loss | {s['log_loss']:.4f} |",
+        f"| chosen C | {m['C']:.4g} ({m['C_selection']['method']}) |",
+        f"| splits | train {m['splits']['train']}, val {m['splits']['val']}, test {m['splits']['test']} |",
+        f"| final fit | {m['convergence']['iterations']} lbfgs iterations, "
+        f"{'converged' if m['convergence']['converged'] else 'NOT converged: raise --max-iter'} |",
+        "",
+        "Notes:",
+        *[f"- {n}" for n in m["notes"]],
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+    ]
+    if has_sweep:
+        lines += ["![validation accuracy vs C](c_sweep.png)", ""]
+    lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, c in s["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+    lines += ["", f"Reproduce: `{m['command']}`", ""]
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""pipeline/export.py: head.pt equals scikit-learn, model.pt stands alone and agrees end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import head as head_mod
+from pipeline.cache import read_info
+from pipeline.export import TransferModel
+from pipeline.images import decode_image
+from tests.conftest import (HYMENOPTERA, assert_one_line_error, make_folder, needs_hymenoptera, run_cli,
+                            subset_cache, write_image)
+
+@pytest.mark.parametrize("run_name", ["binary_run", "three_run"])
+def test_parity_is_checked_and_recorded(request, run_name):
+    run = request.getfixturevalue(run_name)
+    parity = json.loads((run / "parity.json").read_text())
+    cached, e2e = parity["cached_features"], parity["end_to_end"]
+    assert cached["max_abs_diff"] <= 1e-5 and cached["argmax_identical"]
+    assert e2e["images"] > 0 and e2e["max_abs_diff"] <= e2e["tolerance"] and e2e["argmax_identical"]
+
+
+@pytest.mark.parametrize("run_name", ["binary_run", "three_run"])
+def test_head_pt_is_a_linear_whose_softmax_is_predict_proba(request, run_name):
+    run = request.getfixturevalue(run_name)
+    state = torch.load(run / "head.pt", weights_only=True)
+    linear = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    linear.load_state_dict(state)
+    info = read_info(json.loads((run / "head.json").read_text())["provenance"]["cache"])
+    X = info.read_features(dtype=np.float64)
+    sklearn = head_mod.sklearn_from_arrays(str(run)).predict_proba(X)
+    with torch.inference_mode():
+        p = torch.softmax(linear(torch.from_numpy(X).float()), 1).double().numpy()
+    assert p.shape == sklearn.shape == (len(X), len(info.classes))
+    np.testing.assert_allclose(p, sklearn, atol=1e-5, rtol=0)
+
+
+def test_arrays_rebuild_the_pickled_pipeline_exactly(three_run):
+    import joblib
+
+    info = read_info(json.loads((three_run / "head.json").read_text())["provenance"]["cache"])
+    X = info.read_features(dtype=np.float64)
+    pickled = joblib.load(three_run / "model.joblib")  # the user's explicit choice, in this test only
+    np.testing.assert_array_equal(head_mod.sklearn_from_arrays(str(three_run)).predict_proba(X),
+                                  pickled.predict_proba(X))
+
+
+STANDALONE = r"""
+import json, sys
+import torch
+images = torch.load(sys.argv[2], weights_only=True)
+extra = {"transfer.json": ""}
+model = torch.jit.load(sys.argv[1], _extra_files=extra)
+with torch.inference_mode():
+    probs = [model(x.unsqueeze(0))[0].tolist() for x in images]
+others = sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("pipeline", "torchvision", "timm", "PIL", "sklearn", "h5py"))
+print(json.dumps({"classes": list(model.classes), "meta": json.loads(extra["transfer.json"]), "probs": probs, "others": others}))
+"""
+
+
+def test_model_pt_works_with_plain_torch_and_matches_predict(three_run, tmp_path):
+    files = sorted((three_run.parent / "three-images" / "test").rglob("*.png"))
+    write_image(tmp_path / "odd-size.png", 99, size=(301, 177))  # any size
+    files.append(tmp_path / "odd-size.png")
+    images = [torch.from_numpy(np.array(decode_image(str(f)))).permute(2, 0, 1).contiguous() for f in files]
+    torch.save(images, tmp_path / "images.pt")
+    out = subprocess.run([sys.executable, "-c", STANDALONE, str(three_run / "model.pt"), str(tmp_path / "images.pt")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    standalone = json.loads(out.stdout)
+    assert standalone["others"] == []  # nothing but torch was needed
+    assert standalone["classes"] == ["a", "b", "c"]
+    meta = standalone["meta"]
+    assert meta["backbone"] == "efficientnet_lite0" and meta["preprocessing"]["crop"] == 224
+    predicted = run_cli("predict", three_run / "model.pt", *files, "--out", tmp_path / "p.json", "--top-k", "3")
+    assert predicted.code == 0, predicted.err
+    doc = json.loads((tmp_path / "p.json").read_text())
+    for row, probs in zip(doc, standalone["probs"]):
+        by_label = {p["label"]: p["probability"] for p in row["predictions"]}
+        np.testing.assert_allclose([by_label[c] for c in standalone["classes"]], probs, atol=1e-6)
+
+
+def test_model_pt_takes_a_batch_of_uint8_images_and_returns_probabilities(binary_run):
+    model = torch.jit.load(binary_run / "model.pt")
+    x = torch.randint(0, 256, (3, 3, 260, 200), dtype=torch.uint8)
+    with torch.inference_mode():
+        p = model(x)
+    assert p.shape == (3, 2)
+    np.testing.assert_allclose(p.sum(1).numpy(), 1, atol=1e-6)
+    with pytest.raises(Exception, match="uint8"):
+        model(x.float())
+
+
+def test_preprocess_equals_the_extractions_pillow_resize_and_crop(three_run):
+    """model.pt's own crop is bit-identical to the Pillow path features were extracted with."""
+    from PIL import Image
+
+    from pipeline.backbones import Preprocessing
+
+    model = torch.jit.load(three_run / "model.pt")
+    prep = Preprocessing.from_dict(json.loads((three_run / "head.json").read_text())["provenance"]["preprocessing"])
+    rng = np.random.default_rng(0)
+    for h, w in [(300, 451), (451, 300), (256, 256), (225, 900), (40, 30), (1, 1)]:
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        expected = prep.pil_transform()(Image.fromarray(pixels))
+        got = model.preprocess(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
+        assert torch.equal(got, expected), (h, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_model_pt_runs_on_cuda(three_run):
+    model = torch.jit.load(three_run / "model.pt", map_location="cuda")
+    x = torch.randint(0, 256, (2, 3, 240, 320), dtype=torch.uint8)
+    with torch.inference_mode():
+        cpu = torch.jit.load(three_run / "model.pt")(x)
+        gpu = model(x.cuda()).cpu()
+    np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), atol=1e-3)
+
+
+def test_export_command_rewrites_the_model_to_another_path(three_run, tmp_path):
+    result = run_cli("export", three_run, "--out", tmp_path / "shipped.pt")
+    assert result.code == 0, result.err
+    assert (tmp_path / "shipped.pt").is_file() and "parity" in result.out
+
+
+def test_export_bad_inputs(three_run, tmp_path):
+    assert_one_line_error(run_cli("export", tmp_path), "is not a fit run")
+    assert_one_line_error(run_cli("export", tmp_path / "nope"), "is not a folder")
+    cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
+    assert_one_line_error(run_cli("export", cache), "is not a folder")  # export on a cache
+    assert_one_line_error(run_cli("export", three_run, "--out", tmp_path / "no" / "m.pt"), "does not exist")
+
+
+def test_transfer_model_module_is_scriptable_with_any_head():
+    from pipeline.backbones import load_backbone
+
+    b = load_backbone("efficientnet_lite0", "random")
+    model = TransferModel(b.network, torch.randn(4, 1280), torch.zeros(4), True, b.preprocessing, list("wxyz"), {})
+    scripted = torch.jit.script(model.eval())
+    x = torch.randint(0, 256, (1, 3, 230, 230), dtype=torch.uint8)
+    with torch.inference_mode():
+        np.testing.assert_allclose(scripted(x).numpy(), model(x).numpy(), atol=1e-6)
+    assert scripted.classes == ["w", "x", "y", "z"]
+
+
+@needs_hymenoptera
+def test_real_photos_model_pt_on_raw_val_files(hymenoptera_lite0, tmp_path):
+    """Fit on the train photos' features only, then run model.pt on the raw val files: top-1 >= 0.92."""
+    info = read_info(str(hymenoptera_lite0))
+    train_only = subset_cache(hymenoptera_lite0, tmp_path / "train.h5", np.flatnonzero(info.splits == "train"))
+    run = tmp_path / "run"
+    fitted = run_cli("fit", train_only, "--out", run)
+    assert fitted.code == 0, fitted.err
+    out = tmp_path / "val.csv"
+    predicted = run_cli("predict", run / "model.pt", HYMENOPTERA / "val", "--out", out, "--top-k", "1")
+    assert predicted.code == 0, predicted.err
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 153 and not any(r["error"] for r in rows)
+    truth = [Path(r["path"]).parent.name for r in rows]
+    accuracy = np.mean([r["label_1"] == t for r, t in zip(rows, truth)])
+    assert accuracy >= 0.92, accuracy

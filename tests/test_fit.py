@@ -1,0 +1,226 @@
+"""pipeline/fit.py and the `transfer fit` command: the protocol, honest scores, readable output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import cache
+from pipeline.cache import read_info
+from pipeline.errors import TransferError
+from pipeline.fit import COARSE_C, FitSettings, fit_head, make_splits
+from tests.conftest import assert_one_line_error, blobs, make_cache, needs_hymenoptera, run_cli, write_image
+
+
+def split_names(labels: np.ndarray, seed: int = 0, val: float = 0.25, test: float = 0.25) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), dtype=object)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n_val, n_test = int(len(rows) * val), int(len(rows) * test)
+        out[rows[:n_val]] = "val"
+        out[rows[n_val:n_val + n_test]] = "test"
+        out[rows[n_val + n_test:]] = "train"
+    return list(out)
+
+
+@pytest.fixture
+def three_class(tmp_path) -> Path:
+    X, y, classes = blobs(40, 3, 16, seed=1, spread=2.0)
+    return make_cache(tmp_path / "three.h5", X, y, classes, split_names(y))
+
+
+def test_separable_three_classes_are_learned_and_scored_on_test(three_class):
+    result = fit_head(str(three_class), FitSettings())
+    assert result.evaluated_on == "test"
+    assert result.splits.sizes() == {"train": 60, "val": 30, "test": 30}
+    assert result.scores["top1"] >= 0.9
+    assert result.scores["top5"] is None  # fewer than 5 classes
+    assert result.convergence["converged"]
+    assert COARSE_C.min() <= result.C <= COARSE_C.max()
+    assert len(COARSE_C) < len(result.sweep) <= len(COARSE_C) + 6  # 12 decades + 3 halvings x 2 neighbours
+    assert set(result.scores["per_class"]) == {"c0", "c1", "c2"}
+    lr = result.pipeline.steps[-1][1]
+    assert lr.coef_.shape == (3, 16)  # one row per class: softmax over all of them
+
+
+def test_binary_case(tmp_path):
+    X, y, classes = blobs(50, 2, 8, seed=2, spread=2.5)
+    path = make_cache(tmp_path / "two.h5", X, y, ["ants", "bees"], split_names(y))
+    result = fit_head(str(path), FitSettings())
+    assert result.pipeline.steps[-1][1].coef_.shape == (1, 8)
+    assert result.scores["top1"] >= 0.85
+    assert np.array(result.scores["confusion_matrix"]).sum() == result.splits.sizes()["test"]
+
+
+def test_the_choice_of_C_never_sees_test_labels(tmp_path):
+    X, y, classes = blobs(40, 3, 16, seed=3, spread=4.0)
+    splits = split_names(y)
+    honest = make_cache(tmp_path / "a.h5", X, y, classes, splits)
+    scrambled_y = y.copy()
+    test = np.array(splits) == "test"
+    scrambled_y[test] = np.random.default_rng(0).permutation(3)[y[test]]  # every test label changed
+    assert (scrambled_y[test] != y[test]).all()
+    scrambled = make_cache(tmp_path / "b.h5", X, scrambled_y, classes, splits)
+    a, b = fit_head(str(honest), FitSettings()), fit_head(str(scrambled), FitSettings())
+    assert a.C == b.C and a.sweep == b.sweep  # the choice cannot depend on test labels...
+    assert a.scores["top1"] != b.scores["top1"]  # ...which do change the reported score
+
+
+def test_same_seed_same_result_and_a_new_seed_a_new_split(tmp_path):
+    X, y, classes = blobs(30, 3, 10, seed=4, spread=3.0)
+    path = make_cache(tmp_path / "nosplit.h5", X, y, classes)  # no split folders: seeded split
+    a, b = fit_head(str(path), FitSettings(seed=7)), fit_head(str(path), FitSettings(seed=7))
+    assert a.C == b.C and a.sweep == b.sweep and a.scores == b.scores
+    assert np.array_equal(a.splits.test, b.splits.test)
+    c = fit_head(str(path), FitSettings(seed=8))
+    assert not np.array_equal(a.splits.test, c.splits.test)
+
+
+def test_without_split_folders_a_stratified_split_is_made_and_reported(tmp_path):
+    X, y, classes = blobs(25, 2, 6, seed=5)
+    info = read_info(str(make_cache(tmp_path / "n.h5", X, y, classes)))
+    splits = make_splits(info, seed=0)
+    assert splits.sizes() == {"train": 32, "val": 8, "test": 10}
+    assert "stratified 64/16/20" in splits.source
+    for rows in (splits.train, splits.val, splits.test):
+        assert np.bincount(y[rows]).min() == np.bincount(y[rows]).max()  # balanced like the whole
+    assert not set(splits.train) & set(splits.test)
+
+
+def test_train_and_val_only_reports_validation_and_says_so(tmp_path):
+    X, y, classes = blobs(30, 2, 6, seed=6, spread=2.0)
+    path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
+    result = fit_head(str(path), FitSettings())
+    assert result.evaluated_on == "val"
+    assert any("no test split" in n and "optimistic" in n for n in result.notes)
+
+
+def test_a_cache_with_train_and_test_gets_validation_carved_from_train(tmp_path):
+    X, y, classes = blobs(30, 2, 6, seed=6)
+    path = make_cache(tmp_path / "tt.h5", X, y, classes, split_names(y, val=0.0, test=0.3))
+    splits = make_splits(read_info(str(path)), seed=0)
+    assert splits.sizes()["val"] > 0 and "validation: stratified 20% of train" in splits.source
+    assert not set(splits.val) & set(splits.test)
+
+
+def test_fixed_C_skips_the_sweep(three_class):
+    result = fit_head(str(three_class), FitSettings(C=0.5))
+    assert result.C == 0.5 and result.sweep == []
+
+
+def test_fit_command_writes_a_complete_run_folder(three_class, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("fit", three_class, "--out", run, "--no-export")
+    assert result.code == 0, result.err
+    for name in ["model.joblib", "head.npz", "head.json", "metrics.json", "report.md", "confusion_matrix.png",
+                 "c_sweep.png"]:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ["top1", "top5", "balanced_accuracy", "log_loss", "per_class", "confusion_matrix"]:
+        assert key in metrics["scores"]
+    assert metrics["splits"] == {"train": 60, "val": 30, "test": 30}
+    assert 12 < len(metrics["C_selection"]["sweep"]) <= 18 and metrics["C"] > 0
+    assert {"iterations", "converged", "max_iter"} <= set(metrics["convergence"])
+    assert {"read_s", "sweep_s", "refit_s", "total_s"} <= set(metrics["timings"])
+    assert metrics["provenance"]["backbone"] == "synthetic"
+    head = json.loads((run / "head.json").read_text())
+    assert head["classes"] == ["c0", "c1", "c2"] and head["provenance"]["backbone"] == "synthetic"
+    arrays = np.load(run / "head.npz", allow_pickle=False)
+    assert {"coef", "intercept", "scaler_mean", "scaler_scale", "weight", "bias"} <= set(arrays.files)
+    for png in ["confusion_matrix.png", "c_sweep.png"]:
+        assert Image.open(run / png).size[0] >= 500
+    for line in ["splits", "chosen C", "scores on test", "run folder"]:
+        assert line in result.out
+    assert str(run) in result.out
+
+
+def test_default_run_folder_is_under_reports(three_class, tmp_path):
+    result = run_cli("fit", three_class, "--no-export", "--C", "1", cwd=tmp_path)
+    assert result.code == 0, result.err
+    line = [l for l in result.out.splitlines() if l.startswith("run folder")][0]
+    assert line.split()[-1].startswith("reports/three-")
+
+
+def test_convergence_failure_is_one_line_with_advice(three_class, tmp_path):
+    result = run_cli("fit", three_class, "--out", tmp_path / "r", "--no-export", "--C", "1e4", "--max-iter", "2")
+    assert result.code == 0, result.err
+    warnings = [l for l in result.err.splitlines() if "converg" in l.lower()]
+    assert len(warnings) == 1 and "raise --max-iter" in warnings[0]
+    assert "ConvergenceWarning" not in result.err
+
+
+@pytest.fixture
+def bad_caches(tmp_path):
+    X, y, classes = blobs(10, 2, 4)
+    one = make_cache(tmp_path / "one.h5", X, np.zeros_like(y), ["only"])
+    few_y = y.copy()
+    few_y[:] = 0
+    few_y[:2] = 1
+    few = make_cache(tmp_path / "few.h5", X, few_y, classes)
+    nan_X = X.copy()
+    nan_X[3, 1] = np.nan
+    nan = make_cache(tmp_path / "nan.h5", nan_X, y, classes)
+    ok = make_cache(tmp_path / "ok.h5", X, y, classes)
+    part = cache.PartialCache.create(str(tmp_path / "half.h5.partial"), {"command": "transfer extract imgs --out half.h5"},
+                                     np.arange(4), ["a/0", "a/1", "b/2", "b/3"], np.array([0, 0, 1, 1]), None, 4)
+    with part:
+        part.commit(np.array([0]), np.ones((1, 4), np.float32), [])
+    png = write_image(tmp_path / "photo.png", 0)
+    return {"one": one, "few": few, "nan": nan, "ok": ok, "half": tmp_path / "half.h5", "png": png,
+            "missing": tmp_path / "missing.h5"}
+
+
+@pytest.mark.parametrize("which, extra, fragments", [
+    ("missing", (), ("no feature cache at",)),
+    ("png", (), ("not a feature cache (not an HDF5 file)",)),
+    ("half", (), ("is incomplete", "1 of 4", "resume it with: transfer extract imgs --out half.h5")),
+    ("one", (), ("only one class",)),
+    ("few", (), ("class 'c1' has 2 images", "at least 3 per class")),
+    ("nan", (), ("non-finite",)),
+    ("ok", ("--class-weight", "heavy"), ("unknown class weight 'heavy'",)),
+    ("ok", ("--C", "-1"), ("C must be a positive number",)),
+    ("ok", ("--C", "0"), ("C must be a positive number",)),
+    ("ok", ("--C", "lots"), ("neither 'auto' nor a number",)),
+])
+def test_bad_input_gets_one_clear_line(bad_caches, tmp_path, which, extra, fragments):
+    result = run_cli("fit", bad_caches[which], "--out", tmp_path / "run", "--no-export", *extra)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_folder_is_not_overwritten(three_class, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    result = run_cli("fit", three_class, "--out", tmp_path / "run", "--no-export", "--C", "1")
+    assert_one_line_error(result, "already exists and is not empty")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+@needs_hymenoptera
+def test_real_photos_reach_the_published_accuracy(hymenoptera_lite0, tmp_path):
+    """EfficientNet-Lite0 features of the real ants/bees photos: val top-1 >= 0.92."""
+    result = fit_head(str(hymenoptera_lite0), FitSettings())
+    assert result.evaluated_on == "val"
+    assert result.splits.sizes() == {"train": 245, "val": 153, "test": 0}
+    assert result.scores["top1"] >= 0.92, result.scores["top1"]
+
+
+def test_fit_reads_features_as_float64_once_without_a_float32_copy(three_class, monkeypatch):
+    seen = []
+    real = cache.read_features
+
+    def spy(path, rows=None, dtype=np.float32, out=None):
+        seen.append((None if out is None else out.dtype, len(rows)))
+        return real(path, rows, dtype, out)
+
+    monkeypatch.setattr(cache, "read_features", spy)
+    fit_head(str(three_class), FitSettings(C=1.0))
+    assert seen and all(dtype == np.float64 for dtype, _ in seen)
+    with h5py.File(three_class, "r") as f:
+        assert f["features"].dtype == np.float32

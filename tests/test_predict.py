@@ -1,0 +1,67 @@
+"""pipeline/predict.py and `transfer predict`: files and folders in, top-k out, bad files listed."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tests.conftest import assert_one_line_error, run_cli, write_image
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = tmp_path / "in"
+    write_image(folder / "x.png", 1)
+    write_image(folder / "sub" / "y.jpg", 2, size=(90, 300))
+    (folder / "notes.txt").write_text("ignored: not an image name")
+    (folder / "broken.png").write_bytes(b"\x89PNG but no")
+    single = write_image(tmp_path / "single.png", 3)
+    return folder, single
+
+
+def test_files_and_folders_with_errors_listed_and_run_continues(three_run, inputs, tmp_path):
+    folder, single = inputs
+    out = tmp_path / "p.csv"
+    result = run_cli("predict", three_run / "model.pt", single, folder, "--out", out, "--top-k", "2")
+    assert result.code == 0, result.err
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"].split("/")[-1] for r in rows] == ["single.png", "broken.png", "x.png", "y.jpg"]
+    assert rows[1]["error"] == "not a recognised image format" and rows[1]["label_1"] == ""
+    good = [r for r in rows if not r["error"]]
+    for r in good:
+        assert r["label_1"] in {"a", "b", "c"} and r["label_2"] in {"a", "b", "c"}
+        assert float(r["prob_1"]) >= float(r["prob_2"])
+    assert "wrote 4 predictions" in result.out and "1 unreadable" in result.out
+    assert "img/s" in result.err  # the progress bar with its rate
+
+
+def test_json_output_and_terminal_table(three_run, inputs, tmp_path):
+    folder, single = inputs
+    out = tmp_path / "p.json"
+    assert run_cli("predict", three_run / "model.pt", single, "--out", out).code == 0
+    doc = json.loads(out.read_text())
+    assert doc[0]["path"] == str(single) and len(doc[0]["predictions"]) == 3 and doc[0]["error"] is None
+    assert abs(sum(p["probability"] for p in doc[0]["predictions"]) - 1) < 1e-5
+    table = run_cli("predict", three_run / "model.pt", folder)
+    assert table.code == 0
+    assert "broken.png" in table.out and "error: not a recognised image format" in table.out
+    assert "1 of 3 files could not be read" in table.out
+
+
+def test_predict_bad_inputs(three_run, inputs, tmp_path):
+    folder, single = inputs
+    model = three_run / "model.pt"
+    assert_one_line_error(run_cli("predict", model, tmp_path / "missing.png"), "does not exist")
+    assert_one_line_error(run_cli("predict", model, single, "--top-k", "4"), "--top-k 4 is outside 1..3")
+    assert_one_line_error(run_cli("predict", tmp_path / "none.pt", single), "does not exist")
+    cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
+    assert_one_line_error(run_cli("predict", cache, single), "is not a TorchScript model")  # predict on a cache
+    other = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(other, tmp_path / "other.pt")
+    assert_one_line_error(run_cli("predict", tmp_path / "other.pt", single), "not one written by `transfer export`")
+    assert_one_line_error(run_cli("predict", model, single, "--out", tmp_path / "p.txt"), "expected a .csv or .json")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("predict", model, tmp_path / "empty"), "no image files found")
