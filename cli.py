@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 
 import click
 
@@ -271,6 +272,29 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
         click.echo(f"{r.path:<{width}}  {shown}")
     if errors:
         click.echo(f"{errors} of {len(results)} files could not be read")
+
+
+@cli.command()
+@click.option("--workdir", default="cache/demo", show_default=True, type=click.Path(path_type=str),
+              help="Where the demo images and feature cache go.")
+@click.pass_context
+def demo(ctx, workdir):
+    """The whole pipeline on the embedded default, offline: scikit-learn's digits as images,
+    features from the pretrained EfficientNet-Lite0, a fitted head, an exported model."""
+    from pipeline.demo import write_digits
+
+    images = os.path.join(workdir, "digits")
+    counts = write_digits(images)
+    click.echo(f"images: {images} ({counts['train']} train, {counts['val']} val, {counts['test']} test; "
+               "scikit-learn's 8x8 digits)")
+    cache_file = os.path.join(workdir, "digits.h5")
+    ctx.invoke(extract, image_dir=images, out=cache_file, backbone="efficientnet_lite0")
+    run_dir = os.path.join("reports", f"demo-digits-{time.strftime('%Y%m%d-%H%M%S')}")
+    ctx.invoke(fit, cache_file=cache_file, run_dir=run_dir)
+    click.echo("")
+    click.echo(f"results: {run_dir}/report.md (scores, confusion_matrix.png, c_sweep.png), "
+               f"{run_dir}/model.pt (TorchScript model)")
+    click.echo(f"try it:  .venv/bin/transfer predict {run_dir}/model.pt {images}/test/7")
 
 
 class _Exit(Exception):

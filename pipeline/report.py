@@ -98,7 +98,8 @@ def plot_confusion(result: FitResult, path: str) -> None:
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # colour = share of the true class
     ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), result.classes, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+    long_names = max(len(c) for c in result.classes) > 3
+    ax.set_xticks(range(k), result.classes, rotation=45 if long_names else 0, ha="right" if long_names else "center")
     ax.set_yticks(range(k), result.classes)
     if k <= 30:
         for i in range(k):
@@ -131,10 +132,10 @@ def plot_sweep(result: FitResult, path: str) -> None:
         ax.plot([r["C"] for r in unconverged], [r["val_top1"] for r in unconverged], "x", color="black",
                 markersize=9, label="hit --max-iter")
     handles = ax.get_legend_handles_labels()[0] + loss.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="lower center", fontsize=8)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title(f"Choosing C on the validation split ({len(Cs)} fits)")
     ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -71,15 +71,17 @@ def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: in
     import cli
 
     out, err = io.StringIO(), io.StringIO()
-    saved_env = dict(os.environ)
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
     os.environ.update(env or {})
     code = 0
     try:
+        os.chdir(cwd or saved_cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main(args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
+        os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
     return Result(code, out.getvalue(), err.getvalue())
