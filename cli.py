@@ -144,7 +144,7 @@ class _CValue(click.ParamType):
 
 
 def _fit_options(f):
-    """Options shared by `fit` and (as grids) by `experiment`."""
+    """The options that set how the head is fitted (`experiment` takes them as grids)."""
     for option in reversed([
         click.option("--class-weight", default="none", show_default=True,
                      help="none or balanced (weights classes inversely to their frequency)."),
@@ -153,7 +153,9 @@ def _fit_options(f):
         click.option("--normalize", default="standard", show_default=True, help="standard, l2 or none."),
         click.option("--pca", type=int, default=None, help="Reduce features to this many PCA dimensions first."),
         click.option("--train-fraction", type=float, default=1.0, show_default=True,
-                     help="Fit on a stratified fraction of the training split."),
+                     help="Use a stratified fraction of the train and val images (a learning-curve point)."),
+        click.option("--repeat", type=int, default=0, show_default=True,
+                     help="Which stratified subsample for --train-fraction below 1 (learning curves)."),
     ]):
         f = option(f)
     return f
@@ -168,7 +170,7 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
-def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, export):
+def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, export):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
@@ -180,7 +182,7 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
 
     info = read_info(cache_file)
     settings = FitSettings(C=C, class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize,
-                           pca=pca, train_fraction=train_fraction)
+                           pca=pca, train_fraction=train_fraction, repeat=repeat)
     result = fit_head(cache_file, settings, info)
     run_dir = run_dir or report.default_run_dir(cache_file)
     report.write_fit_run(result, info, run_dir, _command_line())
@@ -295,6 +297,65 @@ def demo(ctx, workdir):
     click.echo(f"results: {run_dir}/report.md (scores, confusion_matrix.png, c_sweep.png), "
                f"{run_dir}/model.pt (TorchScript model)")
     click.echo(f"try it:  .venv/bin/transfer predict {run_dir}/model.pt {images}/test/7")
+
+
+@cli.command()
+@click.argument("caches", metavar="CACHE.h5...", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
+              help="Values to try: C (numbers or auto), class_weight, normalize, pca (numbers or none). Repeatable.")
+@click.option("--train-fraction", "fractions", default="1.0", show_default=True,
+              help="Comma-separated fractions of the labelled (train and val) images, for a learning curve.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Subsamples per fraction below 1.")
+@click.option("--normalize", default="standard", show_default=True, help="standard, l2 or none (unless in --grid).")
+@click.option("--pca", type=int, default=None, help="PCA dimension (unless in --grid).")
+@click.option("--jobs", type=int, default=None, help="Parallel runs [default: CPU cores, at most 4].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-iter", type=int, default=1000, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=str), default=None,
+              help="Folder to write [default: reports/experiments-<timestamp>].")
+def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max_iter, out_dir):
+    """Try many heads and settings on cached features only: the network is never run.
+
+    Several caches of the same images (other backbones or layers) are compared in one table.
+    """
+    from pipeline import report
+    from pipeline.experiment import (ExperimentRequest, best_per_cache, default_out, parse_fractions,
+                                     parse_grid, run_experiment)
+
+    request = ExperimentRequest(caches=list(caches), grid=parse_grid(list(grid), normalize, pca),
+                                fractions=parse_fractions(fractions), repeats=repeats, seed=seed,
+                                jobs=jobs or min(4, os.cpu_count() or 1), max_iter=max_iter)
+    out_dir = out_dir or default_out()
+    bar = _Bar("experiment", unit="run")
+    started = [False]
+
+    def advance(n: int) -> None:
+        if not started[0]:
+            bar.start(_count_runs(request), 0)
+            started[0] = True
+        bar.advance(n)
+
+    try:
+        rows = run_experiment(request, advance)
+    finally:
+        bar.close()
+    from pipeline.cache import read_info
+
+    backbones = {c: read_info(c).meta.get("backbone", "?") for c in request.caches}
+    report.write_experiment(rows, out_dir, _command_line(), backbones)
+    click.echo(f"{len(rows)} runs; best setting per cache (chosen on validation):")
+    for cache, r in best_per_cache(rows).items():
+        click.echo(f"  {os.path.basename(cache)}: {r['evaluated_on']} top-1 {r['top1']:.4f}  "
+                   f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
+                   f"class weight {r['class_weight']})")
+        click.echo(f"    reproduce: {r['command']}")
+    click.echo(f"written: {out_dir}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
+
+
+def _count_runs(request) -> int:
+    from pipeline.experiment import plan
+
+    return len(plan(request, 1 << 30))
 
 
 class _Exit(Exception):

@@ -40,7 +40,8 @@ class FitSettings:
     seed: int = 0
     normalize: str = "standard"
     pca: int | None = None
-    train_fraction: float = 1.0  # stratified subsample of train (learning curves)
+    train_fraction: float = 1.0  # stratified subsample of train and val (learning curves)
+    repeat: int = 0  # which subsample: seeds it with seed + repeat
 
     def check(self, dim: int) -> None:
         if self.C is not None and not (self.C > 0 and np.isfinite(self.C)):
@@ -55,6 +56,8 @@ class FitSettings:
             raise TransferError(f"PCA dimension {self.pca} is outside 1..{dim} (the feature dimension)")
         if not 0 < self.train_fraction <= 1:
             raise TransferError(f"train fraction {self.train_fraction} is outside (0, 1]")
+        if self.repeat < 0:
+            raise TransferError(f"--repeat must be 0 or more, got {self.repeat}")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class FitResult:
     timings: dict
     classes: list[str]
     settings: FitSettings
+    validation: dict  # top1, log_loss on val of the train-only model at the chosen C
     notes: list[str] = field(default_factory=list)
 
 
@@ -139,15 +143,17 @@ def _need_per_class(labels: np.ndarray, classes: list[str], k: int, what: str) -
 
 
 def subsample(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A stratified fraction of `rows` (at least one per class), sorted."""
+    """round(fraction * n) of each class's rows (at least one per class), drawn with `seed`, sorted.
+
+    Per class rather than sklearn's train_test_split, which refuses classes with one member."""
     if fraction >= 1:
         return rows
-    n_classes = len(np.unique(labels[rows]))
-    keep = max(n_classes, int(round(fraction * len(rows))))
-    if keep >= len(rows):
-        return rows
-    kept, _ = train_test_split(rows, train_size=keep, stratify=labels[rows], random_state=seed)
-    return np.sort(kept)
+    rng = np.random.default_rng(seed)
+    kept = []
+    for c in np.unique(labels[rows]):
+        members = rows[labels[rows] == c]
+        kept.append(rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False))
+    return np.sort(np.concatenate(kept))
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -247,7 +253,9 @@ def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = No
     info = info or read_info(cache_path)
     settings.check(info.dim)
     splits = make_splits(info, settings.seed)
-    splits.train = subsample(splits.train, info.labels, settings.train_fraction, settings.seed)
+    # A learning curve point: the same fraction of the labelled train and val images (test stays whole).
+    splits.train = subsample(splits.train, info.labels, settings.train_fraction, settings.seed + settings.repeat)
+    splits.val = subsample(splits.val, info.labels, settings.train_fraction, settings.seed + settings.repeat)
     classes, y_all = info.classes, info.labels
     order = np.concatenate([splits.train, splits.val, splits.test])
     n_tr, n_val = len(splits.train), len(splits.val)
@@ -263,19 +271,22 @@ def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = No
     t = time.perf_counter()
     steps = _preprocessing(settings, X[:n_tr + n_val], n_tr)
     Z = _project(steps, X[:n_tr + n_val])
+    validation = None
     if settings.C is None:
         C, sweep = sweep_C(settings, Z[:n_tr], y_tr, Z[n_tr:], y_val, len(classes))
+        chosen = next(r for r in sweep if r["C"] == C)
+        validation = {"top1": chosen["val_top1"], "log_loss": chosen["val_log_loss"]}
     else:
         C, sweep = settings.C, []
     timings["sweep_s"] = time.perf_counter() - t
     notes = [f"splits: {splits.source}"]
-    if len(splits.test):
-        evaluated_on = "test"
-    else:
-        # No test split: the honest figure left is validation, from a model fitted on train only.
+    evaluated_on = "test" if len(splits.test) else "val"
+    if evaluated_on == "val" or validation is None:
         model, _ = _fit_lr(settings, C, Z[:n_tr], y_tr)
         val_scores = scores(model.predict_proba(Z[n_tr:]), y_val, classes)
-        evaluated_on = "val"
+        validation = validation or {"top1": val_scores["top1"], "log_loss": val_scores["log_loss"]}
+    if evaluated_on == "val":
+        # No test split: the honest figure left is validation, from a model fitted on train only.
         notes.append("no test split: scores are on the validation split that also chose C "
                      "(optimistic); the saved model is refit on train+val")
     del Z
@@ -295,4 +306,4 @@ def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = No
         if unconverged:
             notes.append(f"{unconverged} of {len(sweep)} sweep fits stopped at --max-iter {settings.max_iter}")
     return FitResult(pipeline, C, sweep, splits, evaluated_on, final_scores, convergence, timings, classes,
-                     settings, notes)
+                     settings, validation, notes)

@@ -175,3 +175,145 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
         lines.append(f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
     lines += ["", f"Reproduce: `{m['command']}`", ""]
     return "\n".join(lines)
+
+
+# --- experiments --------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ["run", "cache", "C", "chosen_C", "class_weight", "normalize", "pca", "train_fraction", "repeat",
+                  "seed", "n_train", "n_val", "n_test", "evaluated_on", "top1", "balanced_accuracy", "log_loss",
+                  "val_top1", "val_log_loss", "converged", "fit_seconds", "command"]
+
+
+def write_experiment(rows: list[dict], out_dir: str, command: str, backbones: dict[str, str]) -> str:
+    """results.csv, summary.md, accuracy_vs_C.png and learning_curve.png, written all or nothing."""
+    import csv
+
+    from .experiment import best_per_cache, learning_curve
+
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise TransferError(f"{out_dir} already exists and is not empty; choose another --out")
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    tmp = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        with open(os.path.join(tmp, "results.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+        best = best_per_cache(rows)
+        curve = learning_curve(rows)
+        plot_accuracy_vs_C(rows, os.path.join(tmp, "accuracy_vs_C.png"))
+        plot_learning_curve(curve, os.path.join(tmp, "learning_curve.png"))
+        with open(os.path.join(tmp, "summary.md"), "w") as f:
+            f.write(experiment_markdown(rows, best, curve, command, backbones))
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _setting_label(row: dict, with_cache: bool) -> str:
+    parts = [os.path.basename(row["cache"])] if with_cache else []
+    parts.append(f"{row['normalize']}")
+    if row["pca"] != "none":
+        parts.append(f"pca {row['pca']}")
+    if row["class_weight"] != "none":
+        parts.append(f"{row['class_weight']} weights")
+    return ", ".join(parts)
+
+
+def plot_accuracy_vs_C(rows: list[dict], path: str) -> None:
+    """Validation top-1 against C: one line per setting (and cache); C=auto runs show their sweep."""
+    from .experiment import setting_key
+
+    several_caches = len({r["cache"] for r in rows}) > 1
+    top = max(r["train_fraction"] for r in rows)
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["train_fraction"] == top and r["repeat"] == 0:
+            groups.setdefault(setting_key(r), []).append(r)
+    for i, members in enumerate(groups.values()):
+        color = plt.cm.tab10(i % 10)
+        label = _setting_label(members[0], several_caches)
+        fixed = sorted((r for r in members if r["C"] != "auto"), key=lambda r: r["chosen_C"])
+        if fixed:
+            ax.semilogx([r["chosen_C"] for r in fixed], [r["val_top1"] for r in fixed], "o-", color=color,
+                        label=label)
+        for r in members:
+            if r["C"] == "auto":
+                ax.semilogx([s["C"] for s in r["_sweep"]], [s["val_top1"] for s in r["_sweep"]], ".--", color=color,
+                            alpha=0.8, label=f"{label} (auto sweep)" if not fixed else None)
+                ax.plot([r["chosen_C"]], [r["val_top1"]], "*", color=color, markersize=12)
+    ax.set_xlabel("C (inverse L2 regularisation strength)")
+    ax.set_ylabel("validation top-1")
+    ax.set_title("Validation accuracy against C (stars: C chosen by auto)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_learning_curve(curve: list[dict], path: str) -> None:
+    """Mean top-1 (error bars: std over repeats) against the number of training images."""
+    several_caches = len({c["cache"] for c in curve}) > 1
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    groups: dict[tuple, list[dict]] = {}
+    for c in curve:
+        groups.setdefault((c["cache"], c["class_weight"], c["normalize"], c["pca"], c["C"]), []).append(c)
+    for i, members in enumerate(groups.values()):
+        members.sort(key=lambda c: c["train_fraction"])
+        label = _setting_label(members[0], several_caches) + f", C={members[0]['C']}"
+        ax.errorbar([c["n_labelled"] for c in members], [c["top1_mean"] for c in members],
+                    yerr=[c["top1_std"] for c in members], fmt="o-", capsize=4, color=plt.cm.tab10(i % 10),
+                    label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images used (the same stratified fraction of train and of val)")
+    ax.set_ylabel("top-1 (mean ± std over repeats)")
+    ax.set_title("Learning curve")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def experiment_markdown(rows, best, curve, command, backbones) -> str:
+    evaluated = {r["evaluated_on"] for r in rows}
+    where = "test" if evaluated == {"test"} else "test (val where a cache has no test split)"
+    lines = [
+        "# Experiments",
+        "",
+        f"{len(rows)} runs on {len(best)} cache(s), cached features only. Command: `{command}`",
+        "",
+        "Settings are ranked on validation top-1 (ties: lower validation log-loss) at the largest train "
+        f"fraction, never on test; the scores shown are on {where}.",
+        "",
+        "## Best setting per cache",
+        "",
+        "| cache | backbone | C | class weight | normalize | PCA | val top-1 | top-1 | balanced acc. | log-loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cache, r in best.items():
+        c = f"{r['chosen_C']:.4g}" + (" (auto)" if r["C"] == "auto" else "")
+        lines.append(f"| {os.path.basename(cache)} | {backbones.get(cache, '?')} | {c} | {r['class_weight']} | "
+                     f"{r['normalize']} | {r['pca']} | {r['val_top1']:.4f} | {r['top1']:.4f} | "
+                     f"{r['balanced_accuracy']:.4f} | {r['log_loss']:.4f} |")
+    lines += ["", "Reproduce each as a full run (with its report and exported model):", ""]
+    for cache, r in best.items():
+        lines.append(f"- `{r['command']}`")
+    lines += ["", "![validation accuracy against C](accuracy_vs_C.png)", "", "## Learning curve", "",
+              "| cache | setting | C | fraction | labelled images (train + val) | top-1 mean ± std | repeats |",
+              "|---|---|---|---|---|---|---|"]
+    for c in sorted(curve, key=lambda c: (c["cache"], c["normalize"], str(c["pca"]), c["class_weight"], str(c["C"]),
+                                           c["train_fraction"])):
+        lines.append(f"| {os.path.basename(c['cache'])} | {_setting_label(c, False)} | {c['C']} | "
+                     f"{c['train_fraction']:g} | {c['n_labelled']} | {c['top1_mean']:.4f} ± {c['top1_std']:.4f} | "
+                     f"{c['repeats']} |")
+    lines += ["", "![learning curve](learning_curve.png)", ""]
+    return "\n".join(lines)

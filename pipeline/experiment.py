@@ -1,0 +1,241 @@
+"""Cached-feature experiments: many heads and settings from one or more caches, never the network.
+
+Every run is one `fit_head` call (the same code and seeds as `transfer fit`), so any row can be
+reproduced exactly by the `transfer fit` command recorded beside it. Runs go to joblib workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import h5py
+import joblib
+import numpy as np
+
+from .cache import read_info
+from .errors import TransferError
+from .fit import CLASS_WEIGHTS, NORMALIZATIONS, FitSettings, fit_head
+
+GRID_KEYS = ("C", "class_weight", "normalize", "pca")
+
+
+@dataclass
+class ExperimentRequest:
+    caches: list[str]
+    grid: dict[str, list]  # key -> values, from parse_grid
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    repeats: int = 1
+    seed: int = 0
+    jobs: int = 1
+    max_iter: int = 1000
+
+
+@dataclass
+class Run:
+    index: int
+    cache: str
+    settings: FitSettings
+
+
+def parse_value(key: str, text: str):
+    """One grid value: C (a number or auto), class_weight, normalize, pca (a number or none)."""
+    text = text.strip()
+    if key == "C":
+        if text.lower() == "auto":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise TransferError(f"grid value {text!r} for C is neither a number nor 'auto'") from None
+        if not (value > 0 and np.isfinite(value)):
+            raise TransferError(f"grid value {text!r} for C must be a positive number")
+        return value
+    if key == "pca":
+        if text.lower() == "none":
+            return None
+        if not text.isdigit() or int(text) < 1:
+            raise TransferError(f"grid value {text!r} for pca is neither a positive whole number nor 'none'")
+        return int(text)
+    allowed = CLASS_WEIGHTS if key == "class_weight" else NORMALIZATIONS
+    if text not in allowed:
+        raise TransferError(f"grid value {text!r} for {key} is not one of {', '.join(allowed)}")
+    return text
+
+
+def parse_grid(items: list[str], normalize: str = "standard", pca: int | None = None) -> dict[str, list]:
+    """["C=0.1,1", "normalize=l2,standard"] -> {"C": [0.1, 1.0], ...}; unlisted keys keep one default."""
+    grid = {"C": [None], "class_weight": ["none"], "normalize": [parse_value("normalize", normalize)],
+            "pca": [pca]}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise TransferError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        if key not in GRID_KEYS:
+            raise TransferError(f"unknown grid key {key!r}; expected one of {', '.join(GRID_KEYS)}")
+        parsed = [parse_value(key, v) for v in values.split(",")]
+        grid[key] = list(dict.fromkeys(parsed))  # keep order, drop repeats
+    return grid
+
+
+def parse_fractions(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise TransferError(f"train fraction {part.strip()!r} is not a number") from None
+        if not 0 < value <= 1:
+            raise TransferError(f"train fraction {value} is outside (0, 1]")
+        out.append(value)
+    return sorted(set(out))
+
+
+def check_caches_match(paths: list[str]) -> list:
+    """Caches compared in one table must hold the same images, labels, classes and splits."""
+    infos = [read_info(p) for p in paths]
+    first = infos[0]
+    with h5py.File(first.path, "r") as f:
+        names = f["path_bytes"][...]
+    for info in infos[1:]:
+        what = None
+        if info.classes != first.classes:
+            what = f"classes {first.classes[:3]}... vs {info.classes[:3]}..."
+        elif info.n != first.n:
+            what = f"{first.n} vs {info.n} images"
+        else:
+            with h5py.File(info.path, "r") as f:
+                other = f["path_bytes"][...]
+            differ = np.flatnonzero((names != other) | (first.labels != info.labels))
+            if len(differ):
+                i = int(differ[0])
+                what = f"row {i}: {first.paths[i]} vs {info.paths[i]}"
+            elif (first.splits is None) != (info.splits is None) or (
+                    first.splits is not None and not np.array_equal(first.splits, info.splits)):
+                what = "their train/val/test splits"
+        if what:
+            raise TransferError(f"caches {first.path} and {info.path} do not hold the same images and labels "
+                                f"({what}); extract both from the same folder to compare them")
+    return infos
+
+
+def plan(req: ExperimentRequest, dim: int) -> list[Run]:
+    for pca in req.grid["pca"]:
+        if pca is not None and pca > dim:
+            raise TransferError(f"PCA dimension {pca} is larger than the feature dimension {dim}")
+    if req.repeats < 1:
+        raise TransferError(f"--repeats must be at least 1, got {req.repeats}")
+    if req.jobs < 1:
+        raise TransferError(f"--jobs must be at least 1, got {req.jobs}")
+    runs = []
+    combos = list(itertools.product(*(req.grid[k] for k in GRID_KEYS)))
+    for cache in req.caches:
+        for C, class_weight, normalize, pca in combos:
+            for fraction in req.fractions:
+                for repeat in range(req.repeats if fraction < 1 else 1):  # the whole train split is one sample
+                    settings = FitSettings(C=C, class_weight=class_weight, max_iter=req.max_iter, seed=req.seed,
+                                           normalize=normalize, pca=pca, train_fraction=fraction, repeat=repeat)
+                    runs.append(Run(len(runs), cache, settings))
+    return runs
+
+
+def fit_command(cache: str, s: FitSettings) -> str:
+    """The `transfer fit` command that reproduces one run exactly."""
+    args = ["transfer", "fit", cache, "--C", "auto" if s.C is None else repr(s.C), "--class-weight", s.class_weight,
+            "--normalize", s.normalize, "--seed", str(s.seed), "--max-iter", str(s.max_iter)]
+    if s.pca is not None:
+        args += ["--pca", str(s.pca)]
+    if s.train_fraction < 1:
+        args += ["--train-fraction", repr(s.train_fraction), "--repeat", str(s.repeat)]
+    return shlex.join(args)
+
+
+def run_one(run: Run) -> dict:
+    """One row of results.csv (and the C sweep, for the plot)."""
+    started = time.perf_counter()
+    result = fit_head(run.cache, run.settings)
+    s, sizes = result.settings, result.splits.sizes()
+    return {
+        "run": run.index,
+        "cache": run.cache,
+        "C": "auto" if s.C is None else s.C,
+        "chosen_C": result.C,
+        "class_weight": s.class_weight,
+        "normalize": s.normalize,
+        "pca": "none" if s.pca is None else s.pca,
+        "train_fraction": s.train_fraction,
+        "repeat": s.repeat,
+        "seed": s.seed,
+        "n_train": sizes["train"],
+        "n_val": sizes["val"],
+        "n_test": sizes["test"],
+        "evaluated_on": result.evaluated_on,
+        "top1": result.scores["top1"],
+        "balanced_accuracy": result.scores["balanced_accuracy"],
+        "log_loss": result.scores["log_loss"],
+        "val_top1": result.validation["top1"],
+        "val_log_loss": result.validation["log_loss"],
+        "converged": result.convergence["converged"],
+        "fit_seconds": time.perf_counter() - started,
+        "command": fit_command(run.cache, s),
+        "_sweep": result.sweep,
+    }
+
+
+def run_experiment(req: ExperimentRequest, on_run: Callable[[int], None] | None = None) -> list[dict]:
+    """All runs, in plan order. The backbone is never built: only cached features are read."""
+    if not req.caches:
+        raise TransferError("no cache given")
+    infos = check_caches_match(req.caches)
+    runs = plan(req, min(i.dim for i in infos))
+    for r in runs:
+        r.settings.check(infos[0].dim)
+    for info in infos:
+        info.read_features(np.arange(min(info.n, 1)))  # fail fast on unreadable or non-finite data
+    rows: dict[int, dict] = {}
+    with joblib.Parallel(n_jobs=req.jobs, return_as="generator_unordered") as parallel:
+        for row in parallel(joblib.delayed(run_one)(r) for r in runs):
+            rows[row["run"]] = row
+            if on_run:
+                on_run(1)
+    return [rows[i] for i in range(len(runs))]
+
+
+def setting_key(row: dict) -> tuple:
+    """What distinguishes two settings apart from C, fraction and repeat."""
+    return (row["cache"], row["class_weight"], row["normalize"], row["pca"])
+
+
+def best_per_cache(rows: list[dict]) -> dict[str, dict]:
+    """Per cache, among its runs on the largest train fraction: the best validation top-1 (ties:
+    lower validation log-loss). Chosen on validation, never on test, like C itself."""
+    best = {}
+    for cache in dict.fromkeys(r["cache"] for r in rows):
+        mine = [r for r in rows if r["cache"] == cache]
+        top_fraction = max(r["train_fraction"] for r in mine)
+        candidates = [r for r in mine if r["train_fraction"] == top_fraction and r["repeat"] == 0]
+        best[cache] = max(candidates, key=lambda r: (r["val_top1"], -r["val_log_loss"], -r["run"]))
+    return best
+
+
+def learning_curve(rows: list[dict]) -> list[dict]:
+    """Mean and std of top-1 over repeats, per setting (and requested C) and train fraction."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(setting_key(r) + (r["C"], r["train_fraction"]), []).append(r)
+    out = []
+    for key, members in groups.items():
+        scores = np.array([m["top1"] for m in members])
+        out.append({"cache": key[0], "class_weight": key[1], "normalize": key[2], "pca": key[3], "C": key[4],
+                    "train_fraction": key[5], "n_labelled": int(np.mean([m["n_train"] + m["n_val"] for m in members])),
+                    "repeats": len(members), "top1_mean": float(scores.mean()), "top1_std": float(scores.std())})
+    return out
+
+
+def default_out(root: str = "reports") -> str:
+    return os.path.join(root, f"experiments-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -1,0 +1,162 @@
+"""pipeline/experiment.py and `transfer experiment`: grids over cached features, reproducible,
+never touching the network."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import TransferError
+from pipeline.experiment import parse_fractions, parse_grid
+from tests.conftest import ROOT, assert_one_line_error, blobs, make_cache, run_cli
+from tests.test_fit import split_names
+
+
+@pytest.fixture
+def caches(tmp_path):
+    """Two caches of the same 90 'images' (like two backbones), and one of other images."""
+    X, y, classes = blobs(30, 3, 16, seed=1, spread=3.0)
+    splits = split_names(y)
+    a = make_cache(tmp_path / "wide.h5", X, y, classes, splits)
+    b = make_cache(tmp_path / "narrow.h5", X[:, :6] + 0.5, y, classes, splits)
+    y_other = y.copy()
+    y_other[0] = 1
+    other = make_cache(tmp_path / "other.h5", X, y_other, classes, splits)
+    return a, b, other
+
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+GRID = ("--grid", "C=0.01,1,auto", "--grid", "normalize=standard,l2", "--train-fraction", "0.3,1",
+        "--repeats", "2", "--jobs", "2")
+
+
+def test_grid_over_two_caches_writes_results_summary_and_plots(caches, tmp_path):
+    a, b, _ = caches
+    out = tmp_path / "exp"
+    result = run_cli("experiment", a, b, *GRID, "--out", out)
+    assert result.code == 0, result.err
+    rows = read_rows(out / "results.csv")
+    assert len(rows) == 2 * 3 * 2 * (2 + 1)  # caches x C x normalize x (2 repeats at 0.3 + 1 at 1.0)
+    for column in ["cache", "C", "chosen_C", "class_weight", "normalize", "pca", "train_fraction", "n_train", "n_val",
+                   "n_test", "top1", "balanced_accuracy", "log_loss", "fit_seconds", "command"]:
+        assert column in rows[0]
+    assert {r["cache"] for r in rows} == {str(a), str(b)}
+    summary = (out / "summary.md").read_text()
+    assert "| wide.h5 |" in summary and "| narrow.h5 |" in summary
+    assert summary.count("transfer fit ") >= 2
+    for png in ("accuracy_vs_C.png", "learning_curve.png"):
+        assert Image.open(out / png).size[0] >= 800
+    assert "run" in result.err and "/s" in result.err  # the progress bar over runs
+
+
+def test_same_seed_gives_the_same_results(caches, tmp_path):
+    a, _, _ = caches
+    first, second = tmp_path / "one", tmp_path / "two"
+    assert run_cli("experiment", a, *GRID, "--out", first).code == 0
+    assert run_cli("experiment", a, *GRID, "--out", second, "--jobs", "1").code == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731 - timings
+    assert strip(read_rows(first / "results.csv")) == strip(read_rows(second / "results.csv"))
+    assert run_cli("experiment", a, *GRID, "--out", tmp_path / "three", "--seed", "1").code == 0
+    assert strip(read_rows(first / "results.csv")) != strip(read_rows(tmp_path / "three" / "results.csv"))
+
+
+def test_repeats_draw_different_subsamples_and_report_mean_and_std(caches, tmp_path):
+    a, _, _ = caches
+    out = tmp_path / "lc"
+    assert run_cli("experiment", a, "--train-fraction", "0.2,0.5,1", "--repeats", "3", "--out", out).code == 0
+    rows = read_rows(out / "results.csv")
+    small = [r for r in rows if r["train_fraction"] == "0.2"]
+    assert len(small) == 3 and len({r["val_log_loss"] for r in small}) > 1
+    assert "± " in (out / "summary.md").read_text()
+
+
+def test_a_row_refit_with_its_printed_command_gives_the_same_score(caches, tmp_path):
+    a, _, _ = caches
+    out = tmp_path / "exp"
+    result = run_cli("experiment", a, "--grid", "C=0.05,auto", "--grid", "normalize=standard,l2",
+                     "--grid", "pca=none,4", "--out", out)
+    assert result.code == 0, result.err
+    summary = (out / "summary.md").read_text()
+    command = re.search(r"`(transfer fit [^`]+)`", summary).group(1)
+    best = next(r for r in read_rows(out / "results.csv") if r["command"] == command)
+    args = command.split()[2:] + ["--out", str(tmp_path / "refit"), "--no-export"]
+    assert run_cli("fit", *args).code == 0
+    metrics = json.loads((tmp_path / "refit" / "metrics.json").read_text())
+    assert metrics["scores"]["top1"] == float(best["top1"])
+    assert metrics["scores"]["log_loss"] == pytest.approx(float(best["log_loss"]), rel=1e-9)
+    assert metrics["C"] == pytest.approx(float(best["chosen_C"]), rel=1e-12)
+
+
+BLOCK_TORCH = '''
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError("experiment must not touch the network: import of " + name)
+sys.meta_path.insert(0, Block())
+'''
+
+
+def test_the_backbone_is_never_built_or_even_imported(caches, tmp_path):
+    """With torch made unimportable (here and in every worker process), the experiment still runs."""
+    a, b, _ = caches
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {"PYTHONPATH": f"{guard}:{ROOT}"}
+    check = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                           env={**__import__("os").environ, **env})
+    assert "must not touch the network" in check.stderr  # the guard works
+    result = run_cli("experiment", a, b, "--grid", "C=0.1,auto", "--jobs", "2", "--out", tmp_path / "e",
+                     env=env, subprocess_=True)
+    assert result.code == 0, result.err
+    assert len(read_rows(tmp_path / "e" / "results.csv")) == 4
+
+
+def test_caches_that_do_not_match_are_refused(caches, tmp_path):
+    a, _, other = caches
+    X, y, classes = blobs(20, 3, 16, seed=1)
+    fewer = make_cache(tmp_path / "fewer.h5", X, y, classes)
+    assert_one_line_error(run_cli("experiment", a, other, "--out", tmp_path / "x"), "do not hold the same images",
+                          "row 0")
+    assert_one_line_error(run_cli("experiment", a, fewer, "--out", tmp_path / "x"), "90 vs 60 images")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--grid", "lr=0.1"), "unknown grid key 'lr'"),
+    (("--grid", "C=0.1,abc"), "grid value 'abc' for C is neither a number nor 'auto'"),
+    (("--grid", "C=-1"), "must be a positive number"),
+    (("--grid", "pca=12.5"), "for pca is neither a positive whole number"),
+    (("--grid", "normalize=minmax"), "not one of standard, l2, none"),
+    (("--grid", "C"), "--grid expects KEY=V1,V2"),
+    (("--train-fraction", "0,0.5"), "outside (0, 1]"),
+    (("--train-fraction", "1.5"), "outside (0, 1]"),
+    (("--train-fraction", "half"), "is not a number"),
+    (("--grid", "pca=4,17"), "PCA dimension 17 is larger than the feature dimension 16"),
+    (("--repeats", "0"), "--repeats must be at least 1"),
+])
+def test_bad_input_gets_one_clear_line(caches, tmp_path, args, fragment):
+    a, _, _ = caches
+    assert_one_line_error(run_cli("experiment", a, *args, "--out", tmp_path / "x"), fragment)
+    assert not (tmp_path / "x").exists()
+
+
+def test_parsers():
+    grid = parse_grid(["C=auto,0.1", "pca=none,8", "class_weight=balanced"])
+    assert grid == {"C": [None, 0.1], "class_weight": ["balanced"], "normalize": ["standard"], "pca": [None, 8]}
+    assert parse_fractions("1,0.25,0.5,0.25") == [0.25, 0.5, 1.0]
+    with pytest.raises(TransferError):
+        parse_grid(["normalize=standard,", ])
+    assert np.isclose(parse_grid(["C=1e-3"])["C"][0], 1e-3)
