@@ -81,6 +81,12 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
     from pipeline import cache
     from pipeline.extract import ExtractRequest, run_extract
 
+    global _SHARD
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from pipeline.distributed import shard_path_of
+
+        _SHARD = shard_path_of(out, int(os.environ.get("RANK", "0")), world)
     request = ExtractRequest(image_dir=image_dir, out=out, backbone=backbone, weights=weights,
                              batch_size=batch_size, device=device, precision=precision, workers=workers,
                              overwrite=overwrite, seed=seed, command=_command_line())
@@ -393,9 +399,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_with_rank(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"), 1, debug)
 
 
+_SHARD = None  # under torchrun: this rank's shard file, named in its errors
+
+
 def _with_rank(message: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return f"rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}: {message}"
+        shard = f" (shard {_SHARD})" if _SHARD else ""
+        return f"rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}{shard}: {message}"
     return message
 
 

@@ -9,6 +9,7 @@ features go through the shared file system, so no GPU collective is needed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -31,17 +32,28 @@ class Dist:
     local_world_size: int = 1
 
 
-def init() -> Dist:
-    """Identity from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); 0 of 1 without it."""
+@contextlib.contextmanager
+def session():
+    """This process's place in the job, from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK):
+    rank 0 of 1 without it. Under torchrun, a gloo process group lives for the block."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
-             int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if not tdist.is_initialized():
+        yield Dist()
+        return
+    try:
+        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except (KeyError, ValueError):
+        raise TransferError("WORLD_SIZE is set but RANK is not; start several processes with torchrun") from None
+    owner = not tdist.is_initialized()
+    if owner:
         # Generous timeout: ranks meet only once, at the end, and may finish hours apart.
         tdist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    return d
+    try:
+        yield d
+    finally:
+        if owner and tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 def device_for(d: Dist, device: str) -> str:
@@ -59,16 +71,17 @@ def my_positions(n: int, d: Dist) -> np.ndarray:
 
 
 def shard_path(out: str, d: Dist) -> str:
+    """This rank's partial file: OUT.partial for a single process."""
     return shard_path_of(out, d.rank, d.world_size)
 
 
 def shard_path_of(out: str, rank: int, world: int) -> str:
+    if world == 1:
+        return cache.partial_path(out)
     return f"{out}.rank{rank:04d}-of-{world:04d}.partial"
 
 
 def all_parts(out: str, world: int) -> list[str]:
-    if world == 1:
-        return [cache.partial_path(out)]
     return [shard_path_of(out, r, world) for r in range(world)]
 
 
@@ -118,21 +131,25 @@ def progress_reporter(d: Dist, out: str, sink, total: int) -> _Reporter:
     return _Reporter(d, out, sink, total)
 
 
-def finish(d: Dist, out: str, total: int, reporter: _Reporter) -> list[str] | None:
-    """Wait for every rank; return the shard files to assemble (rank 0) or None (other ranks)."""
+def finish(d: Dist, out: str, reporter: _Reporter, counts: dict) -> list[dict] | None:
+    """Wait for every rank; rank 0 gets every rank's `counts` (in rank order), other ranks None."""
     if d.world_size == 1:
-        return [cache.partial_path(out)]
-    work = tdist.barrier(async_op=True)
-    while not work.is_completed():  # rank 0 keeps the one progress line moving meanwhile
-        if d.rank == 0:
-            reporter.poll(force=True)
-        time.sleep(POLL_SECONDS)
-    work.wait()
-    tdist.destroy_process_group()
+        return [counts]
+    try:
+        work = tdist.barrier(async_op=True)
+        while not work.is_completed():  # rank 0 keeps the one progress line moving meanwhile
+            if d.rank == 0:
+                reporter.poll(force=True)
+            time.sleep(POLL_SECONDS)
+        work.wait()
+        gathered = [None] * d.world_size
+        tdist.all_gather_object(gathered, counts)
+    except RuntimeError:  # gloo: a peer went away
+        raise TransferError(f"another rank failed before finishing (see its own error); this rank's shard "
+                            f"{shard_path(out, d)} is complete and kept: rerun the same command to resume") from None
     if d.rank != 0:
         return None
-    parts = all_parts(out, d.world_size)
-    for rank, part in enumerate(parts):
+    for rank, part in enumerate(all_parts(out, d.world_size)):
         try:
             p = cache.PartialCache(part).progress()
         except (OSError, KeyError):
@@ -141,4 +158,4 @@ def finish(d: Dist, out: str, total: int, reporter: _Reporter) -> list[str] | No
             raise TransferError(f"rank {rank}: its shard {part} is incomplete ({p.finished}/{p.total}); "
                                 "rerun the same command to resume it")
     reporter.poll(force=True)
-    return parts
+    return gathered

@@ -73,69 +73,81 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
                 on_ready: Callable[[dict], None] | None = None) -> ExtractSummary:
     """Extract features for every image under req.image_dir into req.out (see docs/cache-format.md)."""
     started = time.perf_counter()
-    progress = progress or ProgressSink()
-    out = req.out
-    folder = os.path.dirname(os.path.abspath(out))
+    _check_request(req)
+    with distributed.session() as dist:
+        device = resolve_device(distributed.device_for(dist, req.device))
+        precision = req.precision or default_precision(device)
+        if precision not in PRECISIONS:
+            raise TransferError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        listing = scan_image_folder(req.image_dir)
+        summary = ExtractSummary(
+            out=req.out, state="", total=len(listing), done=0, failed=0, resumed_from=0, processed=0, seconds=0.0,
+            images_per_second=0.0, out_bytes=0, skipped_files=len(listing.skipped), device=str(device),
+            precision=precision, batch_size=req.batch_size or (256 if device.type == "cuda" else 32),
+            workers=req.workers if req.workers is not None else _default_workers(device, dist.local_world_size),
+            world_size=dist.world_size)
+        sharded = dist.world_size > 1
+        target = distributed.shard_path(req.out, dist)
+        with cache.WriterLock(target if sharded else req.out):
+            cache.remove_stale_temporaries(req.out if dist.rank == 0 else target)
+            backbone = load_backbone(req.backbone, req.weights, req.seed)
+            meta = _metadata(req, backbone, listing, precision)
+            if _already_complete(req.out, meta, req.overwrite):
+                return _finished(summary, "already complete", cache.read_info(req.out), started)
+            positions = distributed.my_positions(len(listing), dist)
+            shard = _open_partial(target, meta, listing, positions, backbone.dim, req.overwrite)
+            before = shard.progress()
+            if on_ready:
+                on_ready({"device": summary.device, "precision": precision, "batch_size": summary.batch_size,
+                          "workers": summary.workers, "total": len(listing), "already": before.finished,
+                          "rank": dist.rank, "world_size": dist.world_size, "partial": target})
+            reporter = distributed.progress_reporter(dist, req.out, progress, len(listing))
+            reporter.start(before.finished)
+            loop_started = time.perf_counter()
+            processed = _extract_rows(shard, Embedder(backbone, device, precision), listing.root,
+                                      [listing.paths[p] for p in positions],
+                                      backbone.preprocessing.pil_transform(), summary.batch_size, summary.workers,
+                                      reporter)
+            left = shard.progress()
+            if left.finished != left.total:
+                raise TransferError(f"{target}: {left.total - left.finished} rows still pending after the run")
+            counts = distributed.finish(dist, req.out, reporter, {"already": before.finished, "processed": processed})
+            loop_seconds = time.perf_counter() - loop_started
+            if counts is None:  # not rank 0: rank 0 assembles
+                summary.processed = processed
+                return _finished(summary, "shard written", None, started)
+            summary.resumed_from = sum(c["already"] for c in counts)
+            summary.processed = sum(c["processed"] for c in counts)
+            summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
+            parts = distributed.all_parts(req.out, dist.world_size)
+            with cache.WriterLock(req.out) if sharded else contextlib.nullcontext():
+                info = cache.assemble(parts, req.out, meta)
+                for part in parts:
+                    os.remove(part)
+    return _finished(summary, "written", info, started)
+
+
+def _check_request(req: ExtractRequest) -> None:
+    folder = os.path.dirname(os.path.abspath(req.out))
     if not os.path.isdir(folder):
         raise TransferError(f"output folder {folder} does not exist; create it first")
-    if os.path.isdir(out):
-        raise TransferError(f"--out {out} is a folder; expected a file name such as {os.path.join(out, 'features.h5')}")
+    if os.path.isdir(req.out):
+        raise TransferError(f"--out {req.out} is a folder; expected a file name such as "
+                            f"{os.path.join(req.out, 'features.h5')}")
     check_backbone_name(req.backbone)
     if req.batch_size is not None and req.batch_size < 1:
         raise TransferError(f"--batch-size must be at least 1, got {req.batch_size}")
     if req.workers is not None and req.workers < 0:
         raise TransferError(f"--workers must be 0 or more, got {req.workers}")
-    dist = distributed.init()
-    device = resolve_device(distributed.device_for(dist, req.device))
-    precision = req.precision or default_precision(device)
-    if precision not in PRECISIONS:
-        raise TransferError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    batch_size = req.batch_size or (256 if device.type == "cuda" else 32)
-    workers = req.workers if req.workers is not None else _default_workers(device, dist.local_world_size)
-
-    listing = scan_image_folder(req.image_dir)
-    sharded = dist.world_size > 1
-    target = distributed.shard_path(out, dist) if sharded else cache.partial_path(out)
-    with cache.WriterLock(target if sharded else out):
-        cache.remove_stale_temporaries(out if dist.rank == 0 else target)
-        backbone = load_backbone(req.backbone, req.weights, req.seed)
-        meta = _metadata(req, backbone, listing, precision)
-        if _already_complete(out, meta, req.overwrite):
-            info = cache.read_info(out)
-            return _summary(req, "already complete", info, listing, 0, 0, started, 0.0, device, precision,
-                            batch_size, workers, dist.world_size)
-        positions = distributed.my_positions(len(listing), dist)
-        shard = _open_partial(target, meta, listing, positions, backbone.dim, req.overwrite)
-        before = shard.progress()
-        if on_ready:
-            on_ready({"device": str(device), "precision": precision, "batch_size": batch_size, "workers": workers,
-                      "total": len(listing), "already": before.finished, "rank": dist.rank,
-                      "world_size": dist.world_size, "partial": target})
-        embedder = Embedder(backbone, device, precision)
-        reporter = distributed.progress_reporter(dist, out, progress, len(listing))
-        reporter.start(before.finished)
-        loop_started = time.perf_counter()
-        paths = [listing.paths[p] for p in positions]
-        processed = _extract_rows(shard, embedder, listing.root, paths, backbone.preprocessing.pil_transform(),
-                                  batch_size, workers, reporter)
-        loop_seconds = time.perf_counter() - loop_started
-        left = shard.progress()
-        if left.finished != left.total:
-            raise TransferError(f"{target}: {left.total - left.finished} rows still pending after the run")
-        parts = distributed.finish(dist, out, len(listing), reporter)
-        if parts is None:  # not rank 0: rank 0 assembles
-            return _summary(req, "shard written", None, listing, before.finished, processed, started,
-                            loop_seconds, device, precision, batch_size, workers, dist.world_size)
-        with cache.WriterLock(out) if sharded else _nothing():
-            info = cache.assemble(parts, out, meta)
-            for part in parts:
-                os.remove(part)
-    return _summary(req, "written", info, listing, before.finished, processed, started, loop_seconds, device,
-                    precision, batch_size, workers, dist.world_size)
 
 
-def _nothing():
-    return contextlib.nullcontext()
+def _finished(summary: ExtractSummary, state: str, info: cache.CacheInfo | None, started: float) -> ExtractSummary:
+    summary.state = state
+    summary.seconds = time.perf_counter() - started
+    if info is not None:
+        summary.done, summary.failed, summary.failures = info.n, len(info.failed), info.failed
+        summary.out_bytes = os.path.getsize(info.path)
+    return summary
 
 
 def _default_workers(device: torch.device, local_procs: int) -> int:
@@ -190,6 +202,8 @@ def _already_complete(out: str, meta: dict, overwrite: bool) -> bool:
 def _open_partial(path: str, meta: dict, listing: ImageListing, positions: np.ndarray, dim: int,
                   overwrite: bool) -> cache.PartialCache:
     """Resume `path` when it holds this same extraction; otherwise start it (or refuse)."""
+    if os.path.isdir(path):
+        raise TransferError(f"{path} is a folder where the partial cache file should go; move it away")
     if os.path.exists(path):
         try:
             old = cache.PartialCache.read_meta(path)
@@ -252,26 +266,3 @@ def _commit(shard: cache.PartialCache, batch, host: torch.Tensor, ready, reporte
     n = len(batch.indices) + len(batch.failed)
     reporter.advance(n)
     return n
-
-
-def _summary(req, state, info, listing, resumed_from, processed, started, loop_seconds, device, precision,
-             batch_size, workers, world_size) -> ExtractSummary:
-    return ExtractSummary(
-        out=req.out,
-        state=state,
-        total=len(listing),
-        done=info.n if info else 0,
-        failed=len(info.failed) if info else 0,
-        resumed_from=resumed_from,
-        processed=processed,
-        seconds=time.perf_counter() - started,
-        images_per_second=processed / loop_seconds if loop_seconds > 0 else 0.0,
-        out_bytes=os.path.getsize(req.out) if info else 0,
-        skipped_files=len(listing.skipped),
-        failures=info.failed if info else [],
-        device=str(device),
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
-        world_size=world_size,
-    )
