@@ -450,10 +450,10 @@ def read_features(path: str, rows: np.ndarray | None = None, dtype=np.float32,
             a, b = np.searchsorted(sorted_rows, [lo, lo + COPY_ROWS])
             if a == b:
                 continue
-            block = ds[lo:min(lo + COPY_ROWS, n)]
-            out[order[a:b]] = block[sorted_rows[a:b] - lo]
-        if not np.isfinite(out).all():
-            raise TransferError(f"{path} holds non-finite features (NaN or inf); re-extract it at fp32")
+            block = ds[lo:min(lo + COPY_ROWS, n)][sorted_rows[a:b] - lo]
+            if not np.isfinite(block).all():  # checked per block: no full-size boolean temporary
+                raise TransferError(f"{path} holds non-finite features (NaN or inf); re-extract it at fp32")
+            out[order[a:b]] = block
         return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pipeline import head as head_mod
 from pipeline.cache import read_info
 from pipeline.export import TransferModel
 from pipeline.images import decode_image
-from tests.conftest import (HYMENOPTERA, assert_one_line_error, make_folder, needs_hymenoptera, run_cli,
+from tests.conftest import (HYMENOPTERA, ROOT, assert_one_line_error, make_folder, needs_hymenoptera, run_cli,
                             subset_cache, write_image)
 
 @pytest.mark.parametrize("run_name", ["binary_run", "three_run"])
@@ -168,3 +169,26 @@ def test_real_photos_model_pt_on_raw_val_files(hymenoptera_lite0, tmp_path):
     truth = [Path(r["path"]).parent.name for r in rows]
     accuracy = np.mean([r["label_1"] == t for r, t in zip(rows, truth)])
     assert accuracy >= 0.92, accuracy
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+def test_cpp_example_loads_model_pt_with_libtorch_alone(three_run, tmp_path):
+    """examples/cpp/classify.cpp, built against the libtorch inside the torch wheel, names the same class
+    with the same probability as Python for a one-colour image."""
+    torch_dir = Path(torch.__file__).parent
+    binary = tmp_path / "classify"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", str(ROOT / "examples" / "cpp" / "classify.cpp"),
+                            f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
+                            f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu",
+                            "-lc10", "-o", str(binary)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    ran = subprocess.run([str(binary), str(three_run / "model.pt"), "200", "30", "90"], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    label, probability = ran.stdout.split()
+    image = torch.empty(1, 3, 480, 640, dtype=torch.uint8)
+    for c, v in enumerate((200, 30, 90)):
+        image[:, c] = v
+    with torch.inference_mode():
+        p = torch.jit.load(three_run / "model.pt")(image)[0]
+    assert label == ["a", "b", "c"][int(p.argmax())]
+    assert float(probability) == pytest.approx(float(p.max()), abs=1e-5)
