@@ -23,12 +23,12 @@ def _command_line() -> str:
     return shlex.join(prog + click.get_current_context().find_root().obj["argv"])
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    return f"{n:.1f} GB"
 
 
 class _Bar:
@@ -70,7 +70,9 @@ def cli(debug: bool) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Compute precision [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
 @click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing cache (or unfinished one) made with other settings; "
+                   "one with the same settings is kept (finished) or resumed (unfinished).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
 def extract(image_dir, out, backbone, weights, batch_size, device, precision, workers, overwrite, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
@@ -105,7 +107,7 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
         summary = run_extract(request, progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
-        partial = cache.partial_path(out)
+        partial = _SHARD or cache.partial_path(out)
         done = ""
         if os.path.exists(partial):
             p = cache.PartialCache(partial).progress()
@@ -117,7 +119,7 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
         return
     if summary.state == "already complete":
         click.echo(f"{out} already holds this extraction ({summary.done} images, {summary.failed} failed); "
-                   "nothing to do (--overwrite to redo it)")
+                   "nothing to do (delete it to extract again)")
         return
     resumed = f" (resumed after {summary.resumed_from})" if summary.resumed_from else ""
     click.echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
@@ -233,12 +235,12 @@ def _export_and_report(run_dir: str, model_path: str | None, backbone=None) -> N
     result = export_run(run_dir, model_path, backbone)
     f, e = result.parity["cached_features"], result.parity["end_to_end"]
     click.echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
-               f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), argmax identical")
+               f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")
     if "skipped" in e:
         click.echo(f"parity: end to end not checked: {e['skipped']}")
     else:
         click.echo(f"parity: model.pt on {e['images']} original images vs scikit-learn: max |p diff| "
-                   f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), argmax identical")
+                   f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
     click.echo(f"model: {result.model_path} ({_size(os.path.getsize(result.model_path))})  "
                f"head: {result.head_path}")
 

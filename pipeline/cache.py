@@ -275,9 +275,10 @@ def _os_reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
 
 
-def remove_stale_temporaries(prefix: str) -> None:
-    """Delete temporaries a killed run left behind (call only while holding the writer lock)."""
-    for leftover in glob.glob(glob.escape(prefix) + "*.creating-*") + glob.glob(glob.escape(prefix) + ".assembling-*"):
+def remove_stale_temporaries(path: str, kind: str) -> None:
+    """Delete `path.<kind>-PID` files a killed run left half-written. Call while holding the lock
+    that covers `path`."""
+    for leftover in glob.glob(glob.escape(path) + f".{kind}-*"):
         _remove_quietly(leftover)
 
 
@@ -295,6 +296,7 @@ def assemble(parts: list[str], out: str, meta: dict) -> "CacheInfo":
 
     Nothing named `out` exists until every row has been copied.
     """
+    remove_stale_temporaries(out, "assembling")
     tmp = f"{out}.assembling-{os.getpid()}"
     _check_free_space(parts, out)
     try:
@@ -347,6 +349,15 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
         n_failed = int(sum((st == FAILED).sum() for st in status))
         if n_ok + n_failed != sum(len(st) for st in status):
             raise TransferError("cannot assemble: some rows are still pending")
+        expected = identity(meta)
+        for part, src in zip(parts, sources):
+            if identity(_read_attrs(src)) != expected:
+                raise TransferError(f"cannot assemble: {part} was made with other settings "
+                                    f"({describe_difference(_read_attrs(src), meta)})")
+        positions = np.concatenate([s["positions"][...] for s in sources])
+        if "num_listed" in meta and not np.array_equal(positions, np.arange(int(meta["num_listed"]))):
+            raise TransferError(f"cannot assemble: the shards {', '.join(parts)} do not cover the "
+                                f"{meta['num_listed']} listed images exactly once, in order")
         dim = int(sources[0]["features"].shape[1])
         has_split = "split" in sources[0]
         chunk_rows = max(1, min(n_ok, (1 << 20) // (4 * dim)))  # ~1 MiB chunks
@@ -479,9 +490,14 @@ def read_info(path: str) -> CacheInfo:
 def check_cache(path: str) -> dict:
     """Return a finished cache's attributes; raise a one-line TransferError for anything else."""
     if not os.path.exists(path):
-        if os.path.exists(partial_path(path)):
-            raise TransferError(incomplete_message(path, PartialCache.read_meta(partial_path(path)),
-                                                   PartialCache(partial_path(path)).progress()))
+        parts = [partial_path(path)] if os.path.exists(partial_path(path)) else sorted(
+            glob.glob(glob.escape(path) + ".rank*-of-*.partial"))
+        if parts:
+            meta = PartialCache.read_meta(parts[0])
+            progress = [_partial_progress(p) for p in parts]
+            raise TransferError(incomplete_message(path, meta, Progress(sum(p.total for p in progress),
+                                                                        sum(p.done for p in progress),
+                                                                        sum(p.failed for p in progress))))
         raise TransferError(f"no feature cache at {path}; create one with `transfer extract IMAGE_DIR --out {path}`")
     if os.path.isdir(path):
         raise TransferError(f"{path} is a folder; expected a feature cache file (.h5) written by `transfer extract`")
@@ -499,17 +515,27 @@ def check_cache(path: str) -> dict:
         raise TransferError(f"{path} has cache format version {meta['format_version']}; this transfer reads up to "
                             f"{FORMAT_VERSION}: upgrade transfer")
     if meta.get("state") != "complete":
-        raise TransferError(incomplete_message(path, meta, PartialCache(path).progress()))
+        raise TransferError(incomplete_message(path, meta, _partial_progress(path)))
     missing = {"features", "labels", "paths"} - datasets
     if missing:
         raise TransferError(f"{path} is damaged: missing datasets {', '.join(sorted(missing))}")
     return meta
 
 
+def _partial_progress(path: str) -> Progress:
+    try:
+        return PartialCache(path).progress()
+    except (OSError, KeyError):
+        raise TransferError(f"{path} is not a finished cache and is damaged (no readable progress); "
+                            "extract it again") from None
+
+
 def incomplete_message(path: str, meta: dict, progress: Progress) -> str:
     command = meta.get("command") or "transfer extract IMAGE_DIR --out " + path
+    world = int(meta.get("world_size") or 1)
+    how = f"torchrun again with {world} processes in all, each running: {command}" if world > 1 else command
     return (f"{path} is incomplete: extraction stopped at {progress.finished} of {progress.total} images; "
-            f"resume it with: {command}")
+            f"resume it with: {how}")
 
 
 # --- the writer's lock ---------------------------------------------------------------------------------

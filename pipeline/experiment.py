@@ -19,7 +19,7 @@ import numpy as np
 
 from .cache import read_info
 from .errors import TransferError
-from .fit import CLASS_WEIGHTS, NORMALIZATIONS, FitSettings, fit_head
+from .fit import CLASS_WEIGHTS, NORMALIZATIONS, FitSettings, fit_head, run_splits
 
 GRID_KEYS = ("C", "class_weight", "normalize", "pca")
 
@@ -193,10 +193,10 @@ def run_experiment(req: ExperimentRequest, on_run: Callable[[int], None] | None 
         raise TransferError("no cache given")
     infos = check_caches_match(req.caches)
     runs = plan(req, min(i.dim for i in infos))
-    for r in runs:
+    for r in runs:  # every setting and split is checked before the first fit starts
         r.settings.check(infos[0].dim)
-    for info in infos:
-        info.read_features(np.arange(min(info.n, 1)))  # fail fast on unreadable or non-finite data
+        if r.cache == req.caches[0]:
+            run_splits(infos[0], r.settings)
     rows: dict[int, dict] = {}
     with joblib.Parallel(n_jobs=req.jobs, return_as="generator_unordered") as parallel:
         for row in parallel(joblib.delayed(run_one)(r) for r in runs):

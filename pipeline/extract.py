@@ -76,6 +76,8 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
     _check_request(req)
     with distributed.session() as dist:
         device = resolve_device(distributed.device_for(dist, req.device))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # streams, events and pinned copies all on this GPU
         precision = req.precision or default_precision(device)
         if precision not in PRECISIONS:
             raise TransferError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -89,9 +91,9 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         sharded = dist.world_size > 1
         target = distributed.shard_path(req.out, dist)
         with cache.WriterLock(target if sharded else req.out):
-            cache.remove_stale_temporaries(req.out if dist.rank == 0 else target)
+            cache.remove_stale_temporaries(target, "creating")
             backbone = load_backbone(req.backbone, req.weights, req.seed)
-            meta = _metadata(req, backbone, listing, precision)
+            meta = {**_metadata(req, backbone, listing, precision), "world_size": dist.world_size}
             if _already_complete(req.out, meta, req.overwrite):
                 return _finished(summary, "already complete", cache.read_info(req.out), started)
             positions = distributed.my_positions(len(listing), dist)
@@ -239,18 +241,18 @@ def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, path
         prefetch_factor=4 if workers else None,
     )
     processed = 0
-    in_flight = None  # the previous batch: its features are copied back while this one computes
+    in_flight = None  # GPU only: the previous batch, its features copied back while this one computes
     batches = iter(loader)  # fork the decoding workers before the cache file is opened for writing
     with shard:
         for batch in batches:
             features = embedder(batch.images)
-            if cuda:
-                host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-                host.copy_(features, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-            else:
-                host, ready = features, None
+            if not cuda:
+                processed += _commit(shard, batch, features, None, reporter)
+                continue
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(features.device))
             if in_flight:
                 processed += _commit(shard, *in_flight, reporter)
             in_flight = (batch, host, ready)

@@ -96,8 +96,8 @@ def make_splits(info: CacheInfo, seed: int) -> Splits:
     rows = np.arange(len(labels))
     if info.splits is None:
         _need_per_class(labels, info.classes, 3, "a stratified train/val/test split")
-        rest, test = train_test_split(rows, test_size=0.2, stratify=labels, random_state=seed)
-        train, val = train_test_split(rest, test_size=0.2, stratify=labels[rest], random_state=seed)
+        rest, test = _stratified(rows, labels, seed, "a stratified train/val/test split")
+        train, val = _stratified(rest, labels, seed, "a stratified train/val/test split")
         source = f"no split folders: stratified 64/16/20 train/val/test split of {len(rows)} images (seed {seed})"
         return Splits(np.sort(train), np.sort(val), np.sort(test), source)
     names = set(np.unique(info.splits))
@@ -113,7 +113,7 @@ def make_splits(info: CacheInfo, seed: int) -> Splits:
         source = "the cache's own " + "/".join(s for s in ("train", "val", "test") if s in names) + " split"
     else:
         _need_per_class(labels[train], info.classes, 2, "carving a validation split out of train")
-        train, val = train_test_split(train, test_size=0.2, stratify=labels[train], random_state=seed)
+        train, val = _stratified(train, labels, seed, "carving a validation split out of train")
         train, val = np.sort(train), np.sort(val)
         source = f"the cache's train{'/test' if len(test) else ''} split; validation: stratified 20% of train (seed {seed})"
     _check_classes(labels, info.classes, train, "the train split")
@@ -122,6 +122,29 @@ def make_splits(info: CacheInfo, seed: int) -> Splits:
         raise TransferError(f"class {info.classes[missing[0]]!r} has no validation images; "
                             "C cannot be chosen fairly without them")
     return Splits(train, val, test, source)
+
+
+def _stratified(rows: np.ndarray, labels: np.ndarray, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """80/20 stratified split of rows; every class must fit in both parts."""
+    try:
+        return train_test_split(rows, test_size=0.2, stratify=labels[rows], random_state=seed)
+    except ValueError:
+        n_classes = len(np.unique(labels[rows]))
+        raise TransferError(f"too few images for {what}: {len(rows)} images in {n_classes} classes, but 20% of "
+                            f"them must still hold every class (at least {5 * n_classes} images)") from None
+
+
+def run_splits(info: CacheInfo, settings: FitSettings) -> Splits:
+    """The rows one run uses: the splits, then (for a learning-curve point) the same stratified
+    fraction of train and of val; test stays whole."""
+    splits = make_splits(info, settings.seed)
+    seed = settings.seed + settings.repeat
+    splits.train = subsample(splits.train, info.labels, settings.train_fraction, seed)
+    splits.val = subsample(splits.val, info.labels, settings.train_fraction, seed)
+    if settings.pca is not None and settings.pca > len(splits.train):
+        raise TransferError(f"PCA dimension {settings.pca} needs at least that many training images; "
+                            f"train fraction {settings.train_fraction:g} leaves {len(splits.train)}")
+    return splits
 
 
 def _check_classes(labels: np.ndarray, classes: list[str], rows: np.ndarray, where: str) -> None:
@@ -200,19 +223,22 @@ def _fit_lr(settings: FitSettings, C: float, X: np.ndarray, y: np.ndarray) -> tu
 
 
 def sweep_C(settings: FitSettings, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray,
-            n_classes: int) -> tuple[float, list[dict]]:
+            n_classes: int) -> tuple[float, list[dict], np.ndarray]:
     """Coarse decades, then halve the step around the best. Ranked by val top-1, ties broken by
-    lower val log-loss (accuracy alone ties often on small validation sets)."""
+    lower val log-loss (accuracy alone ties often on small validation sets).
+
+    Returns the chosen C, one row per C tried, and the chosen model's val probabilities (n_val, K)."""
     tried: dict[float, dict] = {}
+    probas: dict[float, np.ndarray] = {}
 
     def evaluate(C: float) -> None:
         C = float(C)
         if C in tried:
             return
         model, conv = _fit_lr(settings, C, Xtr, ytr)
-        proba = model.predict_proba(Xval)
-        tried[C] = {"C": C, "val_top1": float((proba.argmax(1) == yval).mean()),
-                    "val_log_loss": float(log_loss(yval, proba, labels=np.arange(n_classes))), **conv}
+        probas[C] = model.predict_proba(Xval)
+        tried[C] = {"C": C, "val_top1": float((probas[C].argmax(1) == yval).mean()),
+                    "val_log_loss": float(log_loss(yval, probas[C], labels=np.arange(n_classes))), **conv}
 
     def best() -> float:
         return max(tried.values(), key=lambda r: (r["val_top1"], -r["val_log_loss"], -r["C"]))["C"]
@@ -226,7 +252,8 @@ def sweep_C(settings: FitSettings, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.nd
         for C in (centre * 10 ** -step, centre * 10 ** step):
             if COARSE_C[0] <= C <= COARSE_C[-1]:  # stay inside the published range
                 evaluate(C)
-    return best(), sorted(tried.values(), key=lambda r: r["C"])
+    chosen = best()
+    return chosen, sorted(tried.values(), key=lambda r: r["C"]), probas[chosen]
 
 
 def scores(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
@@ -238,7 +265,7 @@ def scores(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
         "n": int(len(y)),
         "top1": float((predicted == y).mean()),
         "top5": float(top_k_accuracy_score(y, proba, k=5, labels=labels)) if len(classes) >= 5 else None,
-        "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+        "balanced_accuracy": _balanced_accuracy(y, predicted),
         "log_loss": float(log_loss(y, proba, labels=labels)),
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
@@ -247,15 +274,20 @@ def scores(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
     return out
 
 
+def _balanced_accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean recall over the classes present in y (scikit-learn warns when a prediction is a class
+    y does not hold; that is expected on small splits, and the metric is still defined)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, predicted))
+
+
 def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = None) -> FitResult:
     """The whole protocol on one cache; reads the features once per phase, straight into float64."""
     timings, started = {}, time.perf_counter()
     info = info or read_info(cache_path)
     settings.check(info.dim)
-    splits = make_splits(info, settings.seed)
-    # A learning curve point: the same fraction of the labelled train and val images (test stays whole).
-    splits.train = subsample(splits.train, info.labels, settings.train_fraction, settings.seed + settings.repeat)
-    splits.val = subsample(splits.val, info.labels, settings.train_fraction, settings.seed + settings.repeat)
+    splits = run_splits(info, settings)
     classes, y_all = info.classes, info.labels
     order = np.concatenate([splits.train, splits.val, splits.test])
     n_tr, n_val = len(splits.train), len(splits.val)
@@ -271,22 +303,19 @@ def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = No
     t = time.perf_counter()
     steps = _preprocessing(settings, X[:n_tr + n_val], n_tr)
     Z = _project(steps, X[:n_tr + n_val])
-    validation = None
     if settings.C is None:
-        C, sweep = sweep_C(settings, Z[:n_tr], y_tr, Z[n_tr:], y_val, len(classes))
-        chosen = next(r for r in sweep if r["C"] == C)
-        validation = {"top1": chosen["val_top1"], "log_loss": chosen["val_log_loss"]}
+        C, sweep, val_proba = sweep_C(settings, Z[:n_tr], y_tr, Z[n_tr:], y_val, len(classes))
     else:
         C, sweep = settings.C, []
+        val_proba = _fit_lr(settings, C, Z[:n_tr], y_tr)[0].predict_proba(Z[n_tr:])
     timings["sweep_s"] = time.perf_counter() - t
+    # The train-only model at the chosen C on val: what settings are compared on (experiments), and
+    # the honest figure left when there is no test split.
+    val_scores = scores(val_proba, y_val, classes)
+    validation = {"top1": val_scores["top1"], "log_loss": val_scores["log_loss"]}
     notes = [f"splits: {splits.source}"]
     evaluated_on = "test" if len(splits.test) else "val"
-    if evaluated_on == "val" or validation is None:
-        model, _ = _fit_lr(settings, C, Z[:n_tr], y_tr)
-        val_scores = scores(model.predict_proba(Z[n_tr:]), y_val, classes)
-        validation = validation or {"top1": val_scores["top1"], "log_loss": val_scores["log_loss"]}
     if evaluated_on == "val":
-        # No test split: the honest figure left is validation, from a model fitted on train only.
         notes.append("no test split: scores are on the validation split that also chose C "
                      "(optimistic); the saved model is refit on train+val")
     del Z

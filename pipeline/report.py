@@ -6,6 +6,7 @@ like a run is always a whole run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -37,15 +38,28 @@ def provenance(info: CacheInfo) -> dict:
     return {"cache": os.path.abspath(info.path), **{k: info.meta.get(k) for k in PROVENANCE_KEYS}}
 
 
-def write_fit_run(result: FitResult, info: CacheInfo, run_dir: str, command: str) -> str:
-    """Write the whole run folder; returns its path. Refuses to write into a non-empty folder."""
-    if os.path.exists(run_dir) and (not os.path.isdir(run_dir) or os.listdir(run_dir)):
-        raise TransferError(f"{run_dir} already exists and is not empty; choose another --out")
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{run_dir.rstrip(os.sep)}.writing-{os.getpid()}"
+@contextlib.contextmanager
+def _new_folder(out_dir: str):
+    """Yields a temporary folder that becomes `out_dir` only if the block completes: a folder named
+    like a run is always a whole run. Refuses to replace a non-empty folder."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise TransferError(f"{out_dir} already exists and is not empty; choose another --out")
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    tmp = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
     os.makedirs(tmp)
     try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_fit_run(result: FitResult, info: CacheInfo, run_dir: str, command: str) -> str:
+    """Write the whole run folder; returns its path."""
+    with _new_folder(run_dir) as tmp:
         joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
         meta = {"provenance": provenance(info), "C": result.C, "settings": vars(result.settings), "command": command}
         head, raw = head_mod.fold([s for _, s in result.pipeline.steps], result.classes, meta)
@@ -58,12 +72,6 @@ def write_fit_run(result: FitResult, info: CacheInfo, run_dir: str, command: str
             plot_sweep(result, os.path.join(tmp, "c_sweep.png"))
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(report_markdown(metrics, bool(result.sweep)))
-        if os.path.isdir(run_dir):
-            os.rmdir(run_dir)  # empty, checked above
-        os.replace(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run_dir
 
 
@@ -190,12 +198,7 @@ def write_experiment(rows: list[dict], out_dir: str, command: str, backbones: di
 
     from .experiment import best_per_cache, learning_curve
 
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise TransferError(f"{out_dir} already exists and is not empty; choose another --out")
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    tmp = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
-    os.makedirs(tmp)
-    try:
+    with _new_folder(out_dir) as tmp:
         with open(os.path.join(tmp, "results.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -207,12 +210,6 @@ def write_experiment(rows: list[dict], out_dir: str, command: str, backbones: di
         plot_learning_curve(curve, os.path.join(tmp, "learning_curve.png"))
         with open(os.path.join(tmp, "summary.md"), "w") as f:
             f.write(experiment_markdown(rows, best, curve, command, backbones))
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -292,7 +289,8 @@ def experiment_markdown(rows, best, curve, command, backbones) -> str:
         f"{len(rows)} runs on {len(best)} cache(s), cached features only. Command: `{command}`",
         "",
         "Settings are ranked on validation top-1 (ties: lower validation log-loss) at the largest train "
-        f"fraction, never on test; the scores shown are on {where}.",
+        f"fraction, never on test; the scores shown are on {where}. A C=auto row's validation score is the "
+        "best of its own sweep over the same split, so it is slightly optimistic next to fixed-C rows.",
         "",
         "## Best setting per cache",
         "",

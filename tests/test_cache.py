@@ -153,6 +153,33 @@ def test_an_incomplete_cache_names_the_command_that_resumes_it(tmp_path):
         assert "resume it with: transfer extract imgs --out x.h5" in str(info.value)
 
 
+def test_an_unfinished_torchrun_job_is_reported_with_its_shards(tmp_path):
+    meta = {**META, "world_size": 2, "command": "python cli.py extract imgs --out x.h5"}
+    for rank, rows in ((0, [0, 1, 2]), (1, [3, 4])):
+        part = PartialCache.create(str(tmp_path / f"x.h5.rank{rank:04d}-of-0002.partial"), meta,
+                                   np.array(rows), [PATHS[i] for i in rows], LABELS[rows], None, 4)
+        with part:
+            part.commit(np.array([0]), rows_features([0]), [])
+    with pytest.raises(TransferError) as info:
+        cache.check_cache(str(tmp_path / "x.h5"))
+    assert "stopped at 2 of 5 images" in str(info.value)
+    assert "torchrun again with 2 processes" in str(info.value)
+
+
+def test_shards_of_another_extraction_are_not_assembled(tmp_path):
+    a = PartialCache.create(str(tmp_path / "a.partial"), META, np.arange(0, 2), PATHS[:2], LABELS[:2], None, 4)
+    b = PartialCache.create(str(tmp_path / "b.partial"), {**META, "seed": 9}, np.arange(2, 5), PATHS[2:], LABELS[2:],
+                            None, 4)
+    for part, n in ((a, 2), (b, 3)):
+        with part:
+            part.commit(np.arange(n), rows_features(range(n)), [])
+    with pytest.raises(TransferError, match="other settings .*seed 9 vs 0"):
+        cache.assemble([a.path, b.path], str(tmp_path / "x.h5"), META)
+    with pytest.raises(TransferError, match="do not cover the 6 listed images"):
+        cache.assemble([a.path], str(tmp_path / "x.h5"), {**META, "num_listed": 6})
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_newer_format_versions_are_refused(tmp_path):
     part = make_partial(tmp_path)
     with part:

@@ -146,6 +146,7 @@ def test_caches_that_do_not_match_are_refused(caches, tmp_path):
     (("--train-fraction", "half"), "is not a number"),
     (("--grid", "pca=4,17"), "PCA dimension 17 is larger than the feature dimension 16"),
     (("--repeats", "0"), "--repeats must be at least 1"),
+    (("--grid", "pca=12", "--train-fraction", "0.2,1"), "PCA dimension 12 needs at least that many training images"),
 ])
 def test_bad_input_gets_one_clear_line(caches, tmp_path, args, fragment):
     a, _, _ = caches

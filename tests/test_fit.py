@@ -167,12 +167,13 @@ def bad_caches(tmp_path):
     nan_X[3, 1] = np.nan
     nan = make_cache(tmp_path / "nan.h5", nan_X, y, classes)
     ok = make_cache(tmp_path / "ok.h5", X, y, classes)
+    tiny = make_cache(tmp_path / "tiny.h5", X[[0, 1, 2, 10, 11, 12]], np.array([0, 0, 0, 1, 1, 1]), classes)
     part = cache.PartialCache.create(str(tmp_path / "half.h5.partial"), {"command": "transfer extract imgs --out half.h5"},
                                      np.arange(4), ["a/0", "a/1", "b/2", "b/3"], np.array([0, 0, 1, 1]), None, 4)
     with part:
         part.commit(np.array([0]), np.ones((1, 4), np.float32), [])
     png = write_image(tmp_path / "photo.png", 0)
-    return {"one": one, "few": few, "nan": nan, "ok": ok, "half": tmp_path / "half.h5", "png": png,
+    return {"one": one, "few": few, "nan": nan, "ok": ok, "tiny": tiny, "half": tmp_path / "half.h5", "png": png,
             "missing": tmp_path / "missing.h5"}
 
 
@@ -182,6 +183,7 @@ def bad_caches(tmp_path):
     ("half", (), ("is incomplete", "1 of 4", "resume it with: transfer extract imgs --out half.h5")),
     ("one", (), ("only one class",)),
     ("few", (), ("class 'c1' has 2 images", "at least 3 per class")),
+    ("tiny", (), ("too few images for a stratified train/val/test split", "at least 10 images")),
     ("nan", (), ("non-finite",)),
     ("ok", ("--class-weight", "heavy"), ("unknown class weight 'heavy'",)),
     ("ok", ("--C", "-1"), ("C must be a positive number",)),
@@ -211,7 +213,7 @@ def test_real_photos_reach_the_published_accuracy(hymenoptera_lite0, tmp_path):
     assert result.scores["top1"] >= 0.92, result.scores["top1"]
 
 
-def test_fit_reads_features_as_float64_once_without_a_float32_copy(three_class, monkeypatch):
+def test_fit_reads_features_straight_into_float64(three_class, monkeypatch):
     seen = []
     real = cache.read_features
 

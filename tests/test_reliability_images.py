@@ -106,6 +106,19 @@ def test_decompression_bomb_is_refused_without_allocating_it(tmp_path):
     assert process.memory_info().rss - before < 50 * 2**20
 
 
+def test_our_own_pixel_limit_refuses_before_decoding(tmp_path, monkeypatch):
+    """Pillow refuses 50000 x 50000 itself; our limit is checked on the declared size, before load()."""
+    from pipeline import images
+
+    path = write_image(tmp_path / "big.png", 1, size=(60, 50))
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    loads = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1))
+    with pytest.raises(DecodeError, match="declares 60x50 pixels, over the 1,000 pixel limit"):
+        decode_image(str(path))
+    assert loads == []
+
+
 def test_extraction_records_every_broken_file_and_keeps_going(tmp_path):
     images = tmp_path / "images"
     write_image(images / "good" / "a.png", 1)

@@ -87,9 +87,12 @@ def test_sigkill_at_many_moments_then_rerun_equals_an_uninterrupted_run(images, 
     out = tmp_path / "c.h5"
     partial = Path(cache.partial_path(str(out)))
     finished_before = -1
-    # Kill after N committed rows (mid-run, at several depths), and at fixed delays that land in
-    # start-up, partial creation and the final assembly.
-    moments = [("rows", 1), ("rows", 9), ("delay", 0.3), ("rows", 21), ("delay", 2.5), ("rows", 37), ("rows", 49)]
+    # Kill the moment the partial file is being created, after N committed rows (several depths),
+    # after fixed delays (start-up), and the moment the final copy is being assembled. The two
+    # file-triggered moments are best effort: those windows are milliseconds long, and a kill that
+    # misses one lands a little later, which is a valid moment too.
+    moments = [("file", ".partial.creating-"), ("rows", 1), ("rows", 9), ("delay", 0.3), ("rows", 21),
+               ("delay", 2.5), ("rows", 37), ("file", ".assembling-")]
     for kind, value in moments:
         proc = start(images, out)
         deadline = time.monotonic() + 120
@@ -97,8 +100,13 @@ def test_sigkill_at_many_moments_then_rerun_equals_an_uninterrupted_run(images, 
             if kind == "delay":
                 time.sleep(value)
                 break
+            if kind == "file":
+                if any(value in name for name in os.listdir(tmp_path)):
+                    break
+                time.sleep(0.001)
+                continue
             status = committed(partial)
-            if status is not None and (status != cache.PENDING).sum() >= min(value, N_IMAGES + 1):
+            if status is not None and (status != cache.PENDING).sum() >= value:
                 break
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)

@@ -53,7 +53,7 @@ def test_batches_resize_each_image_alike():
     assert torch.equal(both[1], pil_resize(x[1], 20, 28, False))
 
 
-def test_random_shapes_in_both_pass_orders(scripted):
+def test_random_shapes_equal_the_installed_pillow(scripted):
     rng = np.random.default_rng(5)
     for _ in range(40):
         h, w, out_h, out_w = (int(v) for v in rng.integers(2, 300, size=4))
@@ -61,6 +61,20 @@ def test_random_shapes_in_both_pass_orders(scripted):
         expected = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.BICUBIC))
         assert np.array_equal(scripted(torch.from_numpy(pixels), out_h, out_w, True, RULE).numpy(), expected), \
             (h, w, out_h, out_w)
+
+
+def test_both_pass_orders_are_separable_resizes_in_the_stated_order():
+    """Whichever order Pillow uses, each branch must be the two one-dimensional passes in that order."""
+    from pipeline.resize import _resample_last, _vertical
+
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(90, 40), dtype=np.uint8))
+    horizontal_first = _vertical(_resample_last(x, 30, False), 20, False).to(torch.uint8)
+    vertical_first = _resample_last(_vertical(x, 20, False), 30, False).to(torch.uint8)
+    assert not torch.equal(horizontal_first, vertical_first)  # the order matters for these sizes
+    assert torch.equal(pil_resize(x, 20, 30, False, vertical_first_rule=False), horizontal_first)
+    assert torch.equal(pil_resize(x, 20, 30, False, vertical_first_rule=True), vertical_first)  # 70 > 2 x 10
+    assert torch.equal(pil_resize(x, 80, 30, False, vertical_first_rule=True),  # 10 > 2 x 10 is false
+                       _vertical(_resample_last(x, 30, False), 80, False).to(torch.uint8))
 
 
 def test_the_pass_order_is_detected_from_pillow():
