@@ -150,7 +150,8 @@ def subset_cache(src: Path, dst: Path, rows: np.ndarray, keep_split: bool = Fals
     paths = [os.fsdecode(p) for p in raw]
     splits = [str(s) for s in info.splits[rows]] if keep_split and info.splits is not None else None
     labels = info.labels[rows]
-    meta = {**info.meta, "listing_sha256": cache.listing_digest(info.classes, paths, labels, splits)}
+    meta = {**info.meta, "listing_sha256": cache.listing_digest(info.classes, paths, labels, splits),
+            "num_listed": len(rows)}
     for key in ("state", "num_images", "num_failed", "assembled", "format", "format_version"):
         meta.pop(key, None)
     part = cache.PartialCache.create(str(dst) + ".partial", meta, np.arange(len(rows)), paths, labels, splits,
