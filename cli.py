@@ -335,16 +335,8 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
                                 jobs=jobs or min(4, os.cpu_count() or 1), max_iter=max_iter)
     out_dir = out_dir or default_out()
     bar = _Bar("experiment", unit="run")
-    started = [False]
-
-    def advance(n: int) -> None:
-        if not started[0]:
-            bar.start(_count_runs(request), 0)
-            started[0] = True
-        bar.advance(n)
-
     try:
-        rows = run_experiment(request, advance)
+        rows = run_experiment(request, bar)
     finally:
         bar.close()
     from pipeline.cache import read_info
@@ -358,12 +350,6 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
                    f"class weight {r['class_weight']})")
         click.echo(f"    reproduce: {r['command']}")
     click.echo(f"written: {out_dir}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
-
-
-def _count_runs(request) -> int:
-    from pipeline.experiment import plan
-
-    return len(plan(request, 1 << 30))
 
 
 class _Exit(Exception):

@@ -11,8 +11,6 @@ import os
 import shlex
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 import h5py
 import joblib
 import numpy as np
@@ -187,8 +185,10 @@ def run_one(run: Run) -> dict:
     }
 
 
-def run_experiment(req: ExperimentRequest, on_run: Callable[[int], None] | None = None) -> list[dict]:
-    """All runs, in plan order. The backbone is never built: only cached features are read."""
+def run_experiment(req: ExperimentRequest, progress=None) -> list[dict]:
+    """All runs, in plan order. The backbone is never built: only cached features are read.
+
+    progress: an object with start(total, already) and advance(n), like extract's ProgressSink."""
     if not req.caches:
         raise TransferError("no cache given")
     infos = check_caches_match(req.caches)
@@ -198,11 +198,13 @@ def run_experiment(req: ExperimentRequest, on_run: Callable[[int], None] | None 
         if r.cache == req.caches[0]:
             run_splits(infos[0], r.settings)
     rows: dict[int, dict] = {}
+    if progress:
+        progress.start(len(runs), 0)
     with joblib.Parallel(n_jobs=req.jobs, return_as="generator_unordered") as parallel:
         for row in parallel(joblib.delayed(run_one)(r) for r in runs):
             rows[row["run"]] = row
-            if on_run:
-                on_run(1)
+            if progress:
+                progress.advance(1)
     return [rows[i] for i in range(len(runs))]
 
 
