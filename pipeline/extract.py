@@ -43,7 +43,7 @@ class ExtractRequest:
 @dataclass
 class ExtractSummary:
     out: str
-    state: str  # "written" | "already complete"
+    state: str  # "written" | "already complete" | "shard written" (a non-zero torchrun rank)
     total: int  # images listed
     done: int  # images in the cache
     failed: int
@@ -157,8 +157,8 @@ def _default_workers(device: torch.device, local_procs: int) -> int:
     if device.type == "cuda":
         return max(1, min(8, cores // max(1, local_procs) - 1))
     # On the CPU the network already keeps every core busy: a decoding process only competes with
-    # it. Measured on 2 cores (benchmarks/extract_throughput.py, VGG16): 0 workers b/a 0.998,
-    # 1 worker 0.948, 2 workers 0.928. Larger machines get a little help with decoding.
+    # it. Measured on 2 cores (benchmarks/extract_throughput.py --limit 96, VGG16): 0 workers
+    # b/a 0.998, 1 worker 0.948, 2 workers 0.928. Larger machines get a little help with decoding.
     return 0 if cores <= 4 else 2
 
 
@@ -212,7 +212,7 @@ def _open_partial(path: str, meta: dict, listing: ImageListing, positions: np.nd
             same = cache.identity(old) == cache.identity(meta) and np.array_equal(
                 cache.PartialCache(path).positions(), positions)
         except (OSError, KeyError):
-            same, old = False, None  # unreadable: only a crash before the rename can leave this
+            same, old = False, None  # damaged by something else (writes never leave it unreadable)
         if same:
             return cache.PartialCache(path)
         if not overwrite and old is not None:
