@@ -229,10 +229,10 @@ def export_cmd(run_dir, model_path):
     _export_and_report(run_dir, model_path)
 
 
-def _export_and_report(run_dir: str, model_path: str | None, backbone=None) -> None:
+def _export_and_report(run_dir: str, model_path: str | None) -> None:
     from pipeline.export import export_run
 
-    result = export_run(run_dir, model_path, backbone)
+    result = export_run(run_dir, model_path)
     f, e = result.parity["cached_features"], result.parity["end_to_end"]
     click.echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
                f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")

@@ -440,10 +440,6 @@ class CacheInfo:
         straight into one array: no full-size temporary in float32."""
         return read_features(self.path, rows, dtype, out)
 
-    def path_bytes(self) -> list[bytes]:
-        with h5py.File(self.path, "r") as f:
-            return list(f["path_bytes"][...])
-
 
 def read_features(path: str, rows: np.ndarray | None = None, dtype=np.float32,
                   out: np.ndarray | None = None) -> np.ndarray:

@@ -21,7 +21,7 @@ from . import head as head_mod
 from .backbones import Backbone, Preprocessing, load_backbone
 from .cache import read_features
 from .errors import TransferError
-from .images import DecodeError, decode_image
+from .images import DecodeError, decode_image, image_tensor
 from .resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize
 
 MODEL_FORMAT = "transfer.model"
@@ -138,7 +138,7 @@ def rebuild_backbone(provenance: dict) -> Backbone:
     return backbone
 
 
-def export_run(run_dir: str, model_path: str | None = None, backbone: Backbone | None = None) -> ExportResult:
+def export_run(run_dir: str, model_path: str | None = None) -> ExportResult:
     """Write head.pt and model.pt for a fit run, after checking both against scikit-learn."""
     started = time.perf_counter()
     head = head_mod.load(run_dir)
@@ -151,7 +151,7 @@ def export_run(run_dir: str, model_path: str | None = None, backbone: Backbone |
         raise TransferError(f"output folder {folder} does not exist")
 
     parity = {"cached_features": _feature_parity(head, reference, cache_path)}
-    backbone = backbone or rebuild_backbone(provenance)
+    backbone = rebuild_backbone(provenance)
     # The preprocessing recorded at extraction, not today's: Pillow's resize order may have changed since.
     prep = Preprocessing.from_dict(provenance["preprocessing"])
     model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
@@ -236,7 +236,7 @@ def _end_to_end_parity(model, reference, cache_path: str, provenance: dict) -> d
             image = decode_image(os.fsdecode(os.path.join(image_dir, name)))
         except DecodeError:
             continue  # moved or deleted since extraction
-        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+        tensor = image_tensor(image).unsqueeze(0)
         with torch.inference_mode():
             got = model(tensor).double().numpy()[0]
         worst = max(worst, float(np.abs(got - expected[i]).max()))

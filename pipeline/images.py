@@ -206,6 +206,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) uint8 tensor: what model.pt takes."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 @dataclass
 class ImageBatch:
     """indices: (B,) int64 listing positions of the decoded images; images: (B, 3, S, S) uint8;

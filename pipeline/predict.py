@@ -15,7 +15,7 @@ import torch
 
 from .errors import TransferError
 from .export import MODEL_FORMAT
-from .images import DecodeError, decode_image, is_image_name
+from .images import DecodeError, decode_image, image_tensor, is_image_name
 
 
 @dataclass
@@ -96,7 +96,7 @@ def predict(model, classes: list[str], paths: list[str], top_k: int, batch_size:
             if on_progress:
                 on_progress(1)
             continue
-        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)
+        tensor = image_tensor(image).to(device)
         with torch.inference_mode():
             waiting.append((i, model.preprocess(tensor)))
         if len(waiting) == batch_size:
