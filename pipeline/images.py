@@ -54,8 +54,9 @@ def _visible_subdirs(folder: str) -> list[str]:
     return sorted(names, key=_sort_key)
 
 
-def _walk_files(folder: str) -> list[str]:
-    """All non-hidden files under folder (symlinks included, even dangling), relative, sorted."""
+def walk_files(folder: str) -> list[str]:
+    """All non-hidden files under folder (symlinks included, even dangling), relative, sorted by
+    the bytes of their names: the one walker, for extraction and prediction alike."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_sort_key)
@@ -107,7 +108,7 @@ def scan_image_folder(root: str | os.PathLike) -> ImageListing:
         prefix = "" if split is None else split
         skipped += [os.path.join(prefix, f) for f in _loose_files(base)]
         for cls in per_tree[split]:
-            files = _walk_files(os.path.join(base, cls))
+            files = walk_files(os.path.join(base, cls))
             images = [f for f in files if is_image_name(f)]
             skipped += [os.path.join(prefix, cls, f) for f in files if not is_image_name(f)]
             if not images:

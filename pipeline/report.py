@@ -20,12 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import head as head_mod  # noqa: E402
-from .cache import CacheInfo  # noqa: E402
-from .errors import TransferError  # noqa: E402
+from .errors import InputFileError  # noqa: E402
+from .files import display_path  # noqa: E402
 from .fit import FitResult  # noqa: E402
-
-PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer", "dim", "preprocessing",
-                   "precision", "torch_version", "torchvision_version", "created", "image_dir", "listing_sha256")
 
 
 def default_run_dir(cache_path: str, root: str = "reports") -> str:
@@ -34,16 +31,17 @@ def default_run_dir(cache_path: str, root: str = "reports") -> str:
     return os.path.join(root, f"{stem}-{stamp}")
 
 
-def provenance(info: CacheInfo) -> dict:
-    return {"cache": os.path.abspath(info.path), **{k: info.meta.get(k) for k in PROVENANCE_KEYS}}
+def check_new_folder(out_dir: str) -> None:
+    """Refuse, before any work, a destination that exists and is not an empty folder."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise InputFileError(f"{out_dir} already exists and is not empty; choose another --out")
 
 
 @contextlib.contextmanager
 def _new_folder(out_dir: str):
     """Yields a temporary folder that becomes `out_dir` only if the block completes: a folder named
     like a run is always a whole run. Refuses to replace a non-empty folder."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise TransferError(f"{out_dir} already exists and is not empty; choose another --out")
+    check_new_folder(out_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     tmp = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
     os.makedirs(tmp)
@@ -57,27 +55,27 @@ def _new_folder(out_dir: str):
         raise
 
 
-def write_fit_run(result: FitResult, info: CacheInfo, run_dir: str, command: str) -> str:
-    """Write the whole run folder; returns its path."""
+def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
+    """Write the whole run folder (sets result.run_dir); returns its path."""
     with _new_folder(run_dir) as tmp:
         joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
-        meta = {"provenance": provenance(info), "C": result.C, "settings": vars(result.settings), "command": command}
-        head, raw = head_mod.fold([s for _, s in result.pipeline.steps], result.classes, meta)
-        head_mod.save(head, raw, tmp)
-        metrics = metrics_doc(result, info, command)
+        result.head.meta["command"] = command
+        head_mod.save(result.head, tmp)
+        metrics = metrics_doc(result, command)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         plot_confusion(result, os.path.join(tmp, "confusion_matrix.png"))
         if result.sweep:
             plot_sweep(result, os.path.join(tmp, "c_sweep.png"))
         with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(report_markdown(metrics, bool(result.sweep)))
+            f.write(display_path(report_markdown(metrics, bool(result.sweep))))
+    result.run_dir = run_dir
     return run_dir
 
 
-def metrics_doc(result: FitResult, info: CacheInfo, command: str) -> dict:
+def metrics_doc(result: FitResult, command: str) -> dict:
     return {
-        "cache": os.path.abspath(info.path),
+        "cache": result.head.meta["provenance"]["cache"],
         "command": command,
         "classes": result.classes,
         "evaluated_on": result.evaluated_on,
@@ -95,7 +93,7 @@ def metrics_doc(result: FitResult, info: CacheInfo, command: str) -> dict:
         "settings": vars(result.settings),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "notes": result.notes,
-        "provenance": provenance(info),
+        "provenance": result.head.meta["provenance"],
     }
 
 
@@ -106,9 +104,10 @@ def plot_confusion(result: FitResult, path: str) -> None:
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # colour = share of the true class
     ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
-    long_names = max(len(c) for c in result.classes) > 3
-    ax.set_xticks(range(k), result.classes, rotation=45 if long_names else 0, ha="right" if long_names else "center")
-    ax.set_yticks(range(k), result.classes)
+    names = [display_path(c) for c in result.classes]
+    long_names = max(len(c) for c in names) > 3
+    ax.set_xticks(range(k), names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_yticks(range(k), names)
     if k <= 30:
         for i in range(k):
             for j in range(k):
@@ -153,7 +152,7 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
     where = "test split" if m["evaluated_on"] == "test" else "validation split (it also chose C: optimistic)"
     top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
     lines = [
-        f"# Fit report: {os.path.basename(m['cache'])}",
+        f"# Fit report: {os.path.basename(m['cache'] or 'arrays in memory')}",
         "",
         f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
         f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
@@ -209,12 +208,12 @@ def write_experiment(rows: list[dict], out_dir: str, command: str, backbones: di
         plot_accuracy_vs_C(rows, os.path.join(tmp, "accuracy_vs_C.png"))
         plot_learning_curve(curve, os.path.join(tmp, "learning_curve.png"))
         with open(os.path.join(tmp, "summary.md"), "w") as f:
-            f.write(experiment_markdown(rows, best, curve, command, backbones))
+            f.write(display_path(experiment_markdown(rows, best, curve, command, backbones)))
     return out_dir
 
 
 def _setting_label(row: dict, with_cache: bool) -> str:
-    parts = [os.path.basename(row["cache"])] if with_cache else []
+    parts = [display_path(os.path.basename(row["cache"]))] if with_cache else []
     parts.append(f"{row['normalize']}")
     if row["pca"] != "none":
         parts.append(f"pca {row['pca']}")

@@ -137,15 +137,18 @@ def test_caches_that_do_not_match_are_refused(caches, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (("--grid", "lr=0.1"), "unknown grid key 'lr'"),
     (("--grid", "C=0.1,abc"), "grid value 'abc' for C is neither a number nor 'auto'"),
-    (("--grid", "C=-1"), "must be a positive number"),
-    (("--grid", "pca=12.5"), "for pca is neither a positive whole number"),
-    (("--grid", "normalize=minmax"), "not one of standard, l2, none"),
+    (("--grid", "C=-1"), "C (--grid C=...) must be auto (None) or a number > 0; got -1.0"),
+    (("--grid", "pca=12.5"), "for pca is neither a whole number nor 'none'"),
+    (("--grid", "pca=0"), "pca (--grid pca=...) must be none (None) or a whole number >= 1; got 0"),
+    (("--grid", "normalize=minmax"), "must be one of standard, l2, none; got 'minmax'"),
     (("--grid", "C"), "--grid expects KEY=V1,V2"),
-    (("--train-fraction", "0,0.5"), "outside (0, 1]"),
-    (("--train-fraction", "1.5"), "outside (0, 1]"),
+    (("--train-fraction", "0,0.5"), "(--train-fraction) must be a number in (0, 1]; got 0.0"),
+    (("--train-fraction", "1.5"), "(--train-fraction) must be a number in (0, 1]; got 1.5"),
     (("--train-fraction", "half"), "is not a number"),
     (("--grid", "pca=4,17"), "PCA dimension 17 is larger than the feature dimension 16"),
-    (("--repeats", "0"), "--repeats must be at least 1"),
+    (("--repeats", "0"), "repeats (--repeats) must be a whole number >= 1; got 0"),
+    (("--jobs", "0"), "jobs (--jobs) must be a whole number >= 1; got 0"),
+    (("--jobs", "-2"), "jobs (--jobs) must be a whole number >= 1; got -2"),
     (("--grid", "pca=12", "--train-fraction", "0.2,1"), "PCA dimension 12 needs at least that many training images"),
 ])
 def test_bad_input_gets_one_clear_line(caches, tmp_path, args, fragment):
@@ -161,3 +164,4 @@ def test_parsers():
     with pytest.raises(TransferError):
         parse_grid(["normalize=standard,", ])
     assert np.isclose(parse_grid(["C=1e-3"])["C"][0], 1e-3)
+    assert parse_grid(["C=1", "C=2,1", "pca=4"])["C"] == [1.0, 2.0]  # a key given twice keeps both

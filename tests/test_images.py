@@ -1,6 +1,5 @@
 """pipeline/images.py: listing ImageFolder trees and turning files into RGB tensors."""
 
-import os
 
 import numpy as np
 import pytest
@@ -93,5 +92,6 @@ def test_decode_gives_rgb_with_the_files_pixels(tmp_path):
     path = write_image(tmp_path / "x.png", 3)
     from PIL import Image
 
-    assert np.array_equal(np.asarray(decode_image(str(path))), np.asarray(Image.open(path).convert("RGB")))
-    assert os.path.exists(path)
+    decoded = decode_image(str(path))
+    assert decoded.mode == "RGB" and decoded.size == (48, 36)
+    assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(path).convert("RGB")))
