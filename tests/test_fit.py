@@ -225,3 +225,72 @@ def test_fit_reads_features_straight_into_float64(three_class, monkeypatch):
     monkeypatch.setattr(Cache, "features", spy)
     fit(three_class, C=1.0)
     assert seen and all(dtype == np.float64 for dtype, _ in seen)
+
+
+def test_default_run_folders_started_together_never_collide(tmp_path):
+    from pipeline.report import default_run_dir
+
+    made = [default_run_dir("cache/three.h5", root=str(tmp_path)) for _ in range(3)]
+    assert len(set(made)) == 3 and all(Path(m).is_dir() and not any(Path(m).iterdir()) for m in made)
+    assert Path(made[1]).name == Path(made[0]).name + "-2"
+
+
+def test_ctrl_c_or_sigterm_while_fitting_writes_nothing_and_says_so(three_class, tmp_path, monkeypatch):
+    import importlib
+    import os
+    import signal
+
+    fit_module = importlib.import_module("pipeline.fit")  # `pipeline.fit` itself is the function
+
+    real = fit_module.fit_head
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or torchrun would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit_head", terminated)
+    result = run_cli("fit", three_class, "--C", "1", cwd=tmp_path)
+    assert_one_line_error(result, "interrupted while fitting: nothing was written")
+    assert result.code == 130
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
+
+
+def test_ctrl_c_while_exporting_says_the_run_folder_is_complete(three_class, tmp_path, monkeypatch):
+    import importlib
+
+    export_module = importlib.import_module("pipeline.export")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_export", interrupted)
+    result = run_cli("fit", three_class, "--C", "1", "--out", tmp_path / "run")
+    assert_one_line_error(result, f"the run folder {tmp_path / 'run'} is complete",
+                          f"`transfer export {tmp_path / 'run'}` writes the model")
+    assert (tmp_path / "run" / "head.npz").is_file() and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_run_folder_left_half_written_by_a_killed_fit_is_cleaned_up(three_class, tmp_path):
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / f"run.writing-{dead}").mkdir()
+    (tmp_path / f"run.writing-{dead}" / "model.joblib").write_bytes(b"half")
+    assert run_cli("fit", three_class, "--C", "1", "--out", tmp_path / "run", "--no-export").code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
+
+
+def test_report_md_lists_failed_images_and_survives_odd_class_names(tmp_path):
+    from tests.conftest import LITE, make_folder
+
+    images = make_folder(tmp_path / "images", {"a|b": 2, "c d": 2}, splits=("train", "val", "test"))
+    (images / "train" / "a|b" / "broken.png").write_bytes(b"garbage")
+    assert run_cli("extract", images, "--out", tmp_path / "c.h5", *LITE).code == 0
+    assert run_cli("fit", tmp_path / "c.h5", "--C", "1", "--out", tmp_path / "run", "--no-export").code == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "1 images could not be used and are not in these scores: `train/a\\|b/broken.png`" in report
+    assert "| a\\|b | " in report  # the pipe is escaped: the table keeps its columns
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["failed_images"]["count"] == 1

@@ -86,3 +86,26 @@ def test_folders_are_walked_like_extraction_walks_them(tmp_path):
     assert listed == [b"z.png", b"\x80.png", b"\xc3\xa9.png"]
     extracted = scan_image_folder(tmp_path).paths
     assert [os.fsencode(p)[2:] for p in extracted] == listed
+
+
+def test_an_unwritable_destination_is_refused_before_any_image_is_read(three_run, inputs, tmp_path, monkeypatch):
+    import os
+
+    import importlib
+
+    predict_module = importlib.import_module("pipeline.predict")
+    folder, single = inputs
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
+    monkeypatch.setattr(predict_module, "decode_image", lambda p: pytest.fail("an image was read"))
+    (tmp_path / "ro").mkdir()
+    result = run_cli("predict", three_run / "model.pt", single, "--out", tmp_path / "ro" / "p.csv")
+    assert_one_line_error(result, "is not writable; choose another --out")
+
+
+def test_predict_fails_when_no_file_could_be_read(three_run, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    result = run_cli("predict", three_run / "model.pt", tmp_path)
+    assert_one_line_error(result, "none of the 2 files could be read as an image")
+    assert "error: not a recognised image format" in result.out  # each file's reason is still listed
