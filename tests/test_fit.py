@@ -95,7 +95,7 @@ def test_without_split_folders_a_stratified_split_is_made_and_reported(tmp_path)
 def test_train_and_val_only_reports_validation_and_says_so(tmp_path):
     X, y, classes = blobs(30, 2, 6, seed=6, spread=2.0)
     path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
-    result = fit(path)
+    result = fit(path, C_selection="validation")
     assert result.evaluated_on == "val"
     assert any("no test split" in n and "optimistic" in n for n in result.notes)
 
