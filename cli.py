@@ -62,9 +62,16 @@ def cli(debug: bool) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=str),
               help="Cache file to write (HDF5), e.g. cache/photos.h5.")
 @click.option("--backbone", default="vgg16", show_default=True,
-              help="vgg11/13/16/19[_bn], resnet50 or efficientnet_lite0.")
+              help="A torchvision model by name (resnet18, vit_b_16, ...), timm:<model>[.<tag>], or "
+                   "efficientnet_lite0; `transfer backbones` lists them.")
 @click.option("--weights", default=None,
-              help="Torchvision weights name (default: the backbone's ImageNet weights), a state_dict file, or 'random'.")
+              help="Torchvision weights name (default: the backbone's ImageNet weights; timm: the tag's), "
+                   "a state_dict file, or 'random'.")
+@click.option("--layer", default=None, metavar="MODULE",
+              help="Take globally pooled features from this module (as in named_modules(); "
+                   "`transfer backbones --layers MODEL` lists them) [default: the penultimate layer].")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: each embedding is the mean of the image's and its mirror image's.")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32 on CPU, 256 on GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
@@ -74,7 +81,7 @@ def cli(debug: bool) -> None:
               help="Replace an existing cache (or unfinished one) made with other settings; "
                    "one with the same settings is kept (finished) or resumed (unfinished).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
-def extract(image_dir, out, backbone, weights, batch_size, device, precision, workers, overwrite, seed):
+def extract(image_dir, out, backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -89,7 +96,7 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
         from pipeline.distributed import shard_path_of
 
         _SHARD = shard_path_of(out, int(os.environ.get("RANK", "0")), world)
-    request = ExtractRequest(image_dir=image_dir, out=out, backbone=backbone, weights=weights,
+    request = ExtractRequest(image_dir=image_dir, out=out, backbone=backbone, weights=weights, layer=layer, tta=tta,
                              batch_size=batch_size, device=device, precision=precision, workers=workers,
                              overwrite=overwrite, seed=seed, command=_command_line())
     bar = _Bar("extract")
@@ -341,7 +348,9 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
         bar.close()
     from pipeline.cache import read_info
 
-    backbones = {c: read_info(c).meta.get("backbone", "?") for c in request.caches}
+    from pipeline.backbones import describe
+
+    backbones = {c: describe(read_info(c).meta) for c in request.caches}
     report.write_experiment(rows, out_dir, _command_line(), backbones)
     click.echo(f"{len(rows)} runs; best setting per cache (chosen on validation):")
     for cache, r in best_per_cache(rows).items():
@@ -350,6 +359,42 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
                    f"class weight {r['class_weight']})")
         click.echo(f"    reproduce: {r['command']}")
     click.echo(f"written: {out_dir}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
+
+
+@cli.command(name="backbones")
+@click.option("--source", type=click.Choice(["builtin", "torchvision", "timm"]), default=None,
+              help="Only this source [default: all].")
+@click.option("--filter", "text", default=None, metavar="TEXT", help="Only names containing TEXT (any case).")
+@click.option("--layers", "layers_of", default=None, metavar="MODEL",
+              help="Instead, the layers of MODEL that --layer accepts, one per line: module path, feature dim, pooling.")
+def backbones_command(source, text, layers_of):
+    """List the names --backbone accepts, their feature dims, and whether their weights are here.
+
+    weights: cached / packaged (on this machine), download (fetched on first use), none (random
+    only). Dims come from a table made by a forward pass on PyTorch's meta device (shapes only,
+    no weights) for the installed torchvision and timm; other versions compute them the same way.
+    """
+    from pipeline.backbones import list_backbones, list_layers
+
+    if layers_of:
+        usable = [i for i in list_layers(layers_of) if not i.problem]
+        click.echo(f"{layers_of}: {len(usable)} layers (module path, feature dim, pooling); "
+                   "default without --layer: the penultimate layer", err=True)
+        for info in usable:
+            click.echo(f"{info.path}\t{info.dim}\t{info.pooling}")
+        return
+    bar = _Bar("feature dims", unit="model")
+    try:
+        entries = list_backbones(source, text, progress=bar)
+    finally:
+        bar.close()
+    if not entries:
+        raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
+    width = max(len(e.name) for e in entries)
+    click.echo(f"{'name':<{width}}  {'dim':>5}  weights")
+    for e in entries:
+        note = f"  (refused: {e.note})" if e.note else ""
+        click.echo(f"{e.name:<{width}}  {e.dim:>5}  {e.weights}{note}")
 
 
 class _Exit(Exception):

@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from . import cache, distributed
-from .backbones import (PRECISIONS, Embedder, check_backbone_name, default_precision, load_backbone,
+from .backbones import (PRECISIONS, TTA_MODES, Embedder, check_backbone_name, default_precision, load_backbone,
                         resolve_device)
 from .errors import TransferError
 from .images import ImageDataset, ImageListing, collate, scan_image_folder
@@ -37,6 +37,8 @@ class ExtractRequest:
     workers: int | None = None  # decoding processes; default from the device and core count
     overwrite: bool = False
     seed: int = 0
+    layer: str | None = None  # a module path (named_modules) to take pooled features from; None: penultimate
+    tta: str = "none"  # "flip": the mean of each image's and its mirror image's embedding
     command: str = ""  # the command line, named in "resume with" messages
 
 
@@ -92,7 +94,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         target = distributed.shard_path(req.out, dist)
         with cache.WriterLock(target if sharded else req.out):
             cache.remove_stale_temporaries(target, "creating")
-            backbone = load_backbone(req.backbone, req.weights, req.seed)
+            backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta)
             meta = {**_metadata(req, backbone, listing, precision), "world_size": dist.world_size}
             if _already_complete(req.out, meta, req.overwrite):
                 return _finished(summary, "already complete", cache.read_info(req.out), started)
@@ -137,6 +139,8 @@ def _check_request(req: ExtractRequest) -> None:
         raise TransferError(f"--out {req.out} is a folder; expected a file name such as "
                             f"{os.path.join(req.out, 'features.h5')}")
     check_backbone_name(req.backbone)
+    if req.tta not in TTA_MODES:
+        raise TransferError(f"unknown --tta {req.tta!r}; expected one of {', '.join(TTA_MODES)}")
     if req.batch_size is not None and req.batch_size < 1:
         raise TransferError(f"--batch-size must be at least 1, got {req.batch_size}")
     if req.workers is not None and req.workers < 0:
@@ -176,7 +180,7 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": req.command,
     }
-    if backbone.name == "efficientnet_lite0":
+    if "timm" in backbone.versions:
         import timm
 
         meta["timm_version"] = timm.__version__

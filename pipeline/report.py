@@ -25,7 +25,8 @@ from .errors import TransferError  # noqa: E402
 from .fit import FitResult  # noqa: E402
 
 PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer", "dim", "preprocessing",
-                   "precision", "torch_version", "torchvision_version", "created", "image_dir", "listing_sha256")
+                   "precision", "torch_version", "torchvision_version", "created", "image_dir", "listing_sha256",
+                   "source", "model", "versions", "layer_module", "pooling", "tta", "timm_version")
 
 
 def default_run_dir(cache_path: str, root: str = "reports") -> str:
