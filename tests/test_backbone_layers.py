@@ -33,9 +33,10 @@ def test_layer_features_equal_a_pooled_forward_hook_and_later_layers_are_cut_off
 
     model = reference_model(name)
     seen = []
-    model.get_submodule(layer).register_forward_hook(lambda module, args, out: seen.append(out))
+    hook = model.get_submodule(layer).register_forward_hook(lambda module, args, out: seen.append(out))
     with torch.no_grad():
         model(b.preprocessing.normalize(images))
+    hook.remove()
     expected = pool(seen[0])
     assert got.shape == expected.shape == (2, b.dim) and expected.abs().max() > 0.01
     assert (got - expected).abs().max() <= 1e-4

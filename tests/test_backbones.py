@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
 import urllib.error
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-from pipeline import backbones
+from pipeline import backbones, read_cache
 from pipeline.backbones import Embedder, load_backbone
 from pipeline.errors import TransferError
-from pipeline.cache import read_info
 from tests.conftest import assert_one_line_error, make_folder, needs_hymenoptera, run_cli, write_image
 
 
@@ -48,11 +47,12 @@ def test_vgg16_features_equal_torchvision_reference(tmp_path, vgg16_state_file):
     transform = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()
     with torch.no_grad():
         expected = reference(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).numpy()
-    with h5py.File(out, "r") as f:
-        assert list(f["paths"].asstr()[...]) == ["a/x.jpg", "a/y.png", "b/z.jpg"]
-        features = f["features"][...]
-        assert f.attrs["backbone"] == "vgg16" and f.attrs["layer"].startswith("classifier[:-1]")
-        assert f.attrs["weights"] == "vgg16-test.pth" and len(f.attrs["weights_sha256"]) == 64
+    cached = read_cache(out)
+    assert cached.paths == ["a/x.jpg", "a/y.png", "b/z.jpg"]
+    features = cached.features()
+    p = cached.provenance
+    assert p["backbone"] == "vgg16" and p["layer"].startswith("classifier[:-1]")
+    assert p["weights"] == "vgg16-test.pth" and len(p["weights_sha256"]) == 64
     assert features.shape == (3, 4096)
     assert np.abs(expected).max() > 0.01  # the comparison is not between two zero vectors
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
@@ -168,10 +168,10 @@ def test_lite0_weights_are_really_imagenet_pretrained(hymenoptera_lite0):
     """The full network (cached pooled features -> the dropped ImageNet classifier) calls most
     real val photos 'ant' (310) or 'bee' (309)."""
     b = load_backbone("efficientnet_lite0")
-    with h5py.File(hymenoptera_lite0, "r") as f:
-        val = f["split"].asstr()[...] == "val"
-        features = torch.from_numpy(f["features"][...][val])
-        labels = f["labels"][...][val]
+    cached = read_cache(hymenoptera_lite0)
+    val = np.flatnonzero(cached.split == "val")
+    features = torch.from_numpy(cached.features(val))
+    labels = cached.labels[val]
     with torch.inference_mode():
         predicted = b.last_layer(features).argmax(1).numpy()
     insect = np.isin(predicted, [309, 310]).mean()
@@ -202,8 +202,10 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch):
 ZOO = ["resnet18", "vit_b_32", "timm:test_efficientnet", "timm:test_vit"]
 
 
+@functools.lru_cache(maxsize=None)
 def reference_model(name: str) -> torch.nn.Module:
-    """The model as its own library builds it, seeded like load_backbone(name, "random", seed=0)."""
+    """The model as its own library builds it, seeded like load_backbone(name, "random", seed=0)
+    (built once per session: the tests only run it)."""
     import timm
 
     torch.manual_seed(0)
@@ -250,8 +252,8 @@ def test_features_equal_the_sources_reference_forward_and_preprocessing(tmp_path
     out = tmp_path / "c.h5"
     result = run_cli("extract", root, "--out", out, "--backbone", name, "--weights", "random", "--batch-size", "2")
     assert result.code == 0, result.err
-    info = read_info(str(out))
-    features = info.read_features()
+    info = read_cache(out)
+    features = info.features()
     assert info.paths == ["a/tall.png", "a/wide.jpg", "b/square.png"]
     model = reference_model(name)
     transform = source_transform(name, model)
@@ -261,7 +263,7 @@ def test_features_equal_the_sources_reference_forward_and_preprocessing(tmp_path
     assert features.shape == expected.shape and np.abs(expected).max() > 0.01
     assert np.abs(features - expected).max() <= 1e-4
 
-    meta, prep = info.meta, info.meta["preprocessing"]
+    meta, prep = info.provenance, info.provenance["preprocessing"]
     if name.startswith("timm:"):
         from timm.data import resolve_data_config
 
@@ -287,7 +289,7 @@ def test_the_cache_identity_covers_source_model_versions_and_tta(tmp_path, tiny_
     out = tmp_path / "c.h5"
     assert run_cli("extract", tiny_folder, "--out", out, "--backbone", "timm:test_efficientnet",
                    "--weights", "random").code == 0
-    meta = read_info(str(out)).meta
+    meta = read_cache(out).provenance
     for key, other in [("source", "torchvision"), ("model", "test_efficientnet.other"),
                        ("versions", {**meta["versions"], "timm": "0.0.1"}), ("tta", "flip")]:
         assert cache.identity({**meta, key: other}) != cache.identity(meta), key
@@ -448,8 +450,8 @@ def test_squash_preprocessing_is_reproduced_by_model_pt_bit_for_bit():
 # --- model.pt for other backbones ----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [("--backbone", "timm:test_vit"),
-                                  ("--backbone", "resnet18", "--layer", "layer3", "--tta", "flip")],
-                         ids=["timm-vit", "resnet18-layer3-flip"])
+                                  ("--backbone", "mobilenet_v3_small", "--layer", "features.9", "--tta", "flip")],
+                         ids=["timm-vit", "mobilenet-layer-flip"])
 def test_model_pt_and_predict_agree_with_sklearn_for_other_backbones(tmp_path, args):
     from pipeline import head as head_mod
 
@@ -463,8 +465,8 @@ def test_model_pt_and_predict_agree_with_sklearn_for_other_backbones(tmp_path, a
     assert parity["cached_features"]["max_abs_diff"] <= 1e-5
     assert parity["end_to_end"]["images"] == 12 and parity["end_to_end"]["max_abs_diff"] <= 1e-5
 
-    info = read_info(str(cache_file))
-    expected = head_mod.sklearn_from_arrays(str(run)).predict_proba(info.read_features(dtype=np.float64))
+    info = read_cache(cache_file)
+    expected = head_mod.sklearn_from_arrays(head_mod.load(str(run))).predict_proba(info.features(dtype=np.float64))
     predicted = run_cli("predict", run / "model.pt", images / "test", "--out", tmp_path / "p.json", "--top-k", "2")
     assert predicted.code == 0, predicted.err
     by_path = {str(images / p): i for i, p in enumerate(info.paths)}
