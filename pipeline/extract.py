@@ -94,8 +94,8 @@ def extract(image_dir: str | os.PathLike, out: str | os.PathLike, *, progress: P
             on_ready: Callable[[dict], None] | None = None, **options) -> ExtractSummary:
     """Run a frozen pretrained network once over every image under `image_dir` and cache its
     features in `out` (HDF5; see docs/cache-format.md). Resumes an interrupted run of the same
-    extraction; keeps a finished one. options: backbone, weights, batch_size, device, precision,
-    workers, overwrite, seed (the `transfer extract` options).
+    extraction; keeps a finished one. options: backbone, weights, layer, tta, batch_size, device,
+    precision, workers, overwrite, seed (the `transfer extract` options).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
     >>> summary.done, summary.failures                        # images cached, (path, reason) of the rest
