@@ -59,6 +59,9 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0, layer: s
         network, last, dim, pooling = layers.cut(loaded.model, info, loaded.hints), None, info.dim, info.pooling
         description = layer or f"penultimate: {cut_at}, {pooling}"
     else:
+        if _table_dim(_dims_table(), source, loaded.model_name) == 0:
+            raise TransferError(f"{loaded.name} ends in a feature map, not one vector per image; choose a --layer "
+                                f"(`transfer backbones --layers {loaded.name}` lists them)")
         network, last, dim, description = zoo.penultimate(loaded.model_name, loaded.model)
         pooling = ""
     if tta == "flip":
@@ -160,8 +163,7 @@ def list_backbones(source: str | None = None, text: str | None = None, progress=
     if text:
         names = [entry for entry in names if text.lower() in entry[1].lower()]
     table = _dims_table()
-    dims = {shown: table.get(src, {}).get(model_name.partition(".")[0] if src == "timm" else model_name)
-            for src, shown, model_name in names}
+    dims = {shown: _table_dim(table, src, model_name) for src, shown, model_name in names}
     missing = [shown for shown, dim in dims.items() if dim is None]
     if missing:
         from .dims import penultimate_dim
@@ -175,6 +177,12 @@ def list_backbones(source: str | None = None, text: str | None = None, progress=
     return [BackboneEntry(shown, src, int(dims[shown]), SOURCES[src].weights_status(model_name),
                           _note(src, model_name, int(dims[shown])))
             for src, shown, model_name in names]
+
+
+def _table_dim(table: dict, source: str, model_name: str) -> int | None:
+    if source == "builtin":  # efficientnet_lite0 is timm's tf_efficientnet_lite0 with other weights
+        return table.get("timm", {}).get(builtin.TIMM_NAME)
+    return table.get(source, {}).get(model_name.partition(".")[0] if source == "timm" else model_name)
 
 
 def _note(source: str, model_name: str, dim: int) -> str:

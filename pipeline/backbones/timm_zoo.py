@@ -222,5 +222,5 @@ def unsupported(name: str) -> str:
     try:
         preprocessing(resolve_data_config(pretrained_cfg=cfg.to_dict()), name)
     except TransferError as e:
-        return str(e).split(";")[0].split(", which")[0]
+        return str(e).split(";")[0].split(", which")[0].removeprefix(f"{name} ")
     return ""
