@@ -85,16 +85,6 @@ def load_arguments(provenance: dict) -> dict:
             "tta": provenance.get("tta") or "none"}
 
 
-def describe(provenance: dict) -> str:
-    """A short label for a cache's features: 'efficientnet_lite0', 'resnet18 @ layer3 + flip'."""
-    label = str(provenance.get("backbone", "?"))
-    if provenance.get("layer_module"):
-        label += f" @ {provenance['layer_module']}"
-    if provenance.get("tta") not in (None, "none"):
-        label += f" + {provenance['tta']}"
-    return label
-
-
 # --- layers -------------------------------------------------------------------------------------
 
 def list_layers(name: str, weights: str | None = None) -> list[layers.LayerInfo]:
