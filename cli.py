@@ -67,9 +67,16 @@ def cli(debug: bool) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=str),
               help="Cache file to write (HDF5), e.g. cache/photos.h5.")
 @click.option("--backbone", default="vgg16", show_default=True,
-              help="vgg11/13/16/19[_bn], resnet50 or efficientnet_lite0.")
+              help="A torchvision model by name (resnet18, vit_b_16, ...), timm:<model>[.<tag>], or "
+                   "efficientnet_lite0; `transfer backbones` lists them.")
 @click.option("--weights", default=None,
-              help="Torchvision weights name (default: the backbone's ImageNet weights), a state_dict file, or 'random'.")
+              help="Torchvision weights name (default: the backbone's ImageNet weights; timm: the tag's), "
+                   "a state_dict file, or 'random'.")
+@click.option("--layer", default=None, metavar="MODULE",
+              help="Take globally pooled features from this module (as in named_modules(); "
+                   "`transfer backbones --layers MODEL` lists them) [default: the penultimate layer].")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: each embedding is the mean of the image's and its mirror image's.")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32 on CPU, 256 on GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", default=None,
@@ -79,7 +86,7 @@ def cli(debug: bool) -> None:
               help="Replace an existing cache (or unfinished one) made with other settings; "
                    "one with the same settings is kept (finished) or resumed (unfinished).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
-def extract(image_dir, out, backbone, weights, batch_size, device, precision, workers, overwrite, seed):
+def extract(image_dir, out, backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -99,7 +106,8 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
                        f"{resumed}", err=True)
 
     try:
-        summary = run(image_dir, out, backbone=backbone, weights=weights, batch_size=batch_size, device=device,
+        summary = run(image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta,
+                      batch_size=batch_size, device=device,
                       precision=precision, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
                       progress=bar, on_ready=ready)
     except KeyboardInterrupt:
@@ -415,6 +423,40 @@ def inspect_cmd(cache_file, out_dir, threshold, C, top):
     for warning in found.warnings:
         _echo(f"warning: {warning}", err=True)
     _echo(f"written: {out}/inspect.html (open it in a browser), {out}/map.png")
+@cli.command(name="backbones")
+@click.option("--source", type=click.Choice(["builtin", "torchvision", "timm"]), default=None,
+              help="Only this source [default: all].")
+@click.option("--filter", "text", default=None, metavar="TEXT", help="Only names containing TEXT (any case).")
+@click.option("--layers", "layers_of", default=None, metavar="MODEL",
+              help="Instead, the layers of MODEL that --layer accepts, one per line: module path, feature dim, pooling.")
+def backbones_command(source, text, layers_of):
+    """List the names --backbone accepts, their feature dims, and whether their weights are here.
+
+    weights: cached / packaged (on this machine), download (fetched on first use), none (random
+    only). Dims come from a table made by a forward pass on PyTorch's meta device (shapes only,
+    no weights) for the installed torchvision and timm; other versions compute them the same way.
+    """
+    from pipeline.backbones import list_backbones, list_layers
+
+    if layers_of:
+        usable = [i for i in list_layers(layers_of) if not i.problem]
+        click.echo(f"{layers_of}: {len(usable)} layers (module path, feature dim, pooling); "
+                   "default without --layer: the penultimate layer", err=True)
+        for info in usable:
+            click.echo(f"{info.path}\t{info.dim}\t{info.pooling}")
+        return
+    bar = _Bar("feature dims", unit="model")
+    try:
+        entries = list_backbones(source, text, progress=bar)
+    finally:
+        bar.close()
+    if not entries:
+        raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
+    width = max(len(e.name) for e in entries)
+    click.echo(f"{'name':<{width}}  {'dim':>5}  weights")
+    for e in entries:
+        note = f"  (refused: {e.note})" if e.note else ""
+        click.echo(f"{e.name:<{width}}  {e.dim:>5}  {e.weights}{note}")
 
 
 class _Exit(Exception):

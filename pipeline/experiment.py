@@ -228,7 +228,7 @@ def run_experiment(req: ExperimentRequest, progress=None) -> ExperimentResult:
                 progress.advance(1)
     ordered = [rows[i] for i in range(len(runs))]
     if req.out:
-        backbones = {c.path: c.provenance.get("backbone", "?") for c in caches}
+        backbones = {c.path: feature_label(c.provenance) for c in caches}
         write_experiment(ordered, req.out, req.command, backbones)
         saved.remove()
     return ExperimentResult(ordered, best_per_cache(ordered), req.out, resumed)
@@ -328,3 +328,13 @@ def default_out(root: str = "reports") -> str:
     from .report import reserve_folder
 
     return reserve_folder(os.path.join(root, f"experiments-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def feature_label(provenance: dict) -> str:
+    """What a cache's features are, in a few words: 'efficientnet_lite0', 'resnet18 @ layer3 + flip'."""
+    label = str(provenance.get("backbone", "?"))
+    if provenance.get("layer_module"):
+        label += f" @ {provenance['layer_module']}"
+    if provenance.get("tta") not in (None, "none"):
+        label += f" + {provenance['tta']}"
+    return label

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import head as head_mod
-from .backbones import Backbone, Preprocessing, load_backbone
+from .backbones import Backbone, Preprocessing, load_arguments, load_backbone
 from .cache import Cache, read_cache
 from .errors import SettingError, TransferError
 from .files import make_folder_for, write_atomically
@@ -54,6 +54,7 @@ class TransferModel(nn.Module):
             self.head.bias.copy_(bias)
         self.l2_normalize = l2_normalize
         self.resize_to = prep.resize
+        self.squash = prep.resize_mode == "squash"
         self.crop = prep.crop
         self.mode = prep.interpolation
         self.vertical_first_rule = prep.pass_order == VERTICAL_FIRST_IF_TALLER_CUT
@@ -68,7 +69,9 @@ class TransferModel(nn.Module):
         """(N, 3, H, W) uint8 -> (N, 3, S, S) uint8: short side to `resize_to` (Pillow's resize,
         bit for bit), then the centre crop, with torchvision's size and offset rules."""
         h, w = x.shape[-2], x.shape[-1]
-        if h <= w:
+        if self.squash:  # timm's crop_mode "squash": both sides to resize_to
+            nh, nw = self.resize_to, self.resize_to
+        elif h <= w:
             nh, nw = self.resize_to, int(self.resize_to * w / h)
         else:
             nh, nw = int(self.resize_to * h / w), self.resize_to
@@ -129,11 +132,15 @@ def torch_proba(head: head_mod.LinearHead, features: np.ndarray) -> np.ndarray:
 
 def rebuild_backbone(provenance: dict) -> Backbone:
     """The extraction's backbone, from the cache's provenance; the weights must be the same file."""
-    source = provenance.get("weights_source") or provenance.get("weights")
-    backbone = load_backbone(provenance["backbone"], source, int(provenance.get("seed") or 0))
+    arguments = load_arguments(provenance)  # the same weights, layer and flip averaging
+    source = arguments["weights"]
+    backbone = load_backbone(**arguments)
     if backbone.weights_sha256 != (provenance.get("weights_sha256") or ""):
         raise TransferError(f"the weights at {source} are not the ones the features were extracted with "
                             f"(sha256 {backbone.weights_sha256[:12]} vs {str(provenance.get('weights_sha256'))[:12]})")
+    if backbone.dim != int(provenance.get("dim") or 0):
+        raise TransferError(f"{arguments['name']} now gives {backbone.dim}-d features, the cache holds "
+                            f"{provenance.get('dim')}-d ones (layer {provenance.get('layer')!r})")
     return backbone
 
 
@@ -208,6 +215,7 @@ def model_metadata(head: head_mod.LinearHead) -> dict:
         "weights": p["weights"],
         "weights_sha256": p["weights_sha256"],
         "layer": p["layer"],
+        "tta": p.get("tta", "none"),
         "preprocessing": p["preprocessing"],
         "extraction_precision": p["precision"],
         "l2_normalize": head.l2_normalize,

@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from . import cache, distributed
-from .backbones import (PRECISIONS, Embedder, check_backbone_name, default_precision, load_backbone,
+from .backbones import (PRECISIONS, TTA_MODES, Embedder, check_backbone_name, default_precision, load_backbone,
                         resolve_device)
 from .errors import SettingError, TransferError
 from .files import make_folder_for
@@ -43,6 +43,8 @@ class ExtractRequest:
     workers: int | None = None  # decoding processes; default from the device and core count
     overwrite: bool = False
     seed: int = 0
+    layer: str | None = None  # a module path (named_modules) to take pooled features from; None: penultimate
+    tta: str = "none"  # "flip": the mean of each image's and its mirror image's embedding
     command: str = ""  # the command line, named in "resume with" messages
 
     CONSTRAINTS = {
@@ -50,6 +52,7 @@ class ExtractRequest:
         "precision": [None, Options(tuple(PRECISIONS))],
         "workers": [None, Interval(Integral, 0, None)],
         "seed": SEED,
+        "tta": [Options(TTA_MODES)],
     }
 
 
@@ -91,8 +94,8 @@ def extract(image_dir: str | os.PathLike, out: str | os.PathLike, *, progress: P
             on_ready: Callable[[dict], None] | None = None, **options) -> ExtractSummary:
     """Run a frozen pretrained network once over every image under `image_dir` and cache its
     features in `out` (HDF5; see docs/cache-format.md). Resumes an interrupted run of the same
-    extraction; keeps a finished one. options: backbone, weights, batch_size, device, precision,
-    workers, overwrite, seed (the `transfer extract` options).
+    extraction; keeps a finished one. options: backbone, weights, layer, tta, batch_size, device,
+    precision, workers, overwrite, seed (the `transfer extract` options).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
     >>> summary.done, summary.failures                        # images cached, (path, reason) of the rest
@@ -125,7 +128,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         target = distributed.shard_path(req.out, dist)
         with cache.WriterLock(target if sharded else req.out):
             cache.remove_stale_temporaries(target, "creating")
-            backbone = load_backbone(req.backbone, req.weights, req.seed)
+            backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta)
             meta = {**_metadata(req, backbone, listing, precision), "world_size": dist.world_size}
             if _already_complete(req.out, meta, req.overwrite):
                 return _finished(summary, ExtractState.ALREADY_COMPLETE, cache.read_cache(req.out), started)
@@ -215,7 +218,7 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": req.command,
     }
-    if backbone.name == "efficientnet_lite0":
+    if "timm" in backbone.versions:
         import timm
 
         meta["timm_version"] = timm.__version__

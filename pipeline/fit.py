@@ -46,7 +46,7 @@ SCALER_ROWS = 4096  # rows per block when computing the scaler, to avoid a full-
 # What a head records of the cache it was fitted on (head.json, metrics.json, model metadata).
 PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer", "dim",
                    "preprocessing", "precision", "torch_version", "torchvision_version", "created", "image_dir",
-                   "listing_sha256")
+                   "listing_sha256", "source", "model", "versions", "layer_module", "pooling", "tta", "timm_version")
 
 
 @dataclass

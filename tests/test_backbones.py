@@ -1,7 +1,10 @@
-"""pipeline/backbones.py: the right layer of the right network, with weights loaded safely."""
+"""pipeline/backbones: the right layer of the right network from any source, weights loaded safely."""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import pickle
 import urllib.error
 
@@ -14,7 +17,7 @@ from PIL import Image
 from pipeline import backbones, read_cache
 from pipeline.backbones import Embedder, load_backbone
 from pipeline.errors import TransferError
-from tests.conftest import needs_hymenoptera, run_cli, write_image
+from tests.conftest import assert_one_line_error, make_folder, needs_hymenoptera, run_cli, write_image
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +194,285 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(TransferError, match="no CUDA GPU"):
         backbones.resolve_device("cuda")
     assert backbones.resolve_device("auto").type == "cpu"
+
+
+# --- any torchvision or timm model ------------------------------------------------------------
+
+# One of each kind, small enough to build in a second: a torchvision CNN and ViT, a timm CNN and ViT.
+ZOO = ["resnet18", "vit_b_32", "timm:test_efficientnet", "timm:test_vit"]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_model(name: str) -> torch.nn.Module:
+    """The model as its own library builds it, seeded like load_backbone(name, "random", seed=0)
+    (built once per session: the tests only run it)."""
+    import timm
+
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        return timm.create_model(name[5:], num_classes=0).eval()  # timm's penultimate convention
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def reference_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The penultimate features, written out by hand from each library's forward."""
+    if name == "resnet18":
+        m = model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return torch.flatten(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(x))))), 1)
+    if name.startswith("vit_"):
+        tokens = model._process_input(x)
+        tokens = torch.cat([model.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return model.encoder(tokens)[:, 0]
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def source_transform(name: str, model: torch.nn.Module):
+    """PIL image -> normalized tensor, by the source's own published preprocessing."""
+    if name.startswith("timm:"):
+        from timm.data import create_transform, resolve_data_config
+
+        return create_transform(**resolve_data_config(model=model))
+    return torchvision.models.get_model_weights(name).DEFAULT.transforms()
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """Three small images of different shapes, in two class folders."""
+    root = tmp_path_factory.mktemp("zoo") / "images"
+    paths = [write_image(root / "a" / "wide.jpg", 11, size=(320, 200)),
+             write_image(root / "a" / "tall.png", 12, size=(150, 261)),
+             write_image(root / "b" / "square.png", 13, size=(97, 97))]
+    return root, paths
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_features_equal_the_sources_reference_forward_and_preprocessing(tmp_path, odd_images, name):
+    root, _ = odd_images
+    out = tmp_path / "c.h5"
+    result = run_cli("extract", root, "--out", out, "--backbone", name, "--weights", "random", "--batch-size", "2")
+    assert result.code == 0, result.err
+    info = read_cache(out)
+    features = info.features()
+    assert info.paths == ["a/tall.png", "a/wide.jpg", "b/square.png"]
+    model = reference_model(name)
+    transform = source_transform(name, model)
+    with torch.no_grad():
+        expected = reference_features(name, model, torch.stack([transform(Image.open(root / p).convert("RGB"))
+                                                                for p in info.paths])).numpy()
+    assert features.shape == expected.shape and np.abs(expected).max() > 0.01
+    assert np.abs(features - expected).max() <= 1e-4
+
+    meta, prep = info.provenance, info.provenance["preprocessing"]
+    if name.startswith("timm:"):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        assert (prep["crop"], prep["interpolation"]) == (cfg["input_size"][-1], cfg["interpolation"])
+        assert prep["resize"] == math.floor(cfg["input_size"][-1] / cfg["crop_pct"]) and prep["resize_mode"] == "shorter"
+        assert tuple(prep["mean"]) == tuple(cfg["mean"]) and tuple(prep["std"]) == tuple(cfg["std"])
+        assert meta["source"] == "timm" and meta["model"] == name[5:] + ".r160_in1k"
+        assert meta["backbone"] == name + ".r160_in1k" and set(meta["versions"]) == {"torch", "timm"}
+    else:
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        assert (prep["resize"], prep["crop"]) == (t.resize_size[0], t.crop_size[0])
+        assert prep["interpolation"] == t.interpolation.value
+        assert prep["mean"] == list(t.mean) and prep["std"] == list(t.std)
+        assert meta["source"] == "torchvision" and meta["model"] == name == meta["backbone"]
+        assert meta["versions"] == {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    assert meta["tta"] == "none" and meta["layer_module"] == "" and meta["dim"] == expected.shape[1]
+
+
+def test_the_cache_identity_covers_source_model_versions_and_tta(tmp_path, tiny_folder):
+    from pipeline import cache
+
+    out = tmp_path / "c.h5"
+    assert run_cli("extract", tiny_folder, "--out", out, "--backbone", "timm:test_efficientnet",
+                   "--weights", "random").code == 0
+    meta = read_cache(out).provenance
+    for key, other in [("source", "torchvision"), ("model", "test_efficientnet.other"),
+                       ("versions", {**meta["versions"], "timm": "0.0.1"}), ("tta", "flip")]:
+        assert cache.identity({**meta, key: other}) != cache.identity(meta), key
+    flipped = run_cli("extract", tiny_folder, "--out", out, "--backbone", "timm:test_efficientnet",
+                      "--weights", "random", "--tta", "flip")
+    assert_one_line_error(flipped, "holds a different extraction", "tta none vs flip")
+
+
+def test_timm_weights_file_is_loaded_by_timm_with_its_penultimate_convention(tmp_path):
+    import timm
+
+    torch.manual_seed(7)
+    trained = timm.create_model("test_efficientnet").eval()  # with its 1000-class head, as saved checkpoints are
+    torch.save(trained.state_dict(), tmp_path / "eff.pth")
+    b = load_backbone("timm:test_efficientnet", str(tmp_path / "eff.pth"))
+    x = torch.randn(2, 3, 160, 160)
+    with torch.inference_mode():
+        expected = trained.forward_head(trained.forward_features(x), pre_logits=True)
+        assert torch.equal(b.network(x), expected)
+    assert b.pretrained and b.weights == "eff.pth" and len(b.weights_sha256) == 64
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"conv_stem.weight": Payload()}, f)
+    with pytest.raises(TransferError, match="not a state_dict torch can load safely"):
+        load_backbone("timm:test_efficientnet", str(tmp_path / "evil.pth"))
+
+
+def _fake_hf_cache(root, repo: str, filename: str, state: dict):
+    """The layout huggingface_hub leaves after a download: refs/main -> snapshots/<commit>/<file>."""
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(state, folder / "snapshots" / ("0" * 40) / filename)
+
+
+def test_timm_pretrained_weights_come_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import timm
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    torch.manual_seed(3)
+    trained = timm.create_model("test_vit").eval()
+    _fake_hf_cache(tmp_path, "timm/test_vit.r160_in1k", "model.safetensors", trained.state_dict())
+    b = load_backbone("timm:test_vit")
+    x = torch.randn(1, 3, 160, 160)
+    with torch.inference_mode():
+        assert torch.equal(b.network(x), trained.forward_head(trained.forward_features(x), pre_logits=True))
+    assert b.pretrained and b.weights == "timm/test_vit.r160_in1k/model.safetensors" and b.weights_source == "pretrained"
+    from pipeline.backbones import list_backbones
+
+    assert [e.weights for e in list_backbones("timm", "test_vit.r160")] == ["cached"]
+
+
+def test_timm_weights_offline_name_the_file_to_fetch_and_the_flag(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 20 s of retries against no network
+    images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", "--backbone", "timm:test_vit")
+    assert_one_line_error(result, "timm:test_vit.r160_in1k",
+                          "https://huggingface.co/timm/test_vit.r160_in1k/resolve/main/model.safetensors",
+                          "--weights /path/to/model.safetensors")
+
+
+def test_unknown_models_tags_and_layers_get_one_line_naming_what_exists(tmp_path):
+    images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+
+    def extract(*args):
+        return run_cli("extract", images, "--out", tmp_path / "c.h5", "--weights", "random", *args)
+
+    assert_one_line_error(extract("--backbone", "resnet19"), "unknown backbone 'resnet19'", "resnet18",
+                          "transfer backbones")
+    assert_one_line_error(extract("--backbone", "timm:test_vitt"), "unknown timm model 'test_vitt'", "timm:test_vit",
+                          "transfer backbones --source timm")
+    assert_one_line_error(extract("--backbone", "timm:test_vit.in22k"), "no pretrained tag 'in22k'", "r160_in1k")
+    assert_one_line_error(extract("--backbone", "resnet18", "--layer", "layer5"), "unknown layer 'layer5'",
+                          "layer4", "transfer backbones --layers resnet18")
+    assert_one_line_error(extract("--backbone", "resnet18", "--layer", "layer1.0.relu"),
+                          "runs 2 times in one forward pass")
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_backbones_lists_names_dims_and_weights_and_the_layers_of_one():
+    result = run_cli("backbones", "--source", "torchvision", "--filter", "resnet1")
+    assert result.code == 0, result.err
+    rows = [line.split() for line in result.out.splitlines()[1:]]
+    assert ["resnet18", "512", "download"] in rows and ["resnet101", "2048", "download"] in rows
+    assert all("resnet1" in r[0] for r in rows)
+    timm_rows = [line.split() for line in run_cli("backbones", "--source", "timm", "--filter", "test_vit").out.splitlines()]
+    assert ["timm:test_vit.r160_in1k", "64", "download"] in timm_rows and ["timm:test_vit4", "96", "none"] in timm_rows
+    layers = run_cli("backbones", "--layers", "resnet18")
+    assert layers.code == 0, layers.err
+    lines = [line.split("\t") for line in layers.out.splitlines()]
+    assert ["layer3", "256", "mean over H, W"] in lines and ["layer4", "512", "mean over H, W"] in lines
+    assert "layer1.0.relu" not in [line[0] for line in lines]  # runs twice per forward: no single output
+    assert_one_line_error(run_cli("backbones", "--layers", "resnet19"), "unknown backbone 'resnet19'")
+
+
+def test_listed_dims_are_the_dims_the_backbones_give(monkeypatch, tmp_path):
+    """The shipped table, and the meta-device computation used when the table does not fit the
+    installed versions, both equal the width of the really built network."""
+    from pipeline.backbones import list_backbones, registry
+
+    names = ["resnet18", "squeezenet1_1", "timm:test_vit.r160_in1k", "timm:test_convnext.r160_in1k"]
+
+    def listed():
+        return {e.name: e.dim for n in names
+                for e in list_backbones("timm" if n.startswith("timm:") else "torchvision", n) if e.name == n}
+
+    from_table = listed()
+    monkeypatch.setattr(registry, "DIMS_TABLE", tmp_path / "absent.json")
+    computed = {n: d for n, d in listed().items()}
+    built = {}
+    for name in names:
+        b = load_backbone(name, "random")
+        with torch.inference_mode():
+            built[name] = b.network(torch.zeros(1, 3, b.preprocessing.crop, b.preprocessing.crop)).shape[1]
+    assert from_table == computed == built and len(built) == 4
+
+
+def test_timm_preprocessing_modes_model_pt_cannot_reproduce_are_refused():
+    from pipeline.backbones.timm_zoo import preprocessing
+
+    base = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+            "crop_pct": 0.9}
+    assert preprocessing({**base, "crop_mode": "squash"}, "m").resize_mode == "squash"
+    with pytest.raises(TransferError, match="crop_mode 'border'"):
+        preprocessing({**base, "crop_mode": "border"}, "m")
+    with pytest.raises(TransferError, match="'lanczos' interpolation"):
+        preprocessing({**base, "interpolation": "lanczos"}, "m")
+    with pytest.raises(TransferError, match="square RGB crops only"):
+        preprocessing({**base, "input_size": (3, 256, 192)}, "m")
+    # A real one, refused before its 412M parameters are built:
+    with pytest.raises(TransferError, match="crop_mode 'border'"):
+        load_backbone("timm:deepseek_vit_412m.deepseek_v4_1_flash", "random")
+
+
+def test_squash_preprocessing_is_reproduced_by_model_pt_bit_for_bit():
+    from pipeline.backbones import Preprocessing
+    from pipeline.export import TransferModel
+    from pipeline.images import image_tensor
+
+    prep = Preprocessing(resize=70, crop=64, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                         resize_mode="squash")
+    model = torch.jit.script(TransferModel(torch.nn.Flatten(), torch.zeros(2, 3 * 64 * 64), torch.zeros(2), False,
+                                           prep, ["a", "b"], {}))
+    for seed, size in [(1, (200, 90)), (2, (64, 300)), (3, (70, 70))]:
+        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        expected = prep.pil_transform()(image)
+        assert expected.shape == (3, 64, 64)
+        assert torch.equal(model.preprocess(image_tensor(image)), expected)
+
+
+# --- model.pt for other backbones ----------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [("--backbone", "timm:test_vit"),
+                                  ("--backbone", "mobilenet_v3_small", "--layer", "features.9", "--tta", "flip")],
+                         ids=["timm-vit", "mobilenet-layer-flip"])
+def test_model_pt_and_predict_agree_with_sklearn_for_other_backbones(tmp_path, args):
+    from pipeline import head as head_mod
+
+    images = make_folder(tmp_path / "images", {"ants": 2, "bees": 2}, splits=("train", "val", "test"))
+    cache_file = tmp_path / "c.h5"
+    assert run_cli("extract", images, "--out", cache_file, "--weights", "random", *args).code == 0
+    run = tmp_path / "run"
+    result = run_cli("fit", cache_file, "--out", run, "--C", "0.1")
+    assert result.code == 0, result.err
+    parity = json.loads((run / "parity.json").read_text())
+    assert parity["cached_features"]["max_abs_diff"] <= 1e-5
+    assert parity["end_to_end"]["images"] == 12 and parity["end_to_end"]["max_abs_diff"] <= 1e-5
+
+    info = read_cache(cache_file)
+    expected = head_mod.sklearn_from_arrays(head_mod.load(str(run))).predict_proba(info.features(dtype=np.float64))
+    predicted = run_cli("predict", run / "model.pt", images / "test", "--out", tmp_path / "p.json", "--top-k", "2")
+    assert predicted.code == 0, predicted.err
+    by_path = {str(images / p): i for i, p in enumerate(info.paths)}
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert len(doc) == 4 and info.n == 12
+    for row in doc:
+        p = {x["label"]: x["probability"] for x in row["predictions"]}
+        want = expected[by_path[row["path"]]]
+        assert max(abs(p[c] - want[k]) for k, c in enumerate(info.classes)) <= 1e-5

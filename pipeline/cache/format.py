@@ -25,7 +25,7 @@ REASON_BYTES = 200
 COPY_ROWS = 2048  # rows per block when streaming features between files
 # Settings that make two extractions interchangeable; any difference refuses a resume or a reuse.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "pretrained", "seed", "layer", "dim",
-                 "preprocessing", "precision", "listing_sha256")
+                 "preprocessing", "precision", "listing_sha256", "source", "model", "versions", "tta")
 
 STR = h5py.string_dtype("utf-8")
 BYTES = h5py.string_dtype("ascii")  # h5py stores these bytes as they are: lossless file names

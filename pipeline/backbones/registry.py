@@ -1,0 +1,201 @@
+"""Every backbone by name: torchvision's models (`resnet18`), timm's (`timm:vit_small_patch16_224`),
+and the builtin `efficientnet_lite0`; loading one cut at its penultimate layer or any `--layer`,
+flip-averaged on request; listing them with their feature dims and offline availability.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import TransferError
+from . import builtin, layers, timm_zoo, torchvision_zoo
+from .base import TTA_MODES, Backbone, FlipAveraged, Loaded, freeze
+
+SOURCES = {"builtin": builtin, "torchvision": torchvision_zoo, "timm": timm_zoo}
+DIMS_TABLE = Path(__file__).with_name("dims.json")
+
+
+def parse(name: str) -> tuple[str, str]:
+    """'resnet18' -> ('torchvision', 'resnet18'); 'timm:test_vit' -> ('timm', 'test_vit');
+    'efficientnet_lite0' -> ('builtin', 'efficientnet_lite0'). Cheap: builds nothing."""
+    if name in builtin.names():
+        return "builtin", name
+    if name.startswith(timm_zoo.PREFIX):
+        timm_zoo.resolve(name[len(timm_zoo.PREFIX):])  # refuses unknown models and tags
+        return "timm", name[len(timm_zoo.PREFIX):]
+    if name in torchvision_zoo.names():
+        return "torchvision", name
+    known = list(builtin.names()) + list(torchvision_zoo.names())
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    if not close and not name.startswith("timm"):
+        from .timm_zoo import architectures
+
+        close = [timm_zoo.PREFIX + c for c in difflib.get_close_matches(name, architectures(), n=3, cutoff=0.75)]
+    hint = f"close matches: {', '.join(close)}; " if close else ""
+    raise TransferError(f"unknown backbone {name!r}; {hint}torchvision models go by their own name, timm models as "
+                        f"timm:<model>[.<tag>]; `transfer backbones` lists them all")
+
+
+def check_backbone_name(name: str) -> None:
+    parse(name)
+
+
+def load_backbone(name: str, weights: str | None = None, seed: int = 0, layer: str | None = None,
+                  tta: str = "none") -> Backbone:
+    """Build backbone `name` with `weights` (a weights name of its source, a state_dict file, or
+    "random"), frozen and in eval mode, cut at its penultimate layer or at module `layer`
+    (globally pooled), its embedding averaged with the horizontal flip's when tta="flip"."""
+    source, model_name = parse(name)
+    if tta not in TTA_MODES:
+        raise TransferError(f"unknown --tta {tta!r}; expected one of {', '.join(TTA_MODES)}")
+    zoo = SOURCES[source]
+    loaded: Loaded = zoo.load(model_name, weights, seed)
+    cut_at = layer or (torchvision_zoo.default_layer(loaded.model_name) if source == "torchvision" else None)
+    if cut_at:
+        info = _layer_info(loaded.name, weights, cut_at)
+        network, last, dim, pooling = layers.cut(loaded.model, info, loaded.hints), None, info.dim, info.pooling
+        description = layer or f"penultimate: {cut_at}, {pooling}"
+    else:
+        if _table_dim(_dims_table(), source, loaded.model_name) == 0:
+            raise TransferError(f"{loaded.name} ends in a feature map, not one vector per image; choose a --layer "
+                                f"(`transfer backbones --layers {loaded.name}` lists them)")
+        network, last, dim, description = zoo.penultimate(loaded.model_name, loaded.model)
+        pooling = ""
+    if tta == "flip":
+        network = FlipAveraged(network)
+    freeze(network)
+    if last is not None:
+        freeze(last)
+    return Backbone(name=loaded.name, network=network, last_layer=last, dim=dim, layer=description,
+                    preprocessing=loaded.preprocessing, weights=loaded.weights,
+                    weights_sha256=loaded.weights_sha256, pretrained=loaded.pretrained, seed=seed,
+                    weights_source=loaded.weights_source, source=loaded.source, model_name=loaded.model_name,
+                    layer_module=layer or "", pooling=pooling, tta=tta, versions=loaded.versions)
+
+
+def load_arguments(provenance: dict) -> dict:
+    """The `load_backbone` arguments that rebuild the backbone a cache was extracted with."""
+    return {"name": provenance["backbone"],
+            "weights": provenance.get("weights_source") or provenance.get("weights"),
+            "seed": int(provenance.get("seed") or 0),
+            "layer": provenance.get("layer_module") or None,
+            "tta": provenance.get("tta") or "none"}
+
+
+# --- layers -------------------------------------------------------------------------------------
+
+def list_layers(name: str, weights: str | None = None) -> list[layers.LayerInfo]:
+    """Every module of backbone `name` in the order it runs, with the feature dim it gives after
+    pooling (or why it cannot be used), from one forward pass on the meta device."""
+    source, model_name = parse(name)
+    zoo = SOURCES[source]
+    model, crop, hints = layers.build_shapes_only(lambda: zoo.skeleton(model_name, weights))
+    try:
+        return layers.probe(model, crop, hints)
+    except (RuntimeError, NotImplementedError, TypeError):
+        # An operation without a meta kernel: the same probe on a real, randomly initialised copy.
+        model, crop, hints = zoo.skeleton(model_name, weights)
+        return layers.probe(model, crop, hints)
+
+
+def _layer_info(name: str, weights: str | None, path: str) -> layers.LayerInfo:
+    infos = list_layers(name, weights)
+    by_path = {i.path: i for i in infos}
+    info = by_path.get(path)
+    usable = [i.path for i in infos if not i.problem]
+    if info is None:
+        close = difflib.get_close_matches(path, usable, n=5, cutoff=0.5)
+        hint = f"close matches: {', '.join(close)}; " if close else ""
+        raise TransferError(f"unknown layer {path!r} for {name}; {hint}`transfer backbones --layers {name}` lists "
+                            f"all {len(usable)} (module paths as in named_modules(), e.g. {usable[len(usable) // 2]})")
+    if info.problem:
+        raise TransferError(f"layer {path!r} of {name} cannot be used: {info.problem}; "
+                            f"`transfer backbones --layers {name}` lists the {len(usable)} that can")
+    return info
+
+
+# --- listing ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One name `--backbone` accepts: its source, penultimate feature dim, and whether its default
+    weights are on this machine ('cached', 'packaged'), must be downloaded ('download'), or do not
+    exist ('none': random only). note: why it cannot be used, if it cannot."""
+
+    name: str
+    source: str
+    dim: int
+    weights: str
+    note: str = ""
+
+
+def list_backbones(source: str | None = None, text: str | None = None, progress=None) -> list[BackboneEntry]:
+    """Every backbone name (of one source, containing `text`), with its dim and weights status.
+
+    Dims come from dims.json, written by `python -m pipeline.backbones.dims` for the installed
+    torchvision and timm versions from a forward pass on the meta device; for other versions they
+    are computed the same way for the listed models only. progress: an extract.ProgressSink-like
+    object (start(total, already), advance(n)), told about those computations."""
+    if source is not None and source not in SOURCES:
+        raise TransferError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    names = []
+    for src in ([source] if source else list(SOURCES)):
+        if src == "timm":
+            pretrained = timm_zoo.pretrained_names()
+            with_weights = {n.partition(".")[0] for n in pretrained}
+            candidates = list(pretrained) + [a for a in timm_zoo.architectures() if a not in with_weights]
+            names += [(src, timm_zoo.PREFIX + n, n) for n in sorted(candidates)]
+        else:
+            names += [(src, n, n) for n in SOURCES[src].names()]
+    if text:
+        names = [entry for entry in names if text.lower() in entry[1].lower()]
+    table = _dims_table()
+    dims = {shown: _table_dim(table, src, model_name) for src, shown, model_name in names}
+    missing = [shown for shown, dim in dims.items() if dim is None]
+    if missing:
+        from .dims import penultimate_dim
+
+        if progress:
+            progress.start(len(missing), 0)
+        for shown in missing:
+            dims[shown] = penultimate_dim(shown)
+            if progress:
+                progress.advance(1)
+    return [BackboneEntry(shown, src, int(dims[shown]), SOURCES[src].weights_status(model_name),
+                          _note(src, model_name, int(dims[shown])))
+            for src, shown, model_name in names]
+
+
+def _table_dim(table: dict, source: str, model_name: str) -> int | None:
+    if source == "builtin":  # efficientnet_lite0 is timm's tf_efficientnet_lite0 with other weights
+        return table.get("timm", {}).get(builtin.TIMM_NAME)
+    return table.get(source, {}).get(model_name.partition(".")[0] if source == "timm" else model_name)
+
+
+def _note(source: str, model_name: str, dim: int) -> str:
+    if dim == 0:
+        return "its forward does not end in pooled features; use --layer"
+    return timm_zoo.unsupported(model_name) if source == "timm" else ""
+
+
+def _dims_table() -> dict:
+    """{source: {model: dim}} for the sources whose installed version the table was made with."""
+    if not DIMS_TABLE.exists():
+        return {}
+    with open(DIMS_TABLE) as f:
+        doc = json.load(f)
+    current = {lib: _release(v) for lib, v in {**torchvision_zoo.versions(), **timm_zoo.versions()}.items()}
+    usable = {}
+    for src, part in doc.get("sources", {}).items():
+        if all(current.get(lib) == _release(version) for lib, version in part.get("versions", {}).items()):
+            usable[src] = part["dims"]
+    return usable
+
+
+
+def _release(version: str) -> str:
+    """'0.29.1+cu130' -> '0.29.1': CPU and CUDA builds of one release define the same models."""
+    return version.split("+")[0]

@@ -1,0 +1,226 @@
+"""timm's models as `timm:<model>[.<pretrained tag>]` (`timm:convnext_tiny.fb_in22k_ft_in1k`).
+
+Weights: the tag's pretrained weights (default), a state_dict file (.safetensors, .pth, ...), or
+`random`. The pretrained file is looked up in the Hugging Face hub cache timm itself uses (or
+torch's hub cache for the few hosted elsewhere), downloaded there when missing, and loaded by
+timm's own `create_model(pretrained=True)` path (its checkpoint filters and classifier handling).
+Preprocessing: `timm.data.resolve_data_config` of the tag's pretrained_cfg. Features: timm's
+penultimate convention, `num_classes=0` (= `forward_head(x, pre_logits=True)`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import os
+
+import torch
+from torch import nn
+
+from ..errors import TransferError
+from . import weights as wfile
+from .base import LayerHints, Loaded, Preprocessing
+
+SOURCE = "timm"
+PREFIX = "timm:"
+HF_FILES = ("model.safetensors", "pytorch_model.bin")  # the names timm tries, safetensors first
+
+
+@functools.lru_cache(maxsize=1)
+def architectures() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_models())
+
+
+@functools.lru_cache(maxsize=1)
+def pretrained_names() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_pretrained())
+
+
+def versions() -> dict:
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__}
+
+
+def resolve(model_name: str):
+    """`arch[.tag]` -> (`arch.tag` with the default tag filled in, its pretrained_cfg or None)."""
+    import timm
+
+    arch, _, tag = model_name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, architectures(), n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(PREFIX + c for c in close)}; " if close else ""
+        raise TransferError(f"unknown timm model {arch!r}; {hint}`transfer backbones --source timm` lists all "
+                            f"{len(architectures())}")
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise TransferError(f"timm model {arch} has no pretrained tag {tag!r}; its tags: "
+                            f"{', '.join(tags) or 'none (use --weights random or a file)'}") from None
+    return (f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag else arch), cfg
+
+
+def preprocessing(config: dict, name: str) -> Preprocessing:
+    """timm's eval transform (timm.data.transforms_imagenet_eval) for a resolved data config, as a
+    Preprocessing; refuses what model.pt cannot reproduce bit for bit."""
+    from timm.data import DEFAULT_CROP_PCT
+
+    channels, height, width = config["input_size"]
+    mode = config.get("crop_mode") or "center"
+    if channels != 3 or height != width:
+        raise TransferError(f"{name} expects {channels}x{height}x{width} inputs; transfer supports square RGB crops only")
+    if mode not in ("center", "squash"):
+        raise TransferError(f"{name} uses timm's crop_mode {mode!r}, which model.pt cannot reproduce exactly; "
+                            "supported: center, squash")
+    if config["interpolation"] not in ("bilinear", "bicubic"):
+        raise TransferError(f"{name} resizes with {config['interpolation']!r} interpolation, which model.pt cannot "
+                            "reproduce exactly; supported: bilinear, bicubic")
+    crop_pct = config.get("crop_pct") or DEFAULT_CROP_PCT
+    return Preprocessing(
+        resize=int(math.floor(height / crop_pct)),  # timm: scale_size = floor(img_size / crop_pct)
+        crop=int(height),
+        interpolation=config["interpolation"],
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+        resize_mode="shorter" if mode == "center" else "squash",
+    )
+
+
+def hints(model: nn.Module) -> LayerHints:
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    fmt = getattr(model, "output_fmt", "NCHW")
+    return LayerHints(class_token=getattr(model, "global_pool", None) == "token" and prefix > 0,
+                      prefix_tokens=prefix, nhwc=getattr(fmt, "value", fmt) == "NHWC", tracer="timm")
+
+
+def _hf_cached(repo: str, filenames) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hf_candidates(cfg) -> tuple[str, ...]:
+    return (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_FILES
+
+
+def pretrained_file(tagged: str, cfg) -> tuple[str, str]:
+    """(local path, description) of the pretrained weights of timm:`tagged`, downloaded once."""
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise TransferError(f"timm:{tagged} has no pretrained weights; pass --weights random or --weights FILE")
+    if not cfg.hf_hub_id:
+        return wfile.fetch_url(cfg.url), os.path.basename(cfg.url)
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    candidates = _hf_candidates(cfg)
+    path = _hf_cached(cfg.hf_hub_id, candidates)  # no network round trip when the file is already here
+    reason = "not in the local cache"
+    for filename in candidates if path is None else ():
+        try:
+            path = hf_hub_download(cfg.hf_hub_id, filename)
+            break
+        except RemoteEntryNotFoundError:
+            continue  # this repository has the other file name
+        except Exception as e:  # noqa: BLE001 - offline, DNS, proxy, HTTP: the hub client raises many types
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            break
+    if path is None:
+        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{candidates[0]}"
+        raise TransferError(
+            f"cannot get the pretrained weights of timm:{tagged} ({reason}); on a machine with network, fetch {url} "
+            f"and pass --weights /path/to/{candidates[0]} (or fill the Hugging Face cache {constants.HF_HUB_CACHE})")
+    return path, f"{cfg.hf_hub_id}/{os.path.basename(path)}"
+
+
+def _create(tagged: str, path: str, name: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(tagged, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise TransferError(f"weights do not fit {name}: {'; '.join(lines[:3])[:300]}") from None
+
+
+def load(model_name: str, weights: str | None, seed: int) -> Loaded:
+    import timm
+    from timm.data import resolve_data_config
+
+    tagged, cfg = resolve(model_name)
+    name = PREFIX + tagged
+    prep = preprocessing(resolve_data_config(pretrained_cfg=cfg.to_dict()), name) if cfg is not None else None
+    torch.manual_seed(seed)  # makes `random` weights reproducible; harmless otherwise
+    if weights == "random":
+        model = timm.create_model(tagged, pretrained=False, num_classes=0)
+        weights_id, sha, source = "random", "", "random"
+    elif weights is None or weights == "pretrained" or wfile.looks_like_path(weights):
+        if weights is None or weights == "pretrained":
+            path, weights_id = pretrained_file(tagged, cfg)
+            source = "pretrained"
+        else:
+            path, weights_id, source = weights, os.path.basename(weights), os.path.abspath(weights)
+        if not (cfg is not None and cfg.custom_load and path.endswith(".npz")):  # timm reads JAX .npz itself
+            # Proves the file holds tensors only, whatever timm version then loads it.
+            wfile.load_state_file(path)
+        model = _create(tagged, path, name)
+        sha = wfile.sha256(path)
+    else:
+        raise TransferError(f"unknown weights {weights!r} for {name}; expected 'pretrained' (the default), a "
+                            "state_dict file or 'random' (a pretrained tag goes in the name: timm:<model>.<tag>)")
+    if prep is None:
+        prep = preprocessing(resolve_data_config(model=model), name)
+    return Loaded(name=name, source=SOURCE, model_name=tagged, model=model.eval(), preprocessing=prep,
+                  weights=weights_id, weights_sha256=sha, pretrained=weights != "random", seed=seed,
+                  weights_source=source, versions=versions(), hints=hints(model))
+
+
+def penultimate(name: str, model: nn.Module) -> tuple[nn.Module, None, int, str]:
+    """Built with num_classes=0, the model already returns its pre-logits features."""
+    dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return model, None, dim, "penultimate: pre-logits features (timm num_classes=0)"
+
+
+def skeleton(model_name: str, weights: str | None = None) -> tuple[nn.Module, int, LayerHints]:
+    import timm
+    from timm.data import resolve_data_config
+
+    tagged, _ = resolve(model_name)
+    model = timm.create_model(tagged, pretrained=False, num_classes=0).eval()
+    return model, int(resolve_data_config(model=model)["input_size"][-1]), hints(model)
+
+
+def weights_status(name: str) -> str:
+    """'cached', 'download', or 'none' (no pretrained weights: random only)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return "none"
+    if cfg.hf_hub_id:
+        return "cached" if _hf_cached(cfg.hf_hub_id, _hf_candidates(cfg)) else "download"
+    return "cached" if os.path.exists(wfile.hub_checkpoint_path(cfg.url)) else "download"
+
+
+def unsupported(name: str) -> str:
+    """Why timm:`name`'s preprocessing cannot be reproduced exactly, or '' when it can."""
+    import timm
+    from timm.data import resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return ""
+    try:
+        preprocessing(resolve_data_config(pretrained_cfg=cfg.to_dict()), name)
+    except TransferError as e:
+        return str(e).split(";")[0].split(", which")[0].removeprefix(f"{name} ")
+    return ""
