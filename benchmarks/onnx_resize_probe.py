@@ -53,7 +53,10 @@ def pillow_crop(pixels: np.ndarray) -> np.ndarray:
     return prep.pil_transform()(Image.fromarray(pixels.transpose(1, 2, 0))).numpy()
 
 
-def first_line(e: Exception) -> str:
+def first_line(e: BaseException) -> str:
+    """The innermost cause's type and first line (the ONNX exporter wraps torch.export's error)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
 
 

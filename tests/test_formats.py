@@ -110,6 +110,15 @@ def test_the_readme_pt2_example_runs_as_written(shipped, tmp_path, monkeypatch):
     assert scope["probs"].shape == (2, 3) and scope["classes"] == ["a", "b", "c"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_model_pt2_runs_on_cuda(shipped):
+    import pipeline
+
+    x = torch.randint(0, 256, (2, 3, 240, 320), dtype=torch.uint8)
+    gpu, cpu = pipeline.load_model(shipped / "model.pt2", "cuda"), pipeline.load_model(shipped / "model.pt2", "cpu")
+    np.testing.assert_allclose(gpu(x).numpy(), cpu(x).numpy(), atol=1e-3)
+
+
 def _constant_onnx(path: str, k: int) -> None:
     """A valid ONNX model with the exported input and output that always answers class 0."""
     import onnx
