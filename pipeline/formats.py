@@ -106,10 +106,24 @@ def _onnx_bytes(program: torch.export.ExportedProgram, metadata: str | None) -> 
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
                                          input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
     proto = onnx_program.model_proto
+    _name_axes(proto)
     if metadata is not None:
         onnx.helper.set_model_props(proto, {METADATA_KEY: metadata})
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def _name_axes(proto) -> None:
+    """The exporter names dynamic axes s0, s1, ...: call the input's batch, height and width so."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    names = {"batch": dims[0].dim_param}
+    if len(dims) == 4:
+        names.update(height=dims[2].dim_param, width=dims[3].dim_param)
+    renamed = {old: new for new, old in names.items() if old}
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in renamed:
+                d.dim_param = renamed[d.dim_param]
 
 
 def write(fmt: str, model: nn.Module, path: str, program: torch.export.ExportedProgram | None = None) -> None:
