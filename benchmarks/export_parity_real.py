@@ -7,7 +7,7 @@ an extraction), fits the head on the train photos only, exports model.pt, model.
 (each checked at export), and runs each file on every raw val photo, decoded once and given to each
 format as is (the resize is inside every file). Prints top-1 per format, and for model.onnx
 (onnxruntime, CPU) and model.pt2 (torch.export): argmax agreement with model.pt and max |p - p_pt|.
-tests/test_formats.py::test_real_photos_onnx_and_pt2_agree_with_model_pt checks every third photo.
+tests/test_formats.py::test_real_photos_onnx_and_pt2_agree_with_model_pt checks every fourth photo.
 """
 
 from __future__ import annotations

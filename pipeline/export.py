@@ -185,15 +185,20 @@ def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
     return {named[0]: out}
 
 
-def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str) -> ExportResult:
+def build_model(head: head_mod.LinearHead) -> TransferModel:
+    """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this head."""
     provenance = head.meta["provenance"]
-    parity = {"cached_features": _feature_parity(head, reference, cache)}
     backbone = rebuild_backbone(provenance)
     # The preprocessing recorded at extraction, not today's: Pillow's resize order may have changed since.
     prep = Preprocessing.from_dict(provenance["preprocessing"])
     model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
                           head.l2_normalize, prep, head.classes, model_metadata(head))
-    model.eval()
+    return model.eval()
+
+
+def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str) -> ExportResult:
+    parity = {"cached_features": _feature_parity(head, reference, cache)}
+    model = build_model(head)
     # Every file is written under a temporary name and checked as loaded back from it; only when all
     # agree with scikit-learn are they renamed into place.
     for fmt, path in paths.items():  # model.pt's head is the torch Linear checked above

@@ -211,26 +211,30 @@ def test_formats_are_parsed_by_name():
 
 @needs_hymenoptera
 def test_real_photos_onnx_and_pt2_agree_with_model_pt(hymenoptera_lite0, tmp_path):
-    """The proof on raw val photos (every 3rd of 153; all of them: benchmarks/export_parity_real.py),
+    """The proof on raw val photos (every 4th of 153; all of them: benchmarks/export_parity_real.py),
     pretrained EfficientNet-Lite0, head fitted on train only: model.onnx (onnxruntime) and model.pt2
-    give model.pt's top-1 on every photo and max |dp| <= 1e-4."""
+    give model.pt's top-1 on every photo and max |dp| <= 1e-4. (The export's own checks are tested above.)"""
     import pipeline
     from pipeline import read_cache
+    from pipeline.export import build_model
     from pipeline.images import decode_image, image_tensor
 
     info = read_cache(hymenoptera_lite0)
     train = subset_cache(hymenoptera_lite0, tmp_path / "train.h5", np.flatnonzero(info.split == "train"))
-    exported = pipeline.export(pipeline.fit(train), tmp_path / "model", formats="all")
-    models = {fmt: pipeline.load_model(path, "cpu") for fmt, path in exported.paths.items()}
-    files = sorted((HYMENOPTERA / "val").rglob("*.*"))[::3]
+    model = build_model(pipeline.fit(train).head)
+    program = formats.image_program(model)
+    for fmt, suffix in formats.FORMATS.items():
+        formats.write(fmt, model, str(tmp_path / f"model{suffix}"), program)
+    models = {fmt: pipeline.load_model(tmp_path / f"model{suffix}", "cpu") for fmt, suffix in formats.FORMATS.items()}
+    files = sorted((HYMENOPTERA / "val").rglob("*.*"))[::4]
     probs = {fmt: [] for fmt in models}
     for f in files:
         image = image_tensor(decode_image(str(f)))
-        for fmt, model in models.items():
-            probs[fmt].append(model.runner.run([model.runner.prepare(image)])[0])
+        for fmt, loaded in models.items():
+            probs[fmt].append(loaded.runner.run([loaded.runner.prepare(image)])[0])
     reference = np.array(probs.pop("torchscript"))
     truth = np.array([models["onnx"].classes.index(f.parent.name) for f in files])
-    assert len(files) == 51 and (reference.argmax(1) == truth).mean() >= 0.9
+    assert len(files) == 39 and (reference.argmax(1) == truth).mean() >= 0.9
     for fmt, p in probs.items():
         p = np.array(p)
         assert np.array_equal(p.argmax(1), reference.argmax(1)), fmt
