@@ -239,3 +239,21 @@ def test_real_photos_onnx_and_pt2_agree_with_model_pt(hymenoptera_lite0, tmp_pat
         p = np.array(p)
         assert np.array_equal(p.argmax(1), reference.argmax(1)), fmt
         assert np.abs(p - reference).max() <= 1e-4, (fmt, np.abs(p - reference).max())
+
+
+def test_fit_passes_its_format_option_to_export(tmp_path, monkeypatch):
+    from tests.conftest import blobs, make_cache
+
+    import importlib
+
+    export_module = importlib.import_module("pipeline.export")  # (the attribute pipeline.export is the function)
+
+    X, y, classes = blobs(10, 2, 4)
+    cache = make_cache(tmp_path / "c.h5", X, y, classes)
+
+    def recorder(run_dir, out=None, formats="torchscript"):
+        raise TransferError(f"export asked for {formats}")
+
+    monkeypatch.setattr(export_module, "export", recorder)
+    result = run_cli("fit", cache, "--out", tmp_path / "run", "--C", "1", "--format", "onnx", "--format", "pt2")
+    assert_one_line_error(result, "export asked for ['onnx', 'pt2']")
