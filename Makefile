@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract_memory.py
 	$(PY) benchmarks/fit_memory.py
 	$(PY) benchmarks/write_cache_memory.py
+	$(PY) benchmarks/export_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -190,8 +190,10 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
+@click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
+              type=click.Choice(["torchscript", "onnx", "pt2", "all"]), help="Model format(s) to export; repeatable.")
 def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
-        export):
+        export, formats):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
@@ -240,7 +242,7 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
                    "raise --max-iter", err=True)
     if export:
         try:
-            _export_and_report(run_dir, None)
+            _export_and_report(run_dir, None, formats)
         except KeyboardInterrupt:
             raise _Exit(f"interrupted while exporting: the run folder {run_dir} is complete; "
                         f"`transfer export {run_dir}` writes the model", 130) from None
@@ -249,31 +251,43 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
 @cli.command(name="export")
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=str))
 @click.option("--out", "model_path", type=click.Path(path_type=str), default=None,
-              help="Where to write the TorchScript model [default: RUN_DIR/model.pt].")
-def export_cmd(run_dir, model_path):
-    """Write RUN_DIR/head.pt (a torch.nn.Linear state_dict) and one TorchScript model.pt
-    (preprocessing + frozen backbone + new head + softmax), after checking both against scikit-learn."""
-    _export_and_report(run_dir, model_path)
+              help="Folder to write into, or the model file for one format [default: RUN_DIR].")
+@click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
+              type=click.Choice(["torchscript", "onnx", "pt2", "all"]),
+              help="model.pt (TorchScript), model.onnx (onnxruntime), model.pt2 (torch.export), or all; repeatable.")
+def export_cmd(run_dir, model_path, formats):
+    """Write RUN_DIR/head.pt (a torch.nn.Linear state_dict) and the model (preprocessing + frozen
+    backbone + new head + softmax) as model.pt, model.onnx and/or model.pt2, each checked against
+    scikit-learn before it is renamed into place."""
+    _export_and_report(run_dir, model_path, formats)
 
 
-def _export_and_report(run_dir: str, model_path: str | None) -> None:
+def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",)) -> None:
     from pipeline.export import export
 
-    result = export(run_dir, model_path)
-    f, e = result.parity["cached_features"], result.parity["end_to_end"]
+    result = export(run_dir, model_path, formats=list(formats))
+    f = result.parity["cached_features"]
     _echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
                f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")
-    if "skipped" in e:
-        _echo(f"parity: end to end not checked: {e['skipped']}")
-    else:
-        _echo(f"parity: model.pt on {e['images']} original images vs scikit-learn: max |p diff| "
-                   f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
-    _echo(f"model: {result.model_path} ({_size(os.path.getsize(result.model_path))})  "
-               f"head: {result.head_path}")
+    for fmt, path in result.paths.items():
+        checked = result.parity if fmt == "torchscript" else result.parity[fmt]
+        name, e = os.path.basename(path), checked["end_to_end"]
+        if fmt != "torchscript":
+            h = checked["cached_features"]
+            _echo(f"parity: {name}'s head vs scikit-learn on {h['rows']} cached rows: max |p diff| "
+                  f"{h['max_abs_diff']:.1e} (<= {h['tolerance']:.0e}), same argmax")
+        if "skipped" in e:
+            _echo(f"parity: {name} end to end not checked: {e['skipped']}")
+        else:
+            _echo(f"parity: {name} on {e['images']} original images vs scikit-learn: max |p diff| "
+                  f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
+    for path in result.paths.values():
+        _echo(f"model: {path} ({_size(os.path.getsize(path))})")
+    _echo(f"head: {result.head_path}")
 
 
 @cli.command(name="predict")
-@click.argument("model_path", metavar="MODEL.pt", type=click.Path(path_type=str))
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=str))
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "out", type=click.Path(path_type=str), default=None,
               help="Write predictions to a .csv or .json file instead of the terminal.")
@@ -281,7 +295,8 @@ def _export_and_report(run_dir: str, model_path: str | None) -> None:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def predict_cmd(model_path, paths, out, top_k, batch_size, device):
-    """Classify image files (or every image in folders) with a model.pt from `transfer export`."""
+    """Classify image files (or every image in folders) with a model from `transfer export`:
+    model.pt (TorchScript), model.onnx (onnxruntime) or model.pt2 (torch.export), by its suffix."""
     from pipeline.predict import check_output_name, load_model, predict, write_predictions
 
     if out:

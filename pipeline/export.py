@@ -8,19 +8,19 @@ cached features, and model.pt end to end on a sample of the original images.
 
 import json
 import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import formats as formats_mod
 from . import head as head_mod
 from .backbones import Backbone, Preprocessing, load_arguments, load_backbone
 from .cache import Cache, read_cache
 from .errors import SettingError, TransferError
-from .files import make_folder_for, write_atomically
+from .files import make_folder_for, remove_quietly, write_atomically
 from .images import DecodeError, decode_image, image_tensor
 from .resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize
 
@@ -109,9 +109,10 @@ class TransferModel(nn.Module):
 
 @dataclass
 class ExportResult:
-    model_path: str  # model.pt: uint8 images in, probabilities out
+    model_path: str  # model.pt (or the one other format written): uint8 images in, probabilities out
     head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
     parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
+    paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
 
 
 def linear_state(head: head_mod.LinearHead) -> dict:
@@ -144,18 +145,21 @@ def rebuild_backbone(provenance: dict) -> Backbone:
     return backbone
 
 
-def export(source, out: str | os.PathLike | None = None) -> ExportResult:
-    """Write head.pt and model.pt for a fitted head, after checking both against scikit-learn.
+def export(source, out: str | os.PathLike | None = None, formats="torchscript") -> ExportResult:
+    """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
 
     source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
-    write into (default: the run folder), or the model file's path (*.pt). A FitResult that was
-    never written needs `out`; its head files (head.npz, head.json) are written there too.
+    write into (default: the run folder), or the model file's path (*.pt, *.onnx or *.pt2, one
+    format). formats: "torchscript" (model.pt), "onnx" (model.onnx), "pt2" (model.pt2), a list
+    of them, or "all". A FitResult that was never written needs `out`; its head files (head.npz,
+    head.json) are written there too.
 
-    >>> exported = export(fit("cache/photos.h5"), "models/photos")
-    >>> exported.model_path                                   # 'models/photos/model.pt'
+    >>> exported = export(fit("cache/photos.h5"), "models/photos", formats="all")
+    >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
     """
     from .fit import FitResult
 
+    chosen = formats_mod.parse_formats(formats)
     if isinstance(source, FitResult):
         head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
     else:
@@ -169,41 +173,76 @@ def export(source, out: str | os.PathLike | None = None) -> ExportResult:
     if out is None and run_dir is None:
         raise SettingError("export: this fit was not written to a run folder; pass out= (a folder) to write to")
     out = os.fspath(out) if out is not None else run_dir
-    model_path = out if out.endswith(".pt") else os.path.join(out, "model.pt")
-    folder = os.path.dirname(os.path.abspath(model_path))
-    make_folder_for(model_path)
+    paths = _model_paths(out, chosen)
+    folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
+    make_folder_for(os.path.join(folder, "head.pt"))
     if isinstance(source, FitResult) and os.path.abspath(folder) != os.path.abspath(run_dir or ""):
         head_mod.save(head, folder)  # so the folder describes its model on its own
-    return _export(head, reference, cache, model_path, folder)
+    return _export(head, reference, cache, paths, folder)
 
 
-def _export(head: head_mod.LinearHead, reference, cache: Cache, model_path: str, folder: str) -> ExportResult:
+def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
+    """format -> the file to write: out/model.pt etc., or `out` itself when it names one file."""
+    named = [f for f, suffix in formats_mod.FORMATS.items() if out.lower().endswith(suffix)]
+    if not named:
+        return {f: os.path.join(out, "model" + formats_mod.FORMATS[f]) for f in chosen}
+    if chosen != named:
+        raise SettingError(f"--out {out} names one {named[0]} file but the format asked for is {', '.join(chosen)}; "
+                           "give a folder, or --format " + named[0])
+    return {named[0]: out}
+
+
+def build_model(head: head_mod.LinearHead) -> TransferModel:
+    """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this head."""
     provenance = head.meta["provenance"]
-    parity = {"cached_features": _feature_parity(head, reference, cache)}
     backbone = rebuild_backbone(provenance)
     # The preprocessing recorded at extraction, not today's: Pillow's resize order may have changed since.
     prep = Preprocessing.from_dict(provenance["preprocessing"])
     model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
                           head.l2_normalize, prep, head.classes, model_metadata(head))
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
-        scripted = torch.jit.script(model)
-    parity["end_to_end"] = _end_to_end_parity(scripted, reference, cache)
-    head_path = os.path.join(folder, "head.pt")
-    write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save's deprecation notice
-        write_atomically(lambda p: _save_scripted(scripted, p, model.metadata), model_path)
-    with open(os.path.join(folder, "parity.json"), "w") as f:
-        json.dump(parity, f, indent=2)
-    return ExportResult(model_path, head_path, parity)
+    return model.eval()
 
 
-def _save_scripted(scripted, path: str, metadata: str) -> None:
-    # Through a file object: torch's own path argument cannot hold names that are not UTF-8.
-    with open(path, "wb") as f:
-        torch.jit.save(scripted, f, _extra_files={"transfer.json": metadata})
+def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str) -> ExportResult:
+    parity = {"cached_features": _feature_parity(head, reference, cache)}
+    model = build_model(head)
+    # Every file is written under a temporary name and checked as loaded back from it; only when all
+    # agree with scikit-learn are they renamed into place.
+    for fmt, path in paths.items():  # model.pt's head is the torch Linear checked above
+        if fmt != "torchscript":
+            parity[fmt] = {"file": os.path.basename(path),
+                           "cached_features": _format_feature_parity(fmt, model, reference, cache)}
+    program = formats_mod.image_program(model) if {"onnx", "pt2"} & set(paths) else None  # both start from it
+    written = {}
+    try:
+        for fmt, path in paths.items():
+            name = os.path.basename(path)
+            written[fmt] = tmp = f"{path}.writing-{os.getpid()}"
+            formats_mod.write(fmt, model, tmp, program)
+            runner, _ = formats_mod.load(tmp, torch.device("cpu"), fmt)
+            e2e = _end_to_end_parity(runner.images, reference, cache, name)
+            (parity if fmt == "torchscript" else parity[fmt])["end_to_end"] = e2e  # model.pt's: top level, as before
+        head_path = os.path.join(folder, "head.pt")
+        write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
+        for fmt, path in paths.items():
+            os.replace(written.pop(fmt), path)
+    finally:
+        for tmp in written.values():
+            remove_quietly(tmp)
+    parity_path = os.path.join(folder, "parity.json")
+    try:  # keep what an earlier export checked for the formats not rewritten now
+        with open(parity_path) as f:
+            parity = {**json.load(f), **parity}
+    except (OSError, ValueError):
+        pass
+    write_atomically(lambda p: _write_json(parity, p), parity_path)
+    model_path = paths.get("torchscript") or next(iter(paths.values()))
+    return ExportResult(model_path, head_path, parity, dict(paths))
+
+
+def _write_json(doc: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
 
 
 def model_metadata(head: head_mod.LinearHead) -> dict:
@@ -225,19 +264,26 @@ def model_metadata(head: head_mod.LinearHead) -> dict:
     }
 
 
-def _feature_parity(head, reference, cache: Cache) -> dict:
+def _feature_parity(head, reference, cache: Cache, probabilities=None, name: str = "the torch Linear") -> dict:
+    """probabilities: (N, D) features -> (N, K), the head under test (default: the torch Linear)."""
     with_rows = _sample_rows(cache.n, PARITY_ROWS)
     features = cache.features(with_rows, dtype=np.float64)
     p_sklearn = reference.predict_proba(features)
-    p_torch = torch_proba(head, features)
+    p_torch = probabilities(features) if probabilities else torch_proba(head, features)
     worst = float(np.abs(p_torch - p_sklearn).max())
     same = _same_decisions(p_torch, p_sklearn, FEATURE_TOLERANCE)
     result = {"rows": len(with_rows), "max_abs_diff": worst, "tolerance": FEATURE_TOLERANCE, "argmax_identical": same,
               "argmax_rule": "compared where the top two differ by more than 2 x tolerance"}
     if worst > FEATURE_TOLERANCE or not same:
-        raise TransferError(f"export stopped: the torch Linear disagrees with scikit-learn on {len(with_rows)} cached "
+        raise TransferError(f"export stopped: {name} disagrees with scikit-learn on {len(with_rows)} cached "
                             f"rows (max |p diff| {worst:.2e}, tolerance {FEATURE_TOLERANCE:.0e}, argmax identical: {same})")
     return result
+
+
+def _format_feature_parity(fmt: str, model: TransferModel, reference, cache: Cache) -> dict:
+    """The head as format `fmt` runs it (onnxruntime, torch.export) vs scikit-learn on cached features."""
+    return _feature_parity(None, reference, cache, lambda x: formats_mod.head_probabilities(fmt, model, x),
+                           f"the head in {fmt}")
 
 
 def _same_decisions(p: np.ndarray, reference: np.ndarray, tolerance: float) -> bool:
@@ -253,7 +299,8 @@ def _sample_rows(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64))
 
 
-def _end_to_end_parity(model, reference, cache: Cache) -> dict:
+def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt") -> dict:
+    """model: uint8 images (1, 3, H, W) -> probabilities (1, K), run on a sample of the original images."""
     tolerance = END_TO_END_TOLERANCE.get(cache.provenance.get("precision"), 1e-1)
     rows = _sample_rows(cache.n, PARITY_IMAGES)
     names = [cache.path_bytes[i] for i in rows]
@@ -268,7 +315,7 @@ def _end_to_end_parity(model, reference, cache: Cache) -> dict:
             continue  # moved or deleted since extraction
         tensor = image_tensor(image).unsqueeze(0)
         with torch.inference_mode():
-            got = model(tensor).double().numpy()[0]
+            got = np.asarray(model(tensor), dtype=np.float64)[0]
         worst = max(worst, float(np.abs(got - expected[i]).max()))
         same &= _same_decisions(got[None], expected[i][None], tolerance)
         checked.append(os.fsdecode(name))
@@ -279,7 +326,7 @@ def _end_to_end_parity(model, reference, cache: Cache) -> dict:
         result["skipped"] = f"none of the sampled images could be read under {os.fsdecode(image_dir)}"
         return result
     if worst > tolerance or not same:
-        raise TransferError(f"export stopped: model.pt on {len(checked)} original images disagrees with scikit-learn "
+        raise TransferError(f"export stopped: {label} on {len(checked)} original images disagrees with scikit-learn "
                             f"on their cached features (max |p diff| {worst:.2e}, tolerance {tolerance:.0e}, "
                             f"argmax identical: {same})")
     return result

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from numbers import Integral
 
 import numpy as np
 import torch
 
+from . import formats
 from .errors import InputFileError, SettingError
 from .files import display_path, make_folder_for, write_atomically
 from .export import MODEL_FORMAT
+from .formats import Runner
 from .images import DecodeError, decode_image, image_tensor, is_image_name, walk_files
 from .settings import Interval, validate
 
@@ -35,46 +36,38 @@ class Prediction:
 
 @dataclass
 class Model:
-    """A loaded model.pt: `module` (TorchScript) on `device`, its `classes` (K names, the order of
-    its outputs) and `metadata` (backbone, weights, preprocessing, ...)."""
+    """A loaded model.pt, model.pt2 or model.onnx: `runner` (formats.Runner) on `device`, its
+    `classes` (K names, the order of its outputs) and `metadata` (backbone, weights, preprocessing, ...)."""
 
     path: str
-    module: torch.jit.ScriptModule
+    runner: Runner
     classes: list[str]
     metadata: dict
     device: torch.device
 
+    @property
+    def format(self) -> str:
+        return self.runner.format
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB images (N, 3, H, W) -> probabilities (N, K)."""
-        with torch.inference_mode():
-            return self.module(images.to(self.device))
+        """uint8 RGB images (N, 3, H, W) -> probabilities (N, K) float32, on the CPU."""
+        return torch.from_numpy(self.runner.images(images))
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "auto") -> Model:
-    """torch.jit.load a model.pt written by `export`, after checking it is one."""
+    """Load a model written by `export`, after checking it is one: the format by the suffix
+    (.onnx: onnxruntime, .pt2: torch.export, anything else: TorchScript)."""
     from .backbones import resolve_device
 
     path = os.fspath(path)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if not os.path.isfile(path):
         raise InputFileError(f"model file {path} does not exist")
-    extra = {"transfer.json": ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            with open(path, "rb") as f:  # a file object: torch's path argument cannot hold non-UTF-8 names
-                module = torch.jit.load(f, map_location=device, _extra_files=extra)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for "not TorchScript"
-        raise InputFileError(f"{path} is not a TorchScript model written by `transfer export` "
-                             f"({type(e).__name__})") from None
-    try:
-        meta = json.loads(extra["transfer.json"] or "{}")
-    except json.JSONDecodeError:
-        meta = {}
+    runner, meta = formats.load(path, device)
     if meta.get("format") != MODEL_FORMAT:
-        raise InputFileError(f"{path} is a TorchScript model but not one written by `transfer export` "
+        raise InputFileError(f"{path} is {formats.DESCRIPTIONS[runner.format]} but not one written by `transfer export` "
                              "(no transfer.json inside)")
-    return Model(path, module.eval(), list(meta["classes"]), meta, device)
+    return Model(path, runner, list(meta["classes"]), meta, device)
 
 
 def list_inputs(paths: list[str]) -> list[str]:
@@ -117,8 +110,7 @@ def predict(model: Model, paths, *, top_k: int | None = None, batch_size: int = 
     def flush() -> None:
         if not waiting:
             return
-        with torch.inference_mode():
-            probs = model.module.classify(torch.stack([crop for _, crop in waiting])).float().cpu().numpy()
+        probs = model.runner.run([prepared for _, prepared in waiting])
         for (i, _), p in zip(waiting, probs):
             top = np.argsort(-p, kind="stable")[:top_k]
             results[i].labels = [classes[j] for j in top]
@@ -135,9 +127,7 @@ def predict(model: Model, paths, *, top_k: int | None = None, batch_size: int = 
             if progress:
                 progress.advance(1)
             continue
-        tensor = image_tensor(image).to(model.device)
-        with torch.inference_mode():
-            waiting.append((i, model.module.preprocess(tensor)))
+        waiting.append((i, model.runner.prepare(image_tensor(image))))
         if len(waiting) == batch_size:
             flush()
     flush()

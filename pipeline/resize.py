@@ -108,3 +108,73 @@ def pillow_pass_order() -> str:
         return HORIZONTAL_FIRST
     raise RuntimeError("the installed Pillow resizes in a way transfer does not know; model.pt cannot "
                        "reproduce its resize exactly")
+
+
+# --- the same resize and centre crop for torch.export and ONNX ---------------------------------------
+# `pil_resize` picks each block's band of input with `nonzero` and builds its weights by boolean
+# indexing: data-dependent shapes, which torch.export cannot trace with a symbolic image size
+# (and which onnxruntime has no NonZero kernel for in float64). The version below computes the same
+# Pillow weights from the shapes alone, gathers the taps by index, and resamples only the output
+# rows and columns the centre crop keeps (each pass treats every line on its own, so this is exact).
+
+def _band(in_size, out_size, first: int, count: int, bicubic: bool, device: torch.device):
+    """Pillow's fixed-point weights for outputs first..first+count-1 of an in_size -> out_size resample.
+
+    Returns index (count, K) int64 into the input and weights (count, K) float64 (integers); in_size
+    and out_size may be symbolic (torch.export), so the ceil in Pillow's `ksize` is done on integers."""
+    taps = 2 if bicubic else 1
+    ksize = torch.sym_max((taps * in_size + out_size - 1) // out_size, taps) * 2 + 1
+    scale = torch.full((), in_size, dtype=torch.float64, device=device) / out_size
+    filterscale = scale.clamp(min=1.0)
+    support = taps * filterscale
+    centre = (torch.arange(count, dtype=torch.float64, device=device) + first + 0.5) * scale
+    xmin = torch.floor(centre - support + 0.5).clamp(min=0.0)  # Pillow's (int) truncation, >= 0 here
+    xmax = torch.floor(centre + support + 0.5).clamp(max=in_size) - xmin
+    k = torch.arange(ksize, dtype=torch.float64, device=device).unsqueeze(0)
+    w = _filter((k + xmin.unsqueeze(1) - centre.unsqueeze(1) + 0.5) * (1.0 / filterscale), bicubic)
+    w = torch.where(k < xmax.unsqueeze(1), w, torch.zeros_like(w))
+    total = torch.cumsum(w, dim=1)[:, -1:]  # summed left to right, as Pillow does
+    w = torch.where(total != 0.0, w / total, w)
+    scaled = w * 4194304.0
+    fixed = torch.where(w < 0, torch.ceil(scaled - 0.5), torch.floor(scaled + 0.5))  # (int) of -0.5+x / 0.5+x
+    index = (k + xmin.unsqueeze(1)).clamp(max=in_size - 1).long()  # taps past xmax have weight 0
+    return index, fixed
+
+
+def _resample_band(x: torch.Tensor, out_size, first, count: int, bicubic: bool) -> torch.Tensor:
+    """(..., n) uint8 -> (..., count) uint8: outputs first..first+count-1 of resampling the last dim to out_size."""
+    index, weights = _band(x.shape[-1], out_size, first, count, bicubic, x.device)
+    s = (x[..., index].double() * weights).sum(-1)  # integer sums, exact in float64
+    return torch.floor((s + 2097152.0) / 4194304.0).clamp(0.0, 255.0).to(torch.uint8)  # Pillow's clip8
+
+
+def _centre_offset(size, crop: int):
+    """int(round((size - crop) / 2)) with Python's round half to even (torchvision's CenterCrop), on integers."""
+    d = size - crop
+    return d // 2 + (d % 2) * ((d // 2) % 2)
+
+
+def resize_crop_exportable(images: torch.Tensor, resize: int, crop: int, bicubic: bool,
+                           vertical_first_rule: bool = True) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 3, crop, crop) uint8: the short side to `resize` with Pillow's resize,
+    then the centre crop; equal to `pil_resize` + crop, but traceable by torch.export with symbolic N, H, W."""
+    h, w = images.shape[-2], images.shape[-1]
+    short = torch.sym_min(h, w)
+    nh, nw = resize * h // short, resize * w // short  # == int(resize * long / short), torchvision's rule
+    top, left = _centre_offset(nh, crop), _centre_offset(nw, crop)
+
+    def horizontal_first(x: torch.Tensor) -> torch.Tensor:
+        y = _resample_band(x, nw, left, crop, bicubic)
+        return _resample_band(y.transpose(-1, -2), nh, top, crop, bicubic).transpose(-1, -2).contiguous()
+
+    def vertical_first(x: torch.Tensor) -> torch.Tensor:
+        y = _resample_band(x.transpose(-1, -2), nh, top, crop, bicubic).transpose(-1, -2)
+        return _resample_band(y, nw, left, crop, bicubic)
+
+    if not vertical_first_rule:
+        return horizontal_first(images)
+    cut_h, cut_w = h - nh, w - nw
+    if isinstance(cut_h, int):  # eager: concrete sizes (torch.cond would go through torch.compile)
+        return vertical_first(images) if cut_h > 0 and cut_h > 2 * cut_w else horizontal_first(images)
+    cut_h, cut_w = torch.full((), cut_h), torch.full((), cut_w)  # symbolic sizes: the choice goes in the graph
+    return torch.cond((cut_h > 0) & (cut_h > 2 * cut_w), vertical_first, horizontal_first, (images,))

@@ -90,3 +90,40 @@ def test_the_pass_order_is_detected_from_pillow(monkeypatch, rule, expected):
     monkeypatch.setattr(Image.Image, "resize", lambda self, size, resample=None: Image.new("L", size))
     with pytest.raises(RuntimeError, match="resizes in a way transfer does not know"):
         pillow_pass_order.__wrapped__()
+
+
+
+def _exportable(pixels: np.ndarray, prep, rule: bool) -> torch.Tensor:
+    from pipeline.resize import resize_crop_exportable
+
+    batch = torch.from_numpy(pixels.transpose(2, 0, 1)).unsqueeze(0).contiguous()
+    return resize_crop_exportable(batch, prep.resize, prep.crop, prep.interpolation == "bicubic", rule)[0]
+
+
+@pytest.mark.parametrize("resize, crop, interpolation", [(256, 224, "bicubic"), (232, 224, "bilinear")])
+def test_exportable_resize_crop_equals_pillow(resize, crop, interpolation):
+    """resize_crop_exportable (what model.onnx and model.pt2 run) == Pillow resize + torchvision's centre
+    crop, bit for bit, at sizes that round, upscale, skip a pass or cut the height by far more."""
+    from pipeline.backbones import Preprocessing
+
+    prep = Preprocessing(resize, crop, interpolation, (0.5,) * 3, (0.5,) * 3)
+    rng = np.random.default_rng(resize)
+    for height, width in SIZES + [(375, 500), (233, 232), (1000, 260)]:
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        expected = prep.pil_transform()(Image.fromarray(pixels))
+        assert torch.equal(_exportable(pixels, prep, RULE), expected), (height, width)
+
+
+def test_exportable_resize_crop_follows_the_recorded_pass_order():
+    """With the other Pillow's pass order it equals pil_resize (model.pt's resize) in that order."""
+    from pipeline.backbones import Preprocessing
+
+    prep = Preprocessing(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    rng = np.random.default_rng(1)
+    for height, width in [(900, 300), (1000, 260), (300, 900)]:  # tall cuts: the two orders differ
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        nh, nw = (256, int(256 * width / height)) if height <= width else (int(256 * height / width), 256)
+        top, left = int(round((nh - 224) / 2.0)), int(round((nw - 224) / 2.0))
+        for rule in (True, False):
+            resized = pil_resize(torch.from_numpy(pixels).permute(2, 0, 1), nh, nw, True, rule)
+            assert torch.equal(_exportable(pixels, prep, rule), resized[:, top:top + 224, left:left + 224])
