@@ -7,7 +7,8 @@ after the listing (splits, failures, resume, incremental update, torchrun) works
     train/cat/1.jpg,cat,train,ann
     /data/more/7.jpg,dog,val,bob
 
-Paths are relative to the manifest's folder (which becomes the cache's image folder) or absolute.
+Paths are relative to the manifest's folder (which becomes the cache's image folder) or absolute
+(kept relative to that folder when inside it, so a row keeps its key however it is written).
 CSV needs a header naming its columns; in JSONL each line is an object with those keys. Columns
 other than path, label and split are kept per row (`ImageListing.extras`, the cache's `columns/`).
 Rows are put in the folder order (split, class, path bytes), so a manifest and the equivalent
@@ -125,7 +126,7 @@ def _listing(root: str, manifest: str, shown: str, columns: list[str], records: 
         if has_split and rec["split"] not in SPLIT_NAMES:
             raise InputFileError(f"manifest {shown} line {line}: unknown split {rec['split']!r}; "
                                  f"expected one of {', '.join(SPLIT_NAMES)}")
-        key = os.path.normpath(os.path.join(os.fsencode(root), os.fsencode(rec["path"])))
+        key = os.fsencode(_normal(rec["path"], root))
         if key in first_line:
             duplicate_of[line] = first_line[key]  # the first line that names a file keeps it
         first_line.setdefault(key, line)
@@ -134,8 +135,8 @@ def _listing(root: str, manifest: str, shown: str, columns: list[str], records: 
     split_rank = {s: i for i, s in enumerate(SPLIT_NAMES)}
     # The folder order: split, class, path bytes (the manifest line breaks ties between duplicates).
     records = sorted(records, key=lambda r: (split_rank.get(r[1].get("split"), 0), os.fsencode(r[1]["label"]),
-                                             os.fsencode(_normal(r[1]["path"])), r[0]))
-    paths = [_normal(rec["path"]) for _, rec in records]
+                                             os.fsencode(_normal(r[1]["path"], root)), r[0]))
+    paths = [_normal(rec["path"], root) for _, rec in records]
     sizes, mtimes = stat_files(root, paths)
     failures, notes, odd = {}, [], []
     for position, ((line, rec), path) in enumerate(zip(records, paths)):
@@ -144,9 +145,10 @@ def _listing(root: str, manifest: str, shown: str, columns: list[str], records: 
         elif sizes[position] < 0:
             failures[position] = "file not found (listed in the manifest)"
         if position in failures:
-            notes.append(f"manifest line {line}: {display_path(path)}: {failures[position]}")
+            notes.append((line, f"manifest line {line}: {display_path(path)}: {failures[position]}"))
         if not is_image_name(path):
             odd.append(path)
+    notes = [text for _, text in sorted(notes)]
     if odd:  # kept: a manifest names its files on purpose
         notes.append(f"{len(odd)} listed files have no image extension (e.g. {display_path(odd[0])}); "
                      "they are decoded like the others")
@@ -158,6 +160,10 @@ def _listing(root: str, manifest: str, shown: str, columns: list[str], records: 
         extras={c: [rec.get(c, "") for _, rec in records] for c in extras}, notes=notes, manifest=manifest)
 
 
-def _normal(path: str) -> str:
-    """A manifest path as the cache keys it: `a/./b.jpg` and `a/b.jpg` are one file; absolute stays absolute."""
-    return os.path.normpath(path)
+def _normal(path: str, root: str) -> str:
+    """A manifest path as the cache keys it: `a/./b.jpg`, `a/b.jpg` and ROOT/a/b.jpg are one file,
+    a/b.jpg; an absolute path outside the manifest's folder stays absolute."""
+    path = os.path.normpath(path)
+    if os.path.isabs(path) and os.path.commonpath([path, root]) == root:
+        return os.path.relpath(path, root)
+    return path
