@@ -113,7 +113,7 @@ def extract(image_dir, out, manifest, backbone, weights, batch_size, device, pre
         resumed = info["already"] - info["reused"]
         resumed = f", resuming after {resumed}" if resumed else ""
         ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
-        _echo(f"extracting {todo} of {info['total']} images with {backbone} on {info['device']} "
+        _echo(f"extracting {todo:,} of {info['total']:,} images with {backbone} on {info['device']} "
               f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
               f"{resumed}", err=True)
 

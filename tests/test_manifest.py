@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -14,10 +15,9 @@ import pytest
 
 import pipeline
 from pipeline.backbones import Embedder
-from pipeline.errors import InputFileError
 from pipeline.images import scan_image_folder
 from pipeline.manifest import read_manifest
-from tests.conftest import LITE, assert_one_line_error, make_folder, run_cli, write_image
+from tests.conftest import LITE, ROOT, assert_one_line_error, make_folder, run_cli, write_image
 
 OPTIONS = {"backbone": "efficientnet_lite0", "weights": "random", "batch_size": 4, "workers": 0}
 
@@ -153,3 +153,19 @@ def test_a_manifest_update_relabels_without_the_network(tree, from_manifest, tmp
     i, j = after.paths.index("val/ant/img000.png"), before.paths.index("val/ant/img000.png")
     assert after.classes[after.labels[i]] == "wasp"
     assert np.array_equal(after.features([i]), before.features([j]))  # the same bytes, the new label
+
+
+def test_the_readme_manifest_example_reads_as_documented(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"```csv\n(.*?)```", text[text.index("**Manifests.**"):], re.S).group(1)
+    data = tmp_path / "data"
+    for line in example.splitlines()[1:]:
+        path = line.split(",")[0]
+        if not path.startswith("/"):
+            write_image(data / path, len(line))
+    (data / "labels.csv").write_text(example)
+    listing = read_manifest(data / "labels.csv")
+    assert listing.classes == ["cat", "dog"] and listing.splits == ["train", "train", "val", "test"]
+    assert listing.paths == ["images/0001.jpg", "images/0002.jpg", "images/0003.jpg", "/mnt/extra/0004.jpg"]
+    assert listing.extras == {"photographer": ["ann", "bob", "ann", "carl"]}
+    assert listing.failures == {3: "file not found (listed in the manifest)"}  # /mnt/extra is not on this machine

@@ -231,3 +231,41 @@ def test_a_different_backbone_is_still_refused(base, tmp_path):
     grow(images)
     refused = run_cli("extract", images, "--out", out, *LITE, "--seed", "3")
     assert refused.code != 0 and "holds a different extraction (seed 0 vs 3)" in refused.err
+
+
+def test_an_interrupted_extraction_of_an_older_folder_gives_its_committed_rows(small, tmp_path, network_calls):
+    images = tmp_path / "images"
+    shutil.copytree(small[0], images)
+    write_image(images / "b" / "more.png", 9)
+    out = tmp_path / "c.h5"
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterFirstBatch:
+        def start(self, total, already):
+            pass
+
+        def advance(self, n):
+            raise Stop()
+
+    with pytest.raises(Stop):
+        pipeline.extract(images, out, progress=StopAfterFirstBatch(), **{**OPTIONS, "batch_size": 2})
+    (images / "b" / "more.png").unlink()  # the folder changes before the rerun: the 2 rows done are kept
+    write_image(images / "a" / "late.png", 10)
+    network_calls.clear()
+    summary = pipeline.extract(images, out, **OPTIONS)
+    assert summary.update == dict(reused=2, new=1, changed=0, removed=0, relabelled=0) and sum(network_calls) == 1
+    assert pipeline.read_cache(out).paths == ["a/img000.png", "a/late.png", "b/img000.png"]
+
+
+def test_an_update_that_cannot_fit_beside_the_old_cache_is_refused_before_any_work(small, tmp_path, monkeypatch):
+    images, out = copy_of(small, tmp_path)
+    write_image(images / "a" / "new.png", 7)
+    before = out.read_bytes()
+    features = 3 * 1280 * 4
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=int(1.5 * features)))
+    result = run_cli("extract", images, "--out", out, *LITE)
+    assert result.code != 0 and "error: updating" in result.err and "stays readable until it is replaced" in result.err
+    assert out.read_bytes() == before and not list(tmp_path.glob("c.h5.*"))
