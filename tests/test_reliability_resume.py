@@ -171,12 +171,12 @@ def test_disk_full_while_committing_is_reported_and_committed_rows_stay(tmp_path
     def no_space(self, key, value):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def third_commit_fails(self, rows, features, failed):
+    def third_commit_fails(self, rows, features, failed, hashes=None):
         calls["n"] += 1
         if calls["n"] == 3:
             monkeypatch.setattr(h5py.Dataset, "__setitem__", no_space)
         try:
-            return real_commit(self, rows, features, failed)
+            return real_commit(self, rows, features, failed, hashes)
         finally:
             monkeypatch.setattr(h5py.Dataset, "__setitem__", real_setitem)
 
@@ -220,11 +220,11 @@ def test_removing_the_partial_file_mid_run_stops_with_a_clear_error(images, tmp_
     real_commit = cache.PartialCache.commit
     calls = {"n": 0}
 
-    def remove_then_commit(self, rows, features, failed):
+    def remove_then_commit(self, rows, features, failed, hashes=None):
         calls["n"] += 1
         if calls["n"] == 2:
             os.remove(self.path)
-        return real_commit(self, rows, features, failed)
+        return real_commit(self, rows, features, failed, hashes)
 
     monkeypatch.setattr(cache.PartialCache, "commit", remove_then_commit)
     result = run_cli("extract", images, "--out", out, *ARGS)
