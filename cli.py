@@ -138,14 +138,23 @@ def extract(image_dir, out, manifest, backbone, weights, batch_size, device, pre
     _echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
                f"{summary.images_per_second:.1f} img/s: {summary.done} cached, {summary.failed} failed")
     _echo(f"cache: {out} ({_size(summary.out_bytes)})")
-    if summary.skipped_files:
-        _echo(f"skipped {summary.skipped_files} files without an image extension")
+    _echo_skipped(summary.skipped)
     if summary.failures:
         _echo("failed images (kept in the cache's 'failed' group):")
         for path, reason in summary.failures[:10]:
             _echo(f"  {path}: {reason}")
         if len(summary.failures) > 10:
             _echo(f"  ... and {len(summary.failures) - 10} more")
+
+
+def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One line per kind of thing left out of the listing, with the first few of each."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in by_reason.items():
+        more = f", ... ({len(paths)} in all)" if len(paths) > 3 else ""
+        _echo(f"skipped ({reason}): {', '.join(paths[:3])}{more}")
 
 
 class _CValue(click.ParamType):
@@ -177,6 +186,9 @@ def _fit_options(f):
                      help="Use a stratified fraction of the train and val images (a learning-curve point)."),
         click.option("--repeat", type=int, default=0, show_default=True,
                      help="Which stratified subsample for --train-fraction below 1 (learning curves)."),
+        click.option("--C-selection", "C_selection", default="auto", show_default=True,
+                     help="How --C auto is chosen: validation (the val split), cv (k-fold on train+val), or auto "
+                          "(cv when the val split has fewer than 20 images of some class)."),
     ]):
         f = option(f)
     return f
@@ -191,21 +203,33 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
-def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, export):
+def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
+        export):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
     the model is refit on train+val and scored on test when there is one.
     """
     from pipeline.fit import fit as run
-    from pipeline.report import check_new_folder, default_run_dir
+    from pipeline.report import check_new_folder, default_run_dir, release_if_empty
 
+    if run_dir:
+        check_new_folder(run_dir)  # before any work
     run_dir = run_dir or default_run_dir(cache_file)
-    check_new_folder(run_dir)
-    result = run(cache_file, run_dir, command=_command_line(), C=C, class_weight=class_weight, max_iter=max_iter,
-                 seed=seed, normalize=normalize, pca=pca, train_fraction=train_fraction, repeat=repeat)
+    try:
+        result = run(cache_file, run_dir, command=_command_line(), C=C, class_weight=class_weight,
+                     max_iter=max_iter, seed=seed, normalize=normalize, pca=pca, train_fraction=train_fraction,
+                     repeat=repeat, C_selection=C_selection)
+    except KeyboardInterrupt:
+        release_if_empty(run_dir)
+        raise _Exit("interrupted while fitting: nothing was written (a run folder appears only when complete)",
+                    130) from None
+    except BaseException:
+        release_if_empty(run_dir)
+        raise
     s, sizes = result.scores, result.splits.sizes()
-    where = "test" if result.evaluated_on == "test" else "val (also chose C: optimistic)"
+    where = {"test": "test", "val": "val (also chose C: optimistic)",
+             "cv": "cross-validation (also chose C: optimistic)"}[result.evaluated_on]
     chosen = (f"{result.C:.4g} (best val top-1 of {len(result.sweep)} fits)" if result.sweep
               else f"{result.C:.4g} (given)")
     top5 = f"  top-5 {s['top5']:.4f}" if s["top5"] is not None else ""
@@ -226,7 +250,11 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
         _echo(f"warning: lbfgs stopped at --max-iter {max_iter} before converging (C={result.C:.4g}); "
                    "raise --max-iter", err=True)
     if export:
-        _export_and_report(run_dir, None)
+        try:
+            _export_and_report(run_dir, None)
+        except KeyboardInterrupt:
+            raise _Exit(f"interrupted while exporting: the run folder {run_dir} is complete; "
+                        f"`transfer export {run_dir}` writes the model", 130) from None
 
 
 @cli.command(name="export")
@@ -279,13 +307,15 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     if out:
         write_predictions(results, out)
         _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
-        return
-    width = min(60, max(len(r.path) for r in results))
-    for r in results:
-        shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
-        _echo(f"{r.path:<{width}}  {shown}")
-    if errors:
-        _echo(f"{errors} of {len(results)} files could not be read")
+    else:
+        width = min(60, max(len(r.path) for r in results))
+        for r in results:
+            shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
+            _echo(f"{r.path:<{width}}  {shown}")
+        if errors:
+            _echo(f"{errors} of {len(results)} files could not be read")
+    if errors == len(results):
+        raise _Exit(f"none of the {len(results)} files could be read as an image", 1)
 
 
 @cli.command()
@@ -336,30 +366,39 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 
     Several caches of the same images (other backbones or layers) are compared in one table.
     """
-    from pipeline import report
-    from pipeline.experiment import (ExperimentRequest, best_per_cache, default_out, parse_fractions,
-                                     parse_grid, run_experiment)
+    from pipeline.experiment import ExperimentRequest, default_out, parse_fractions, parse_grid, run_experiment, saved_runs
+    from pipeline.report import check_new_folder, release_if_empty
 
     request = ExperimentRequest(caches=list(caches), grid=parse_grid(list(grid), normalize, pca),
                                 fractions=parse_fractions(fractions), repeats=repeats, seed=seed,
-                                jobs=min(4, os.cpu_count() or 1) if jobs is None else jobs, max_iter=max_iter)
-    out_dir = out_dir or default_out()
+                                jobs=min(4, os.cpu_count() or 1) if jobs is None else jobs, max_iter=max_iter,
+                                out=out_dir, command=_command_line())
+    if out_dir:
+        check_new_folder(out_dir)  # before any work
+    request.out = out_dir or default_out()
     bar = _Bar("experiment", unit="run")
     try:
-        rows = run_experiment(request, bar)
+        result = run_experiment(request, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        release_if_empty(request.out)
+        again = _command_line() if out_dir else f"{_command_line()} --out {shlex.quote(request.out)}"
+        raise _Exit(f"interrupted: {saved_runs(request.out)} finished runs are saved in {request.out}.partial; "
+                    f"resume with: {again}", 130) from None
+    except BaseException:
+        release_if_empty(request.out)
+        raise
     finally:
         bar.close()
-    from pipeline.cache import read_cache
-
-    backbones = {c: read_cache(c).provenance.get("backbone", "?") for c in request.caches}
-    report.write_experiment(rows, out_dir, _command_line(), backbones)
-    _echo(f"{len(rows)} runs; best setting per cache (chosen on validation):")
-    for cache, r in best_per_cache(rows).items():
+    if result.resumed:
+        _echo(f"resumed: {result.resumed} runs were already saved")
+    _echo(f"{len(result.rows)} runs; best setting per cache (chosen on validation):")
+    for cache, r in result.best.items():
         _echo(f"  {os.path.basename(cache)}: {r['evaluated_on']} top-1 {r['top1']:.4f}  "
-                   f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
-                   f"class weight {r['class_weight']})")
+              f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
+              f"class weight {r['class_weight']})")
         _echo(f"    reproduce: {r['command']}")
-    _echo(f"written: {out_dir}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
+    _echo(f"written: {request.out}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
 
 
 class _Exit(Exception):
@@ -368,9 +407,26 @@ class _Exit(Exception):
         self.code = code
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM, like Ctrl-C: clean up temporaries and say what was kept
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI; turn every failure into one line on stderr and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> None:
     debug = DEBUG_FLAG in argv
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
@@ -389,12 +445,24 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e), e.code, debug)
     except KeyboardInterrupt:
         _fail("interrupted", 130, debug)
+    except OSError as e:  # a destination that cannot be written: read-only, full, no permission
+        _fail(f"{_rank_prefix()}{_os_error_line(e)}", 1, debug)
     except Exception as e:  # noqa: BLE001 - the one place that turns anything into one line
         from pipeline.errors import TransferError
 
         if isinstance(e, TransferError):
             _fail(str(e), 1, debug)  # under torchrun the library's message already names the rank
         _fail(f"{_rank_prefix()}unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1, debug)
+
+
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
+    advice = {errno.ENOSPC: "free some space and rerun", errno.EROFS: "write somewhere writable (--out)",
+              errno.EACCES: "check the permissions, or write somewhere else (--out)",
+              errno.EDQUOT: "free some space and rerun"}.get(e.errno, "rerun with --debug for the traceback")
+    return f"cannot complete: {e.strerror or e}{where}; {advice}"
 
 
 def _rank_prefix() -> str:

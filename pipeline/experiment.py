@@ -7,8 +7,10 @@ reproduced exactly by the `transfer fit` command recorded beside it. Runs go to 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -16,8 +18,9 @@ from numbers import Integral
 import joblib
 import numpy as np
 
-from .cache import Cache, read_cache
+from .cache import Cache, identity, read_cache
 from .errors import IncompatibleCachesError, SettingError
+from .files import display_path, write_atomically
 from .fit import FitSettings, fit_head, run_splits
 from .settings import Interval, validate
 
@@ -33,6 +36,16 @@ class ExperimentRequest:
     seed: int = 0
     jobs: int = 1
     max_iter: int = 1000
+    out: str | None = None  # the folder to write; runs are saved as they finish, in OUT.partial
+    command: str = ""  # recorded in summary.md
+
+
+@dataclass
+class ExperimentResult:
+    rows: list[dict]  # one per run, in plan order (the columns of results.csv, and each C sweep)
+    best: dict[str, dict]  # per cache: the row with the best validation score
+    out: str | None
+    resumed: int  # runs found already finished in OUT.partial
 
 
 @dataclass
@@ -145,6 +158,8 @@ def fit_command(cache: str, s: FitSettings) -> str:
         args += ["--pca", str(s.pca)]
     if s.train_fraction < 1:
         args += ["--train-fraction", repr(s.train_fraction), "--repeat", str(s.repeat)]
+    if s.C_selection != "auto":
+        args += ["--C-selection", s.C_selection]
     return shlex.join(args)
 
 
@@ -180,27 +195,101 @@ def run_one(run: Run) -> dict:
     }
 
 
-def run_experiment(req: ExperimentRequest, progress=None) -> list[dict]:
-    """All runs, in plan order. The backbone is never built: only cached features are read.
+def run_experiment(req: ExperimentRequest, progress=None) -> ExperimentResult:
+    """All runs, in plan order; the backbone is never built: only cached features are read.
 
+    With req.out, every finished run is appended to OUT.partial/runs.jsonl at once, a rerun of the
+    same experiment resumes from there, and OUT (results.csv, summary.md, plots) appears at the end.
     progress: an object with start(total, already) and advance(n), like extract's ProgressSink."""
+    from .report import check_new_folder, write_experiment
+
     if not req.caches:
         raise SettingError("no cache given")
+    if req.out:
+        check_new_folder(req.out)
     caches = check_caches_match(req.caches)
     runs = plan(req, min(c.dim for c in caches))
     for r in runs:  # every setting and split is checked before the first fit starts
         r.settings.check(caches[0].dim)
         if r.cache == req.caches[0]:
             run_splits(caches[0], r.settings)
-    rows: dict[int, dict] = {}
+    saved = _Saved(req, caches) if req.out else None
+    rows = saved.load() if saved else {}
+    resumed = len(rows)
     if progress:
-        progress.start(len(runs), 0)
+        progress.start(len(runs), resumed)
+    todo = [r for r in runs if r.index not in rows]
     with joblib.Parallel(n_jobs=req.jobs, return_as="generator_unordered") as parallel:
-        for row in parallel(joblib.delayed(run_one)(r) for r in runs):
+        for row in parallel(joblib.delayed(run_one)(r) for r in todo):
             rows[row["run"]] = row
+            if saved:
+                saved.append(row)
             if progress:
                 progress.advance(1)
-    return [rows[i] for i in range(len(runs))]
+    ordered = [rows[i] for i in range(len(runs))]
+    if req.out:
+        backbones = {c.path: c.provenance.get("backbone", "?") for c in caches}
+        write_experiment(ordered, req.out, req.command, backbones)
+        saved.remove()
+    return ExperimentResult(ordered, best_per_cache(ordered), req.out, resumed)
+
+
+class _Saved:
+    """OUT.partial: the runs of one experiment saved as they finish (one JSON line each), so an
+    interrupted experiment loses at most the runs in flight."""
+
+    def __init__(self, req: ExperimentRequest, caches: list[Cache]):
+        self.folder = f"{req.out.rstrip(os.sep)}.partial"
+        self.request = json.loads(json.dumps({
+            "caches": [os.path.abspath(c.path) for c in caches],
+            "identities": [identity(c.provenance) for c in caches],
+            "grid": req.grid, "fractions": req.fractions, "repeats": req.repeats, "seed": req.seed,
+            "max_iter": req.max_iter}))
+
+    def load(self) -> dict[int, dict]:
+        """The runs saved by an earlier, interrupted run of this same experiment."""
+        request_file = os.path.join(self.folder, "request.json")
+        if not os.path.exists(request_file):
+            os.makedirs(self.folder, exist_ok=True)
+            write_atomically(lambda p: _write_json(p, self.request), request_file)
+            return {}
+        with open(request_file) as f:
+            if json.load(f) != self.request:
+                raise SettingError(f"{display_path(self.folder)} holds the saved runs of another experiment; rerun "
+                                   "that one to finish it, or delete the folder (or choose another --out)")
+        rows = {}
+        with open(os.path.join(self.folder, "runs.jsonl"), "a+") as f:
+            f.seek(0)
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the last line, cut short by the interruption
+                rows[row["run"]] = row
+        return rows
+
+    def append(self, row: dict) -> None:
+        with open(os.path.join(self.folder, "runs.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_json(path: str, doc) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def saved_runs(out: str) -> int:
+    """How many runs an interrupted experiment into `out` has saved (for the interruption message)."""
+    try:
+        with open(os.path.join(f"{out.rstrip(os.sep)}.partial", "runs.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def setting_key(row: dict) -> tuple:
@@ -235,4 +324,7 @@ def learning_curve(rows: list[dict]) -> list[dict]:
 
 
 def default_out(root: str = "reports") -> str:
-    return os.path.join(root, f"experiments-{time.strftime('%Y%m%d-%H%M%S')}")
+    """reports/experiments-<time>[-N], a name no other experiment has taken (reserved now)."""
+    from .report import reserve_folder
+
+    return reserve_folder(os.path.join(root, f"experiments-{time.strftime('%Y%m%d-%H%M%S')}"))

@@ -75,7 +75,7 @@ class ExtractSummary:
     seconds: float  # wall time of this run
     images_per_second: float  # processed / time spent in the extraction loop
     out_bytes: int
-    skipped_files: int  # files without an image extension
+    skipped: list[tuple[str, str]]  # (path, why) of files and folders not listed (no image extension, loops, FIFOs)
     failures: list[tuple[str, str]] = field(default_factory=list)
     device: str = ""
     batch_size: int = 0
@@ -134,7 +134,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
         summary = ExtractSummary(
             out=req.out, state=ExtractState.WRITTEN, total=len(listing), done=0, failed=0, resumed_from=0, processed=0, seconds=0.0,
-            images_per_second=0.0, out_bytes=0, skipped_files=len(listing.skipped), device=str(device),
+            images_per_second=0.0, out_bytes=0, skipped=listing.skipped, device=str(device),
             batch_size=req.batch_size or (256 if device.type == "cuda" else 32),
             workers=req.workers if req.workers is not None else _default_workers(device, dist.local_world_size),
             world_size=dist.world_size)

@@ -7,7 +7,9 @@ reports and text outputs.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 from typing import Callable
 
 from .errors import InputFileError
@@ -34,9 +36,36 @@ def remove_quietly(path: str) -> None:
         pass
 
 
+def temporary_name(path: str) -> str:
+    """Where `path` is written before it is renamed into place: `path.writing-PID`."""
+    return f"{path.rstrip(os.sep)}.writing-{os.getpid()}"
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Delete `path.writing-PID` files or folders left by processes that died (kill -9, power loss)."""
+    for leftover in glob.glob(glob.escape(path.rstrip(os.sep)) + ".writing-*"):
+        pid = leftover.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if os.path.isdir(leftover) and not os.path.islink(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                remove_quietly(leftover)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def write_atomically(write: Callable[[str], None], path: str) -> None:
     """Call write(temporary path), then rename it to `path`: `path` is whole or absent, never half."""
-    tmp = f"{path}.writing-{os.getpid()}"
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)

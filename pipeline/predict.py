@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputFileError, SettingError
-from .files import display_path, make_folder_for
+from .files import display_path, make_folder_for, write_atomically
 from .export import MODEL_FORMAT
 from .images import DecodeError, decode_image, image_tensor, is_image_name, walk_files
 from .settings import Interval, validate
@@ -145,10 +145,15 @@ def predict(model: Model, paths, *, top_k: int | None = None, batch_size: int = 
 
 
 def check_output_name(out: str) -> None:
-    """A .csv or .json name whose folder exists (created if need be)."""
+    """A .csv or .json name in a folder that exists (created if need be) and can be written:
+    checked before any image is read, so no work is lost to a bad destination."""
     if not out.lower().endswith((".csv", ".json")):
         raise SettingError(f"--out {out}: expected a .csv or .json file name")
     make_folder_for(out)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.access(folder, os.W_OK):
+        raise InputFileError(f"cannot write {display_path(out)}: the folder {display_path(folder)} is not writable; "
+                             "choose another --out")
 
 
 def write_predictions(results: list[Prediction], out: str) -> None:
@@ -157,17 +162,23 @@ def write_predictions(results: list[Prediction], out: str) -> None:
     top_k = max((len(r.labels) for r in results), default=0)
     if out.lower().endswith(".json"):
         doc = [{"path": display_path(r.path), "predictions": [{"label": display_path(l), "probability": p}
-                                                for l, p in zip(r.labels, r.probabilities)],
+                                                                for l, p in zip(r.labels, r.probabilities)],
                 "error": r.error} for r in results]
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_atomically(lambda p: _write_text(p, json.dumps(doc, indent=2)), out)
         return
     import csv
+    import io
 
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path"] + [h for k in range(1, top_k + 1) for h in (f"label_{k}", f"prob_{k}")] + ["error"])
-        for r in results:
-            cells = [v for l, p in zip(r.labels, r.probabilities) for v in (display_path(l), f"{p:.6f}")]
-            cells += [""] * (2 * top_k - len(cells))
-            writer.writerow([display_path(r.path)] + cells + [r.error or ""])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path"] + [h for k in range(1, top_k + 1) for h in (f"label_{k}", f"prob_{k}")] + ["error"])
+    for r in results:
+        cells = [v for l, p in zip(r.labels, r.probabilities) for v in (display_path(l), f"{p:.6f}")]
+        cells += [""] * (2 * top_k - len(cells))
+        writer.writerow([display_path(r.path)] + cells + [r.error or ""])
+    write_atomically(lambda p: _write_text(p, text.getvalue()), out)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", newline="") as f:
+        f.write(text)

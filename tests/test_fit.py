@@ -95,7 +95,7 @@ def test_without_split_folders_a_stratified_split_is_made_and_reported(tmp_path)
 def test_train_and_val_only_reports_validation_and_says_so(tmp_path):
     X, y, classes = blobs(30, 2, 6, seed=6, spread=2.0)
     path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
-    result = fit(path)
+    result = fit(path, C_selection="validation")
     assert result.evaluated_on == "val"
     assert any("no test split" in n and "optimistic" in n for n in result.notes)
 
@@ -225,3 +225,107 @@ def test_fit_reads_features_straight_into_float64(three_class, monkeypatch):
     monkeypatch.setattr(Cache, "features", spy)
     fit(three_class, C=1.0)
     assert seen and all(dtype == np.float64 for dtype, _ in seen)
+
+
+def test_default_run_folders_started_together_never_collide(tmp_path):
+    from pipeline.report import default_run_dir
+
+    made = [default_run_dir("cache/three.h5", root=str(tmp_path)) for _ in range(3)]
+    assert len(set(made)) == 3 and all(Path(m).is_dir() and not any(Path(m).iterdir()) for m in made)
+    assert Path(made[1]).name == Path(made[0]).name + "-2"
+
+
+def test_ctrl_c_or_sigterm_while_fitting_writes_nothing_and_says_so(three_class, tmp_path, monkeypatch):
+    import importlib
+    import os
+    import signal
+
+    fit_module = importlib.import_module("pipeline.fit")  # `pipeline.fit` itself is the function
+
+    real = fit_module.fit_head
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or torchrun would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit_head", terminated)
+    result = run_cli("fit", three_class, "--C", "1", cwd=tmp_path)
+    assert_one_line_error(result, "interrupted while fitting: nothing was written")
+    assert result.code == 130
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
+
+
+def test_ctrl_c_while_exporting_says_the_run_folder_is_complete(three_class, tmp_path, monkeypatch):
+    import importlib
+
+    export_module = importlib.import_module("pipeline.export")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_export", interrupted)
+    result = run_cli("fit", three_class, "--C", "1", "--out", tmp_path / "run")
+    assert_one_line_error(result, f"the run folder {tmp_path / 'run'} is complete",
+                          f"`transfer export {tmp_path / 'run'}` writes the model")
+    assert (tmp_path / "run" / "head.npz").is_file() and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_run_folder_left_half_written_by_a_killed_fit_is_cleaned_up(three_class, tmp_path):
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / f"run.writing-{dead}").mkdir()
+    (tmp_path / f"run.writing-{dead}" / "model.joblib").write_bytes(b"half")
+    assert run_cli("fit", three_class, "--C", "1", "--out", tmp_path / "run", "--no-export").code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
+
+
+def test_report_md_lists_failed_images_and_survives_odd_class_names(tmp_path):
+    from tests.conftest import LITE, make_folder
+
+    images = make_folder(tmp_path / "images", {"a|b": 2, "c d": 2}, splits=("train", "val", "test"))
+    (images / "train" / "a|b" / "broken.png").write_bytes(b"garbage")
+    assert run_cli("extract", images, "--out", tmp_path / "c.h5", *LITE).code == 0
+    assert run_cli("fit", tmp_path / "c.h5", "--C", "1", "--out", tmp_path / "run", "--no-export").code == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "1 images could not be used and are not in these scores: `train/a\\|b/broken.png`" in report
+    assert "| a\\|b | " in report  # the pipe is escaped: the table keeps its columns
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["failed_images"]["count"] == 1
+
+
+def test_a_tiny_validation_split_chooses_C_by_cross_validation_without_seeing_test(tmp_path):
+    X, y, classes = blobs(20, 2, 8, seed=9, spread=3.0)  # 40 images, 4 of each class in val
+    split = split_names(y, val=0.2, test=0.2)
+    honest = make_cache(tmp_path / "a.h5", X, y, classes, split)
+    result = fit(honest)
+    assert any("C chosen by stratified 5-fold cross-validation on the 32 train+val images" in n and
+               "fewer than 20" in n for n in result.notes), result.notes
+    assert result.evaluated_on == "test" and result.splits.sizes()["test"] == 8
+    assert result.validation["top1"] == max(r["val_top1"] for r in result.sweep)  # the CV score of the chosen C
+    scrambled = make_cache(tmp_path / "b.h5", X, np.where(np.array(split) == "test", 1 - y, y), classes, split)
+    again = fit(scrambled)
+    assert again.C == result.C and again.sweep == result.sweep  # test labels never reach the choice
+    forced = fit(honest, C_selection="validation")
+    assert not any("cross-validation" in n for n in forced.notes)
+    run = tmp_path / "run"
+    assert run_cli("fit", honest, "--out", run, "--no-export").code == 0
+    report = (run / "report.md").read_text()
+    assert "cross-validation" in report and "pooled out-of-fold top-1" in report
+
+
+def test_without_a_test_split_cross_validated_scores_are_named_as_such(tmp_path):
+    X, y, classes = blobs(12, 3, 6, seed=4, spread=2.0)
+    path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
+    result = fit(path)
+    assert result.evaluated_on == "cv" and any("cross-validated predictions" in n for n in result.notes)
+
+
+def test_two_labelled_images_of_a_class_still_choose_C_by_two_folds(tmp_path):
+    X, y, classes = blobs(6, 2, 4, seed=1)
+    few = make_cache(tmp_path / "few.h5", X[[0, 1, 6, 7, 8, 9]], np.array([0, 0, 1, 1, 1, 1]), classes,
+                     ["train", "val", "train", "val", "train", "train"])
+    result = fit(few)
+    assert any("stratified 2-fold cross-validation" in n for n in result.notes), result.notes

@@ -58,8 +58,10 @@ def test_predict_bad_inputs(three_run, inputs, tmp_path):
     model = three_run / "model.pt"
     assert_one_line_error(run_cli("predict", model, tmp_path / "missing.png"), "does not exist")
     assert_one_line_error(run_cli("predict", model, single, "--top-k", "4"), "(--top-k) 4 is more than the model's 3 classes")
-    for bad in ("0", "-1"):  # not silently the default
-        assert_one_line_error(run_cli("predict", model, single, "--top-k", bad), "top_k (--top-k) must be")
+    for bad in ("0", "-1"):  # not silently the default, and refused before any progress is drawn
+        refused = run_cli("predict", model, single, "--top-k", bad)
+        assert_one_line_error(refused, "top_k (--top-k) must be")
+        assert "img/s" not in refused.err
     assert_one_line_error(run_cli("predict", model, single, "--batch-size", "0"), "batch_size (--batch-size) must be")
     assert_one_line_error(run_cli("predict", tmp_path / "none.pt", single), "does not exist")
     cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
@@ -86,3 +88,26 @@ def test_folders_are_walked_like_extraction_walks_them(tmp_path):
     assert listed == [b"z.png", b"\x80.png", b"\xc3\xa9.png"]
     extracted = scan_image_folder(tmp_path).paths
     assert [os.fsencode(p)[2:] for p in extracted] == listed
+
+
+def test_an_unwritable_destination_is_refused_before_any_image_is_read(three_run, inputs, tmp_path, monkeypatch):
+    import os
+
+    import importlib
+
+    predict_module = importlib.import_module("pipeline.predict")
+    folder, single = inputs
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
+    monkeypatch.setattr(predict_module, "decode_image", lambda p: pytest.fail("an image was read"))
+    (tmp_path / "ro").mkdir()
+    result = run_cli("predict", three_run / "model.pt", single, "--out", tmp_path / "ro" / "p.csv")
+    assert_one_line_error(result, "is not writable; choose another --out")
+
+
+def test_predict_fails_when_no_file_could_be_read(three_run, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    result = run_cli("predict", three_run / "model.pt", tmp_path)
+    assert_one_line_error(result, "none of the 2 files could be read as an image")
+    assert "error: not a recognised image format" in result.out  # each file's reason is still listed

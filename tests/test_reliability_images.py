@@ -279,3 +279,21 @@ def test_a_folder_whose_own_name_is_not_utf8_extracts_fits_and_predicts(tmp_path
     predicted = run_cli("predict", folder / "run" / "model.pt", images / "test", "--out", folder / "p.csv")
     assert predicted.code == 0, predicted.err
     assert (folder / "p.csv").read_bytes().count(b".png") == 4
+
+
+@pytest.mark.timeout(120)
+def test_fifos_and_symlink_loops_neither_hang_nor_duplicate_extract_and_predict(tmp_path, three_run):
+    images = make_folder(tmp_path / "photos", {"ants": 2, "bees": 2})
+    os.mkfifo(images / "bees" / "p.jpg")
+    (images / "ants" / "up").symlink_to("..")
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", *LITE)
+    assert result.code == 0, result.err
+    assert read_cache(tmp_path / "c.h5").paths == ["ants/img000.png", "ants/img001.png", "bees/img000.png",
+                                                   "bees/img001.png"]
+    assert "skipped (not a regular file (FIFO)): bees/p.jpg" in result.out
+    assert "skipped (symlink to a folder that is already listed" in result.out and "ants/up" in result.out
+    predicted = run_cli("predict", three_run / "model.pt", images, images / "bees" / "p.jpg", "--out",
+                        tmp_path / "p.csv")
+    assert predicted.code == 0, predicted.err
+    rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5 and rows[-1].endswith("not a regular file (FIFO)")  # 4 photos once each, the FIFO refused

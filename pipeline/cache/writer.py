@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputFileError, SettingError, TransferError
-from ..files import display_path, remove_quietly
+from ..files import display_path, make_folder_for, remove_quietly, remove_stale_temporaries, temporary_name
 from .format import (BYTES, FORMAT, FORMAT_VERSION, STR, ListingDigest, objects, os_reason, quiet_h5py_teardown,
                      write_attrs)
 from .reader import Cache, check_classes, check_rows, read_cache
@@ -55,9 +55,9 @@ def write_cache(path: str | os.PathLike, features, labels=None, *, classes: list
                              f"{display_path(os.path.join(path, 'features.h5'))}")
     if os.path.exists(path) and not overwrite:
         raise InputFileError(f"{display_path(path)} already exists; pass overwrite=True to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.writing-{os.getpid()}"
+    make_folder_for(path)
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
     try:
         with quiet_h5py_teardown():
             with h5py.File(tmp, "w") as f:
