@@ -109,11 +109,12 @@ def extract(image_dir, out, manifest, backbone, weights, batch_size, device, pre
             u = info["update"]
             _echo(f"updating {out}: reused {u['reused']:,}, new {u['new']:,}, changed {u['changed']:,}, "
                   f"removed {u['removed']:,}, relabelled {u['relabelled']:,}", err=True)
-        todo = info["total"] - info["already"]
-        resumed = info["already"] - info["reused"]
-        resumed = f", resuming after {resumed}" if resumed else ""
+        todo, resumed = info["total"] - info["already"], info["already"] - info["reused"]
+        # Under torchrun `already` is rank 0's own shard: name the whole job only.
+        what = f"{todo:,} of {info['total']:,}" if info["already"] and info["world_size"] == 1 else f"{info['total']:,}"
+        resumed = f", resuming after {resumed}" if resumed and info["world_size"] == 1 else ""
         ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
-        _echo(f"extracting {todo:,} of {info['total']:,} images with {backbone} on {info['device']} "
+        _echo(f"extracting {what} images with {backbone} on {info['device']} "
               f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
               f"{resumed}", err=True)
 
