@@ -7,8 +7,8 @@ features (or its failure) are reused as they are, with the label and split of th
 a file whose class or split changed is *relabelled*. A file at a new path is recognised as
 *moved* from an old one with the same file name, size and mtime (with check_content: the same
 content hash), so moving photos between class folders costs no network run. Every other file is
-*new* (its path was never seen) or *changed*, and goes through the network; previous results no
-row reuses are *removed*.
+*new* (its path was never seen) or *changed*, and goes through the network; previous results of
+paths no longer listed, and not reused as a moved file, are *removed*.
 
 The plan is pure bookkeeping over `cache.Entries` (read from the previous cache and from an
 interrupted partial file); `cache.PartialCache.create` copies what it reuses.
@@ -29,7 +29,8 @@ from .images import ImageListing
 @dataclass(frozen=True)
 class UpdateCounts:
     """The account of an update, over the whole listing. relabelled counts reused rows whose label
-    or split changed (they are part of reused); removed counts previous results no row reuses."""
+    or split changed (they are part of reused); removed counts previous results whose file is no
+    longer listed and that no row reuses as a moved file."""
 
     reused: int
     new: int
@@ -112,11 +113,12 @@ def plan_update(listing: ImageListing, sources: list[Entries], check_content: bo
             listing.sizes[p], listing.mtime_ns[p])
 
     new = changed = relabelled = moved = 0
-    used: set[bytes] = set()  # keys whose result is reused, or whose file is recomputed in place
+    kept: set[bytes] = set()  # keys still listed, and keys whose result a row reuses
     for p in range(n):
         key = os.fsencode(listing.paths[p])
         if p in listing.failures:
             continue
+        kept.add(key)
         candidates = by_path.get(key, [])
         found = next(((s, j) for s, j in candidates if unchanged(p, s, j)), None)
         if found is None:
@@ -126,16 +128,15 @@ def plan_update(listing: ImageListing, sources: list[Entries], check_content: bo
         if found is None:
             changed += bool(candidates)
             new += not candidates
-            used.add(key)
             continue
         s, j = found
         source[p], entry[p] = found
-        used.add(sources[s].keys[j])
+        kept.add(sources[s].keys[j])
         src = sources[s]
         split = None if listing.splits is None else listing.splits[p]
         if src.feature_rows[j] >= 0 and (src.labels[j] != listing.classes[listing.labels[p]] or src.splits[j] != split):
             relabelled += 1
-    removed = len(set(by_path) - used)
+    removed = len(set(by_path) - kept)
     counts = UpdateCounts(int((source >= 0).sum()), new, changed, removed, relabelled)
     return UpdatePlan(counts, source, entry, moved, _notes(sources, check_content), hashes)
 

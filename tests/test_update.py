@@ -269,3 +269,30 @@ def test_an_update_that_cannot_fit_beside_the_old_cache_is_refused_before_any_wo
     result = run_cli("extract", images, "--out", out, *LITE)
     assert result.code != 0 and "error: updating" in result.err and "stays readable until it is replaced" in result.err
     assert out.read_bytes() == before and not list(tmp_path.glob("c.h5.*"))
+
+
+def test_the_plan_keys_rows_by_path_and_finds_moved_and_copied_files_by_name_size_and_mtime():
+    from pipeline.cache import Entries
+    from pipeline.images import ImageListing
+    from pipeline.update import plan_update
+
+    old = Entries("old.h5", "cache", [b"a/1.png", b"a/2.png", b"b/3.png", b"b/bad.png"], ["a", "a", "b", ""],
+                  [None] * 4, np.array([10, 20, 30, 5]), np.array([1, 2, 3, 4]),
+                  np.array(["h1", "h2", "h3", "h4"], dtype=object), np.array([0, 1, 2, -1]),
+                  ["", "", "", "corrupt"], True, True)
+    # a/2.png renamed over b/3.png (b/3.png now holds 2.png's bytes and stat); a/1.png copied with its
+    # mtime (cp -p) to b/1.png; b/bad.png unchanged; c/9.png new.
+    listing = ImageListing("root", ["a", "b", "c"], ["a/1.png", "b/1.png", "b/3.png", "b/bad.png", "c/9.png"],
+                           np.array([0, 1, 1, 1, 2]), None, [], sizes=np.array([10, 10, 20, 5, 7]),
+                           mtime_ns=np.array([1, 1, 2, 4, 9]))
+    plan = plan_update(listing, [old])
+    assert plan.source.tolist() == [0, 0, -1, 0, -1] and plan.entry.tolist()[:2] == [0, 0]
+    assert vars(plan.counts) == dict(reused=3, new=1, changed=1, removed=1, relabelled=1)  # a/2.png: removed
+    prefill = plan.prefill(listing, [old], np.arange(5))
+    assert [(f, r.tolist(), s.tolist()) for f, r, s in prefill.copies] == [("old.h5", [0, 1], [0, 0])]
+    assert prefill.failed == [(3, "corrupt")] and prefill.hashes == {0: "h1", 1: "h1", 3: "h4"}
+    # By content, b/3.png is 2.png's bytes: found and reused, relabelled from a to b.
+    hashes = np.array(["h1", "h1", "h2", "h4", "h9"], dtype=object)
+    plan = plan_update(listing, [old], check_content=True, hashes=hashes)
+    assert plan.source.tolist() == [0, 0, 0, 0, -1] and plan.entry[2] == 1
+    assert vars(plan.counts) == dict(reused=4, new=1, changed=0, removed=0, relabelled=2)
