@@ -78,8 +78,9 @@ def cli(debug: bool) -> None:
               help="fp32, bf16 or fp16 [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
 @click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing cache (or unfinished one) made with other settings, recomputing every "
-                   "image; without it a cache of the same settings is kept, resumed or updated.")
+              help="Replace an existing cache (or unfinished one) made with other settings or of other files, "
+                   "recomputing every image; without it, a cache of the same settings is updated. One that holds "
+                   "exactly this extraction is kept (finished) or resumed (unfinished).")
 @click.option("--check-content", is_flag=True,
               help="When updating a cache, tell unchanged files by their content hash (reads every file) "
                    "instead of their size and modification time.")

@@ -259,7 +259,7 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
     """The partial file this process fills: resumed, or created with every result it can reuse
     from the previous cache at req.out and from an interrupted run of another listing. None when
     req.out already holds this very extraction of these very files."""
-    previous = None if req.overwrite else _previous_cache(req.out, meta)
+    previous = _previous_cache(req.out, meta, req.overwrite)
     state, interrupted = _inspect_partial(target, meta, positions, req.overwrite)
     if state == "resume":
         return cache.PartialCache(target)
@@ -273,7 +273,8 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
             if interrupted is not None:
                 os.remove(target)  # an abandoned run of another listing: nothing in it is needed now
             return None
-    sources = [s for s in (interrupted, previous) if s is not None]
+    # --overwrite recomputes every image (a cache holding exactly this extraction was kept above).
+    sources = [s for s in (interrupted, None if req.overwrite else previous) if s is not None]
     plan = plan_update(listing, sources, req.check_content, hashes)
     prefill = plan.prefill(listing, sources, positions)
     extra = {"prefilled": prefill.rows, "reused": prefill.rows - sum(p in listing.failures for p in positions.tolist())}
@@ -287,16 +288,20 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
         extras={k: [v[p] for p in positions] for k, v in listing.extras.items()}, prefill=prefill)
 
 
-def _previous_cache(out: str, meta: dict) -> cache.Entries | None:
+def _previous_cache(out: str, meta: dict, overwrite: bool) -> cache.Entries | None:
     """The results of the finished cache at `out` when it was made with the same settings (any
-    image listing); None when there is none. A different extraction is refused."""
+    image listing); None when there is none. A different extraction is refused (None with overwrite)."""
     if not os.path.exists(out):
         return None
     try:
         old = cache.check_cache(out)
     except TransferError as e:
+        if overwrite:
+            return None
         raise TransferError(f"{out} exists and is not a finished cache ({e}); pass --overwrite to replace it") from None
     if _settings(old) != _settings(meta):
+        if overwrite:
+            return None
         shown = cache.describe_difference({**old, "listing_sha256": ""}, {**meta, "listing_sha256": ""})
         raise TransferError(f"{out} holds a different extraction ({shown}); "
                             "pass --overwrite to replace it, or choose another --out")
