@@ -248,6 +248,8 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
         _echo(f"{key:<{width}}  {value}")
     for note in result.notes[1:]:
         _echo(f"note: {note}")
+    for warning in result.warnings:
+        _echo(f"warning: {warning}", err=True)
     if not result.convergence["converged"]:
         _echo(f"warning: lbfgs stopped at --max-iter {max_iter} before converging (C={result.C:.4g}); "
                    "raise --max-iter", err=True)
@@ -401,6 +403,41 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
               f"class weight {r['class_weight']})")
         _echo(f"    reproduce: {r['command']}")
     _echo(f"written: {request.out}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
+
+
+@cli.command(name="inspect")
+@click.argument("cache_file", metavar="CACHE.h5", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", type=click.Path(path_type=str), default=None,
+              help="Folder to write inspect.html and map.png [default: reports/inspect-<cache name>-<time>].")
+@click.option("--threshold", type=float, default=None,
+              help="Cosine similarity (mean-centred features) above which two images are the same picture "
+                   "[default: 0.8, measured on real photos].")
+@click.option("--C", "C", type=float, default=0.1, show_default=True,
+              help="Regularisation of the head cross-validated to find suspect labels.")
+@click.option("--top", type=int, default=24, show_default=True, help="Suspect labels to show.")
+def inspect_cmd(cache_file, out_dir, threshold, C, top):
+    """A first look at a cache, no fit needed: leaks across splits, duplicate files, suspect labels,
+    a map of the data and the class balance, as one page (inspect.html)."""
+    from pipeline.inspection import LEAK_THRESHOLD, inspect
+    from pipeline.report import check_new_folder, default_run_dir, release_if_empty
+
+    if out_dir:
+        check_new_folder(out_dir)
+    out = out_dir or default_run_dir(f"inspect-{os.path.basename(cache_file)}")
+    try:
+        found = inspect(cache_file, out, threshold=LEAK_THRESHOLD if threshold is None else threshold, C=C, top=top)
+    except BaseException:
+        release_if_empty(out)
+        raise
+    cache = found.cache
+    same = sum(bool(p.same_bytes) for p in found.leaks)
+    _echo(f"{cache.n} images, {len(cache.classes)} classes")
+    _echo(f"leaks across splits: {len(found.leaks)} near-identical pairs ({same} byte-identical)")
+    _echo(f"duplicate files: {len(found.duplicates)} byte-identical pairs")
+    _echo(f"suspect labels: {len(found.suspects)} (lowest out-of-fold probability of the given label)")
+    for warning in found.warnings:
+        _echo(f"warning: {warning}", err=True)
+    _echo(f"written: {out}/inspect.html (open it in a browser), {out}/map.png")
 
 
 class _Exit(Exception):

@@ -25,6 +25,7 @@ _WHERE = {
     "export": "export", "ExportResult": "export",
     "load_model": "predict", "predict": "predict", "Model": "predict", "Prediction": "predict",
     "run_experiment": "experiment", "ExperimentRequest": "experiment",
+    "inspect": "inspection", "Inspection": "inspection",
     "TransferError": "errors", "SettingError": "errors", "InputFileError": "errors",
     "IncompleteCacheError": "errors", "IncompatibleCachesError": "errors",
 }

@@ -122,6 +122,8 @@ class FitResult:
     cache: Cache  # what it was fitted on
     notes: list[str] = field(default_factory=list)
     run_dir: str | None = None  # the run folder, once written
+    predictions: tuple | None = None  # (rows (n,), probabilities (n, K)) behind `scores`, rows of the cache
+    warnings: list[str] = field(default_factory=list)  # from writing the run folder (e.g. images not found)
 
 
 def make_splits(cache: Cache, seed: int) -> Splits:
@@ -468,7 +470,12 @@ def fit_head(cache: Cache, settings: FitSettings) -> FitResult:
     Z = _project(steps, X)
     final, convergence = _fit_lr(settings, C, Z[:n_tr + n_val], y[:n_tr + n_val])
     timings["refit_s"] = time.perf_counter() - t
-    final_scores = scores(final.predict_proba(Z[n_tr + n_val:]), y_te, classes) if len(y_te) else val_scores
+    if len(y_te):
+        predictions = (splits.test, final.predict_proba(Z[n_tr + n_val:]))
+        final_scores = scores(predictions[1], y_te, classes)
+    else:
+        predictions = (order[:n_tr + n_val] if selection == "cv" else splits.val, val_proba)
+        final_scores = val_scores
     pipeline = Pipeline([(type(s).__name__.lower(), s) for s in steps] + [("logisticregression", final)])
     head = head_mod.fold(steps + [final], classes, {"provenance": head_provenance(cache), "C": C,
                                                     "settings": vars(settings)})
@@ -478,4 +485,4 @@ def fit_head(cache: Cache, settings: FitSettings) -> FitResult:
         if unconverged:
             notes.append(f"{unconverged} of {len(sweep)} sweep fits stopped at --max-iter {settings.max_iter}")
     return FitResult(pipeline, head, C, sweep, splits, evaluated_on, final_scores, convergence, timings, classes,
-                     settings, validation, cache, notes)
+                     settings, validation, cache, notes, predictions=predictions)

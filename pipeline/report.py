@@ -61,7 +61,7 @@ def check_new_folder(out_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def _new_folder(out_dir: str):
+def new_folder(out_dir: str):
     """Yields a temporary folder that becomes `out_dir` only if the block completes: a folder named
     like a run is always a whole run. Refuses to replace a non-empty folder."""
     check_new_folder(out_dir)
@@ -81,7 +81,7 @@ def _new_folder(out_dir: str):
 
 def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
     """Write the whole run folder (sets result.run_dir); returns its path."""
-    with _new_folder(run_dir) as tmp:
+    with new_folder(run_dir) as tmp:
         joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
         result.head.meta["command"] = command
         head_mod.save(result.head, tmp)
@@ -92,7 +92,11 @@ def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
         if result.sweep:
             plot_sweep(result, os.path.join(tmp, "c_sweep.png"))
         with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(display_path(report_markdown(metrics, bool(result.sweep))))
+            f.write(display_path(report_markdown(metrics, bool(result.sweep), result.cache.path is not None)))
+        if result.cache.path is not None:  # the page shows images: it needs a cache of image files
+            from .pages import write_fit_page
+
+            result.warnings += write_fit_page(result, tmp)
     result.run_dir = run_dir
     return run_dir
 
@@ -175,7 +179,7 @@ def plot_sweep(result: FitResult, path: str) -> None:
     plt.close(fig)
 
 
-def report_markdown(m: dict, has_sweep: bool) -> str:
+def report_markdown(m: dict, has_sweep: bool, has_page: bool = True) -> str:
     s = m["scores"]
     where = {"test": "test split", "val": "validation split (it also chose C: optimistic)",
              "cv": "cross-validated train+val predictions (they also chose C: optimistic)"}[m["evaluated_on"]]
@@ -186,6 +190,8 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
         f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
         f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
         "",
+        *(["The images behind these numbers - worst errors, leaks across splits, suspect labels, a map of the "
+            "data - are in [report.html](report.html).", ""] if has_page else []),
         "| | |",
         "|---|---|",
         f"| scored on | {where}, n = {s['n']} |",
@@ -244,7 +250,7 @@ def write_experiment(rows: list[dict], out_dir: str, command: str, backbones: di
 
     from .experiment import best_per_cache, learning_curve
 
-    with _new_folder(out_dir) as tmp:
+    with new_folder(out_dir) as tmp:
         with open(os.path.join(tmp, "results.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
             writer.writeheader()

@@ -191,3 +191,51 @@ def make_partial(tmp_path: Path, n: int = 5):
 def rows_features(rows) -> np.ndarray:
     """(len(rows), 4) float32: row r holds r + 0.5 everywhere."""
     return np.stack([np.full(4, r + 0.5, dtype=np.float32) for r in rows])
+
+
+@pytest.fixture(scope="session")
+def planted(hymenoptera_lite0, tmp_path_factory):
+    """The real photos with planted trouble: train/ as it is but 4 ants photos moved into train/bees;
+    test/ = the real val photos plus 3 byte copies and 3 re-encoded/resized copies of train photos.
+    Only the 6 new files go through the network (the pretrained EfficientNet-Lite0); the others keep
+    their features from `hymenoptera_lite0`, as an incremental update would. Returns (cache, facts)."""
+    from pipeline import read_cache, write_cache
+
+    root = tmp_path_factory.mktemp("planted") / "photos"
+    ants = sorted((HYMENOPTERA / "train" / "ants").iterdir())
+    bees = sorted((HYMENOPTERA / "train" / "bees").iterdir())
+    moved, exact, changed = ants[:4], [ants[10], ants[20], bees[10]], [ants[30], bees[20], bees[30]]
+    new = root.parent / "new"
+    for i, f in enumerate(exact):
+        (new / "test" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (new / "test" / f.parent.name / f"copy{i}_{f.name}").write_bytes(f.read_bytes())
+    for i, f in enumerate(changed):
+        image = Image.open(f).convert("RGB")
+        if i % 2:
+            image = image.resize((image.width * 9 // 10, image.height * 9 // 10))
+        (new / "test" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        image.save(new / "test" / f.parent.name / f"changed{i}_{f.stem}.jpg", quality=80)
+    result = run_cli("extract", new, "--out", root.parent / "new.h5", "--backbone", "efficientnet_lite0")
+    assert result.code == 0, result.err
+    real, extra = read_cache(hymenoptera_lite0), read_cache(root.parent / "new.h5")
+    names, labels, splits = [], [], []
+    for source, split_of in ((real, {"train": "train", "val": "test"}), (extra, {"test": "test"})):
+        for i, raw in enumerate(source.path_bytes):
+            path = os.fsdecode(raw)
+            split, cls, name = path.split("/")
+            cls = "bees" if split == "train" and HYMENOPTERA / "train" / cls / name in moved else cls
+            names.append(f"{split_of[split]}/{cls}/{name}")
+            labels.append(source.classes.index(cls))
+            splits.append(split_of[split])
+            target = root / names[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(Path(os.fsdecode(os.path.join(os.fsencode(source.image_dir), raw))).resolve())
+    out = root.parent / "planted.h5"
+    write_cache(out, np.concatenate([real.features(), extra.features()]), np.array(labels), classes=real.classes,
+                split=splits, paths=names, provenance={**{k: real.provenance[k] for k in (
+                    "backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer",
+                    "preprocessing", "precision")}, "image_dir": str(root)})
+    facts = {"exact": [f"copy{i}_{f.name}" for i, f in enumerate(exact)],
+             "changed": [f"changed{i}_{f.stem}.jpg" for i, f in enumerate(changed)],
+             "originals": [f.name for f in exact + changed], "moved": [f"train/bees/{f.name}" for f in moved]}
+    return out, facts
