@@ -63,9 +63,11 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("image_dir", type=click.Path(path_type=str))
+@click.argument("image_dir", required=False, type=click.Path(path_type=str))
 @click.option("--out", "out", required=True, type=click.Path(path_type=str),
               help="Cache file to write (HDF5), e.g. cache/photos.h5.")
+@click.option("--manifest", default=None, type=click.Path(path_type=str),
+              help="A .csv or .jsonl listing path,label[,split] (header required) instead of IMAGE_DIR.")
 @click.option("--backbone", default="vgg16", show_default=True,
               help="A torchvision model by name (resnet18, vit_b_16, ...), timm:<model>[.<tag>], or "
                    "efficientnet_lite0; `transfer backbones` lists them.")
@@ -83,14 +85,21 @@ def cli(debug: bool) -> None:
               help="fp32, bf16 or fp16 [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
 @click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing cache (or unfinished one) made with other settings; "
-                   "one with the same settings is kept (finished) or resumed (unfinished).")
+              help="Replace an existing cache (or unfinished one) made with other settings or of other files, "
+                   "recomputing every image; without it, a cache of the same settings is updated. One that holds "
+                   "exactly this extraction is kept (finished) or resumed (unfinished).")
+@click.option("--check-content", is_flag=True,
+              help="When updating a cache, tell unchanged files by their content hash (reads every file) "
+                   "instead of their size and modification time.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
-def extract(image_dir, out, backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite, seed):
+def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite,
+            check_content, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
-    folders (IMAGE_DIR/{train,val,test}/CLASS/*.jpg). An interrupted run resumes when rerun.
+    folders (IMAGE_DIR/{train,val,test}/CLASS/*.jpg); or --manifest lists the images. An
+    interrupted run resumes when rerun; rerun on a changed folder, only new and changed images
+    go through the network.
     """
     from pipeline.extract import ExtractState, committed_so_far, extract as run
 
@@ -98,18 +107,30 @@ def extract(image_dir, out, backbone, weights, layer, tta, batch_size, device, p
     rank = int(os.environ.get("RANK", "0"))
 
     def ready(info: dict) -> None:
-        if rank == 0:
-            resumed = f", resuming at {info['already']}/{info['total']}" if info["already"] else ""
-            ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
-            _echo(f"extracting {info['total']} images with {backbone} on {info['device']} "
-                       f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
-                       f"{resumed}", err=True)
+        if rank != 0:
+            return
+        for note in info["notes"][:10]:
+            _echo(f"note: {note}", err=True)
+        if len(info["notes"]) > 10:
+            _echo(f"note: ... and {len(info['notes']) - 10} more", err=True)
+        if info["update"]:
+            u = info["update"]
+            _echo(f"updating {out}: reused {u['reused']:,}, new {u['new']:,}, changed {u['changed']:,}, "
+                  f"removed {u['removed']:,}, relabelled {u['relabelled']:,}", err=True)
+        todo, resumed = info["total"] - info["already"], info["already"] - info["reused"]
+        # Under torchrun `already` is rank 0's own shard: name the whole job only.
+        what = f"{todo:,} of {info['total']:,}" if info["already"] and info["world_size"] == 1 else f"{info['total']:,}"
+        resumed = f", resuming after {resumed}" if resumed and info["world_size"] == 1 else ""
+        ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
+        _echo(f"extracting {what} images with {backbone} on {info['device']} "
+              f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
+              f"{resumed}", err=True)
 
     try:
         summary = run(image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta,
                       batch_size=batch_size, device=device,
                       precision=precision, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
-                      progress=bar, on_ready=ready)
+                      manifest=manifest, check_content=check_content, progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
         raise _Exit(f"interrupted: {committed_so_far(out)}rerun the same command to resume", 130) from None
@@ -121,7 +142,9 @@ def extract(image_dir, out, backbone, weights, layer, tta, batch_size, device, p
         _echo(f"{out} already holds this extraction ({summary.done} images, {summary.failed} failed); "
                    "nothing to do (delete it to extract again)")
         return
-    resumed = f" (resumed after {summary.resumed_from})" if summary.resumed_from else ""
+    done_before = [f"resumed after {summary.resumed_from}"] if summary.resumed_from else []
+    done_before += [f"reused {summary.reused}"] if summary.reused else []
+    resumed = f" ({', '.join(done_before)})" if done_before else ""
     _echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
                f"{summary.images_per_second:.1f} img/s: {summary.done} cached, {summary.failed} failed")
     _echo(f"cache: {out} ({_size(summary.out_bytes)})")

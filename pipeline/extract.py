@@ -25,15 +25,17 @@ from .backbones import (PRECISIONS, TTA_MODES, Embedder, check_backbone_name, de
                         resolve_device)
 from .errors import SettingError, TransferError
 from .files import make_folder_for
-from .images import ImageDataset, ImageListing, collate, scan_image_folder
+from .images import ImageDataset, ImageListing, collate, content_hashes, scan_image_folder
+from .manifest import read_manifest
 from .settings import SEED, Interval, Options, validate_all
+from .update import plan_update
 
 
 @dataclass
 class ExtractRequest:
     """Every option of an extraction; `CONSTRAINTS` declares what each allows."""
 
-    image_dir: str
+    image_dir: str | None  # a class-folder tree; or None with `manifest`
     out: str
     backbone: str = "vgg16"
     weights: str | None = None  # torchvision weights name, state_dict file, or "random"
@@ -46,6 +48,8 @@ class ExtractRequest:
     layer: str | None = None  # a module path (named_modules) to take pooled features from; None: penultimate
     tta: str = "none"  # "flip": the mean of each image's and its mirror image's embedding
     command: str = ""  # the command line, named in "resume with" messages
+    manifest: str | None = None  # a .csv/.jsonl of path,label[,split] instead of image_dir
+    check_content: bool = False  # an update compares files by content hash, not size and mtime
 
     CONSTRAINTS = {
         "batch_size": [None, Interval(Integral, 1, None)],
@@ -80,6 +84,9 @@ class ExtractSummary:
     batch_size: int = 0
     workers: int = 0
     world_size: int = 1
+    reused: int = 0  # rows taken from the previous cache (or an interrupted run) without the network
+    update: dict | None = None  # the update's account (UpdateCounts as a dict) when a cache was updated
+    notes: list[str] = field(default_factory=list)  # one line each: manifest problems, update caveats
 
 
 class ProgressSink:
@@ -90,12 +97,17 @@ class ProgressSink:
     def advance(self, images: int) -> None: ...
 
 
-def extract(image_dir: str | os.PathLike, out: str | os.PathLike, *, progress: ProgressSink | None = None,
-            on_ready: Callable[[dict], None] | None = None, **options) -> ExtractSummary:
-    """Run a frozen pretrained network once over every image under `image_dir` and cache its
-    features in `out` (HDF5; see docs/cache-format.md). Resumes an interrupted run of the same
-    extraction; keeps a finished one. options: backbone, weights, layer, tta, batch_size, device,
-    precision, workers, overwrite, seed (the `transfer extract` options).
+def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
+            progress: ProgressSink | None = None, on_ready: Callable[[dict], None] | None = None,
+            **options) -> ExtractSummary:
+    """Run a frozen pretrained network once over every image under `image_dir` (or listed in
+    `manifest=`, a .csv/.jsonl of path,label[,split]) and cache its features in `out` (HDF5; see
+    docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
+    updates a cache of the same settings whose images changed, running the network only on new and
+    changed files. options: backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite,
+    seed, manifest, check_content (the `transfer extract` options). `on_ready(info)` is called once
+    before the work starts; for an update, info["update"] holds its account (reused, new,
+    changed, removed, relabelled).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
     >>> summary.done, summary.failures                        # images cached, (path, reason) of the rest
@@ -104,7 +116,12 @@ def extract(image_dir: str | os.PathLike, out: str | os.PathLike, *, progress: P
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise SettingError(f"unknown extract option {unknown[0]!r}; expected any of {', '.join(names[2:])}")
-    return run_extract(ExtractRequest(os.fspath(image_dir), os.fspath(out), **options), progress, on_ready)
+    if out is None:
+        raise SettingError("extract: out (the cache file to write) is required")
+    image_dir = None if image_dir is None else os.fspath(image_dir)
+    if options.get("manifest") is not None:
+        options["manifest"] = os.fspath(options["manifest"])
+    return run_extract(ExtractRequest(image_dir, os.fspath(out), **options), progress, on_ready)
 
 
 def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
@@ -117,7 +134,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         if device.type == "cuda":
             torch.cuda.set_device(device)  # streams, events and pinned copies all on this GPU
         precision = req.precision or default_precision(device)
-        listing = scan_image_folder(req.image_dir)
+        listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
         summary = ExtractSummary(
             out=req.out, state=ExtractState.WRITTEN, total=len(listing), done=0, failed=0, resumed_from=0, processed=0, seconds=0.0,
             images_per_second=0.0, out_bytes=0, skipped=listing.skipped, device=str(device),
@@ -130,14 +147,20 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
             cache.remove_stale_temporaries(target, "creating")
             backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta)
             meta = {**_metadata(req, backbone, listing, precision), "world_size": dist.world_size}
-            if _already_complete(req.out, meta, req.overwrite):
-                return _finished(summary, ExtractState.ALREADY_COMPLETE, cache.read_cache(req.out), started)
             positions = distributed.my_positions(len(listing), dist)
-            shard = _open_partial(target, meta, listing, positions, backbone.dim, req.overwrite)
+            shard = _prepare(req, meta, listing, positions, backbone.dim, target, dist)
+            if shard is None:
+                return _finished(summary, ExtractState.ALREADY_COMPLETE, cache.read_cache(req.out), started)
+            shard_meta = cache.PartialCache.read_meta(target)
+            prefilled, reused = int(shard_meta.get("prefilled", 0)), int(shard_meta.get("reused", 0))
+            if shard_meta.get("update"):
+                meta["update"] = summary.update = shard_meta["update"]
+            summary.notes = listing.notes + list(shard_meta.get("update_notes") or [])
             before = shard.progress()
             if on_ready:
                 on_ready({"device": summary.device, "precision": precision, "batch_size": summary.batch_size,
                           "workers": summary.workers, "total": len(listing), "already": before.finished,
+                          "reused": prefilled, "update": summary.update, "notes": summary.notes,
                           "rank": dist.rank, "world_size": dist.world_size, "partial": target})
             reporter = distributed.progress_reporter(dist, req.out, progress or ProgressSink(), len(listing))
             reporter.start(before.finished)
@@ -149,13 +172,15 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
             left = shard.progress()
             if left.finished != left.total:
                 raise TransferError(f"{target}: {left.total - left.finished} rows still pending after the run")
-            counts = distributed.finish(dist, req.out, reporter, {"already": before.finished, "processed": processed})
+            counts = distributed.finish(dist, req.out, reporter, {"already": before.finished - prefilled,
+                                                                  "processed": processed, "reused": reused})
             loop_seconds = time.perf_counter() - loop_started
             if counts is None:  # not rank 0: rank 0 assembles
                 summary.processed = processed
                 return _finished(summary, ExtractState.SHARD_WRITTEN, None, started)
             summary.resumed_from = sum(c["already"] for c in counts)
             summary.processed = sum(c["processed"] for c in counts)
+            summary.reused = sum(c["reused"] for c in counts)
             summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
             parts = distributed.all_parts(req.out, dist.world_size)
             with cache.WriterLock(req.out) if sharded else contextlib.nullcontext():
@@ -167,6 +192,9 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
 
 def _check_request(req: ExtractRequest) -> None:
     validate_all(vars(req), ExtractRequest.CONSTRAINTS)
+    if (req.image_dir is None) == (req.manifest is None):
+        raise SettingError("give either an image folder (IMAGE_DIR) or a manifest (--manifest FILE.csv|.jsonl)"
+                           + (", not both" if req.manifest is not None else ""))
     check_backbone_name(req.backbone)
     make_folder_for(req.out)
     if os.path.isdir(req.out):
@@ -211,13 +239,17 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
         "image_dir": os.path.abspath(listing.root),
         "image_dir_bytes": os.fsencode(os.path.abspath(listing.root)),  # exact, whatever the encoding
         "num_listed": len(listing),
-        "listing_sha256": cache.listing_digest(listing.classes, listing.paths, listing.labels, listing.splits),
+        "listing_sha256": cache.listing_digest(listing.classes, listing.paths, listing.labels, listing.splits,
+                                               listing.extras),
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "pillow_version": PIL.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": req.command,
     }
+    if listing.manifest is not None:
+        meta["manifest"] = os.path.abspath(listing.manifest)
+        meta["extra_columns"] = list(listing.extras)
     if "timm" in backbone.versions:
         import timm
 
@@ -225,46 +257,90 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
     return meta
 
 
-def _already_complete(out: str, meta: dict, overwrite: bool) -> bool:
-    """True when `out` already holds this very extraction; refuses to replace a different one."""
+def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: np.ndarray, dim: int,
+             target: str, dist) -> cache.PartialCache | None:
+    """The partial file this process fills: resumed, or created with every result it can reuse
+    from the previous cache at req.out and from an interrupted run of another listing. None when
+    req.out already holds this very extraction of these very files."""
+    previous = _previous_cache(req.out, meta, req.overwrite)
+    state, interrupted = _inspect_partial(target, meta, positions, req.overwrite)
+    if state == "resume":
+        return cache.PartialCache(target)
+    hashes = None
+    if req.check_content and (previous or interrupted):
+        hashes = content_hashes(listing.root, listing.paths)
+    if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"]:
+        # The same files under the same names: done, unless a file's size/mtime (or content) changed.
+        if (not previous.has_stats and not req.check_content) or plan_update(
+                listing, [previous], req.check_content, hashes).unchanged:
+            if interrupted is not None:
+                os.remove(target)  # an abandoned run of another listing: nothing in it is needed now
+            return None
+    # --overwrite recomputes every image (a cache holding exactly this extraction was kept above).
+    sources = [s for s in (interrupted, None if req.overwrite else previous) if s is not None]
+    plan = plan_update(listing, sources, req.check_content, hashes)
+    prefill = plan.prefill(listing, sources, positions)
+    extra = {"prefilled": prefill.rows, "reused": prefill.rows - sum(p in listing.failures for p in positions.tolist())}
+    if sources:
+        extra.update(update=vars(plan.counts), update_notes=plan.notes)
+        cache.check_space_for_update(req.out, len(listing) * dim * 4)
+    return cache.PartialCache.create(
+        target, {**meta, **extra}, positions, [listing.paths[p] for p in positions], listing.labels[positions],
+        None if listing.splits is None else [listing.splits[p] for p in positions], dim,
+        sizes=listing.sizes[positions], mtime_ns=listing.mtime_ns[positions],
+        extras={k: [v[p] for p in positions] for k, v in listing.extras.items()}, prefill=prefill)
+
+
+def _previous_cache(out: str, meta: dict, overwrite: bool) -> cache.Entries | None:
+    """The results of the finished cache at `out` when it was made with the same settings (any
+    image listing); None when there is none. A different extraction is refused (None with overwrite)."""
     if not os.path.exists(out):
-        return False
+        return None
     try:
         old = cache.check_cache(out)
     except TransferError as e:
         if overwrite:
-            return False
+            return None
         raise TransferError(f"{out} exists and is not a finished cache ({e}); pass --overwrite to replace it") from None
-    if cache.identity(old) == cache.identity(meta):
-        return True
-    if overwrite:
-        return False
-    raise TransferError(f"{out} holds a different extraction ({cache.describe_difference(old, meta)}); "
-                        "pass --overwrite to replace it, or choose another --out")
+    if _settings(old) != _settings(meta):
+        if overwrite:
+            return None
+        shown = cache.describe_difference({**old, "listing_sha256": ""}, {**meta, "listing_sha256": ""})
+        raise TransferError(f"{out} holds a different extraction ({shown}); "
+                            "pass --overwrite to replace it, or choose another --out")
+    return cache.cache_entries(out)
 
 
-def _open_partial(path: str, meta: dict, listing: ImageListing, positions: np.ndarray, dim: int,
-                  overwrite: bool) -> cache.PartialCache:
-    """Resume `path` when it holds this same extraction; otherwise start it (or refuse)."""
+def _settings(meta: dict) -> dict:
+    """The identity of an extraction without its listing: what decides whether results are reusable."""
+    return {k: v for k, v in cache.identity(meta).items() if k != "listing_sha256"}
+
+
+def _inspect_partial(path: str, meta: dict, positions: np.ndarray, overwrite: bool) -> tuple[str, cache.Entries | None]:
+    """("resume", None) when `path` holds this same unfinished extraction; ("new", entries) when it
+    holds one of another listing with the same settings, whose committed rows can be reused;
+    ("new", None) otherwise. An unfinished extraction with other settings is refused."""
     if os.path.isdir(path):
         raise TransferError(f"{path} is a folder where the partial cache file should go; move it away")
-    if os.path.exists(path):
-        try:
-            old = cache.PartialCache.read_meta(path)
-            same = cache.identity(old) == cache.identity(meta) and np.array_equal(
-                cache.PartialCache(path).positions(), positions)
-        except (OSError, KeyError):
-            same, old = False, None  # damaged by something else (writes never leave it unreadable)
-        if same:
-            return cache.PartialCache(path)
-        if not overwrite and old is not None:
-            raise TransferError(f"{path} holds an unfinished extraction with other settings "
-                                f"({cache.describe_difference(old, meta)}); rerun its own command to resume it "
-                                f"({old.get('command') or 'unknown'}), or pass --overwrite to discard it")
-        os.remove(path)
-    return cache.PartialCache.create(
-        path, meta, positions, [listing.paths[p] for p in positions], listing.labels[positions],
-        None if listing.splits is None else [listing.splits[p] for p in positions], dim)
+    if not os.path.exists(path):
+        return "new", None
+    try:
+        old = cache.PartialCache.read_meta(path)
+        if cache.identity(old) == cache.identity(meta) and np.array_equal(cache.PartialCache(path).positions(),
+                                                                          positions):
+            return "resume", None
+        reusable = not overwrite and _settings(old) == _settings(meta)
+        entries = cache.partial_entries(path) if reusable else None
+    except (OSError, KeyError):
+        old = entries = None  # damaged by something else (writes never leave it unreadable)
+    if entries is not None:
+        return "new", entries  # replaced atomically by the new partial file once it is created
+    if not overwrite and old is not None:
+        raise TransferError(f"{path} holds an unfinished extraction with other settings "
+                            f"({cache.describe_difference(old, meta)}); rerun its own command to resume it "
+                            f"({old.get('command') or 'unknown'}), or pass --overwrite to discard it")
+    os.remove(path)
+    return "new", None
 
 
 def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, paths: list[str], transform,
@@ -306,7 +382,7 @@ def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, path
 def _commit(shard: cache.PartialCache, batch, host: torch.Tensor, ready, reporter) -> int:
     if ready is not None:
         ready.synchronize()
-    shard.commit(batch.indices.numpy(), host.numpy(), batch.failed)
+    shard.commit(batch.indices.numpy(), host.numpy(), batch.failed, batch.hashes)
     n = len(batch.indices) + len(batch.failed)
     reporter.advance(n)
     return n

@@ -1,15 +1,20 @@
 """Reading images: find them in an ImageFolder tree and decode each one to RGB, safely.
 
 Stage 1a of images -> backbone -> cache -> head -> model. Nothing here knows about networks;
-`backbones.Preprocessing` turns a decoded image into the tensor a backbone wants.
+`backbones.Preprocessing` turns a decoded image into the tensor a backbone wants. A listing also
+records each file's size, mtime and (when it is read) content hash: what tells an unchanged file
+from a changed one when a cache is updated (`pipeline.update`). `pipeline.manifest` lists the
+images of a CSV/JSONL manifest into the same `ImageListing`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,9 +45,66 @@ class ImageListing:
     labels: np.ndarray
     splits: list[str] | None
     skipped: list[tuple[str, str]]  # (path relative to root, why) of what is not listed
+    # Per file (N,): size in bytes and st_mtime_ns, -1 where the file cannot be stat'ed.
+    sizes: np.ndarray = None
+    mtime_ns: np.ndarray = None
+    failures: dict[int, str] = field(default_factory=dict)  # position -> reason known from the listing alone
+    extras: dict[str, list[str]] = field(default_factory=dict)  # manifest columns beyond path/label/split
+    notes: list[str] = field(default_factory=list)  # one line per problem found while listing
+    manifest: str | None = None  # the manifest file this listing came from
+
+    def __post_init__(self):
+        if self.sizes is None or self.mtime_ns is None:
+            sizes, mtimes = stat_files(self.root, self.paths)
+            object.__setattr__(self, "sizes", sizes)
+            object.__setattr__(self, "mtime_ns", mtimes)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def stat_files(root: str, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) int64 sizes and (N,) int64 st_mtime_ns of root/paths[i] (symlinks followed); -1 for a
+    file that cannot be stat'ed (missing, dangling link), which therefore never counts as unchanged."""
+    sizes = np.full(len(paths), -1, dtype=np.int64)
+    mtimes = np.full(len(paths), -1, dtype=np.int64)
+    for i, p in enumerate(paths):
+        try:
+            st = os.stat(os.path.join(root, p))
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    return sizes, mtimes
+
+
+# sha256 rather than blake2b: with the SHA extensions of current x86 and ARM CPUs OpenSSL's sha256
+# is about twice as fast (measured here: 564 vs 272 MB/s), and `sha256sum` checks it by hand.
+HASH_NAME = "sha256"
+_HASH_BLOCK = 1 << 20
+
+
+def content_hash(path: str) -> str:
+    """Hex sha256 of a file's bytes, or "" when it cannot be read (or is not a regular file)."""
+    h = hashlib.new(HASH_NAME)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block forever
+            return ""
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)  # releases the GIL for large blocks: threads hash in parallel
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def content_hashes(root: str, paths: list[str], threads: int | None = None) -> np.ndarray:
+    """(N,) object array of `content_hash` of root/paths[i], read by a few threads at once."""
+    threads = threads or min(8, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(threads) as pool:
+        found = list(pool.map(content_hash, (os.path.join(root, p) for p in paths), chunksize=64))
+    out = np.empty(len(found), dtype=object)
+    out[:] = found
+    return out
 
 
 def _sort_key(name: str) -> bytes:
@@ -307,14 +369,16 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 @dataclass
 class ImageBatch:
     """indices: (B,) int64 listing positions of the decoded images; images: (B, 3, S, S) uint8;
-    failed: (listing position, reason) for the images that could not be used."""
+    failed: (listing position, reason) for the images that could not be used; hashes: listing
+    position -> content hash, for every file of the batch."""
 
     indices: torch.Tensor
     images: torch.Tensor
     failed: list[tuple[int, str]]
+    hashes: dict[int, str] = field(default_factory=dict)
 
     def pin_memory(self) -> "ImageBatch":
-        return ImageBatch(self.indices.pin_memory(), self.images.pin_memory(), self.failed)
+        return ImageBatch(self.indices.pin_memory(), self.images.pin_memory(), self.failed, self.hashes)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -326,22 +390,24 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str]:
         position = self.order[i]
+        path = os.path.join(self.root, self.paths[position])
+        digest = content_hash(path)  # the second read below comes from the page cache
         try:
-            image = decode_image(os.path.join(self.root, self.paths[position]))
-            return position, self.transform(image), None
+            return position, self.transform(decode_image(path)), None, digest
         except DecodeError as e:
-            return position, None, e.reason
+            return position, None, e.reason, digest
         except Exception as e:  # noqa: BLE001 - a transform failure is one bad image too
-            return position, None, _short(f"preprocessing failed: {type(e).__name__}: {e}")
+            return position, None, _short(f"preprocessing failed: {type(e).__name__}: {e}"), digest
 
 
-def collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
-    good = [(i, x) for i, x, _ in samples if x is not None]
-    failed = [(i, reason) for i, x, reason in samples if x is None]
+def collate(samples: list[tuple[int, torch.Tensor | None, str | None, str]]) -> ImageBatch:
+    good = [(i, x) for i, x, _, _ in samples if x is not None]
+    failed = [(i, reason) for i, x, reason, _ in samples if x is None]
     if good:
         images = torch.stack([x for _, x in good])
     else:
         images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
-    return ImageBatch(torch.tensor([i for i, _ in good], dtype=torch.int64), images, failed)
+    return ImageBatch(torch.tensor([i for i, _ in good], dtype=torch.int64), images, failed,
+                      {i: digest for i, _, _, digest in samples})

@@ -72,13 +72,6 @@ def test_a_cache_from_other_settings_is_refused_unless_overwrite(tmp_path, tiny_
     assert read_cache(out).provenance["precision"] == "bf16"
 
 
-def test_a_changed_image_folder_is_refused_unless_overwrite(tmp_path, tiny_folder):
-    out = tmp_path / "c.h5"
-    assert run_cli("extract", tiny_folder, "--out", out, *LITE).code == 0
-    (tiny_folder / "dog" / "img000.png").rename(tiny_folder / "cat" / "moved.png")
-    assert_one_line_error(run_cli("extract", tiny_folder, "--out", out, *LITE), "the image folder's files or labels")
-
-
 @pytest.mark.parametrize("setup, args, fragments", [
     (None, ("{tmp}/missing", "--out", "{tmp}/c.h5"), ("does not exist",)),
     (None, ("", "--out", "{tmp}/c.h5"), ("no image folder given (an empty name)",)),

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import cache
 from pipeline.errors import TransferError
-from tests.conftest import ROOT, assert_one_line_error, make_folder, run_cli
+from tests.conftest import ROOT, assert_one_line_error, make_folder, run_cli, write_image
 
 N_IMAGES = 48
 BATCH = 4
@@ -171,12 +171,12 @@ def test_disk_full_while_committing_is_reported_and_committed_rows_stay(tmp_path
     def no_space(self, key, value):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def third_commit_fails(self, rows, features, failed):
+    def third_commit_fails(self, rows, features, failed, hashes=None):
         calls["n"] += 1
         if calls["n"] == 3:
             monkeypatch.setattr(h5py.Dataset, "__setitem__", no_space)
         try:
-            return real_commit(self, rows, features, failed)
+            return real_commit(self, rows, features, failed, hashes)
         finally:
             monkeypatch.setattr(h5py.Dataset, "__setitem__", real_setitem)
 
@@ -220,13 +220,88 @@ def test_removing_the_partial_file_mid_run_stops_with_a_clear_error(images, tmp_
     real_commit = cache.PartialCache.commit
     calls = {"n": 0}
 
-    def remove_then_commit(self, rows, features, failed):
+    def remove_then_commit(self, rows, features, failed, hashes=None):
         calls["n"] += 1
         if calls["n"] == 2:
             os.remove(self.path)
-        return real_commit(self, rows, features, failed)
+        return real_commit(self, rows, features, failed, hashes)
 
     monkeypatch.setattr(cache.PartialCache, "commit", remove_then_commit)
     result = run_cli("extract", images, "--out", out, *ARGS)
     assert_one_line_error(result, "was removed or replaced while extracting")
     assert not out.exists()
+
+
+def edit_folder(folder: Path) -> None:
+    """Grow, shrink, modify and relabel at once: 4 new files, 2 removed, 2 changed, 2 moved across classes."""
+    for i in range(2):
+        write_image(folder / "a" / f"new{i}.png", 1000 + i)
+        write_image(folder / "c" / f"new{i}.png", 2000 + i)
+        (folder / "a" / f"img{i:03d}.png").unlink()
+    for i in range(2):
+        path = folder / "b" / f"img{i:03d}.png"
+        mtime = path.stat().st_mtime_ns
+        write_image(path, 3000 + i, size=(40, 30))
+        os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    (folder / "b" / "moved").mkdir()
+    (folder / "a" / "img010.png").rename(folder / "b" / "moved" / "img010.png")
+    (folder / "a" / "moved").mkdir()
+    (folder / "b" / "img020.png").rename(folder / "a" / "moved" / "img020.png")
+
+
+def test_sigkill_during_an_update_then_rerun_equals_the_uninterrupted_update(images, reference, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)  # copy2 keeps sizes and mtimes: the reference cache describes these files
+    edit_folder(folder)
+    expected = tmp_path / "expected.h5"
+    shutil.copy2(reference, expected)
+    uninterrupted = run_cli("extract", folder, "--out", expected, *ARGS)
+    account = "reused 45, new 4, changed 2, removed 2, relabelled 2"
+    assert uninterrupted.code == 0 and account in uninterrupted.err, uninterrupted.err
+    old_paths, _, old_features = read_cache(reference)
+    new_paths, new_labels, new_features = read_cache(expected)
+    old_row = {p: i for i, p in enumerate(old_paths)}
+    was = {"b/moved/img010.png": "a/img010.png", "a/moved/img020.png": "b/img020.png"}
+    reused = [(i, old_row[was.get(p, p)]) for i, p in enumerate(new_paths)
+              if was.get(p, p) in old_row and p not in ("b/img000.png", "b/img001.png")]
+    assert len(reused) == 44  # 45 less the broken file's failure, reused as it was
+    assert all(np.array_equal(new_features[i], old_features[j]) for i, j in reused)
+
+    out = tmp_path / "c.h5"
+    shutil.copy2(reference, out)
+    partial = Path(cache.partial_path(str(out)))
+    expected_row = {p: i for i, p in enumerate(new_paths)}
+    for kind, value in [("file", ".partial.creating-"), ("rows", 45 + BATCH), ("file", ".assembling-")]:
+        proc = start(folder, out)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if kind == "file" and any(value in name for name in os.listdir(tmp_path)):
+                break
+            status = committed(partial) if kind == "rows" else None
+            if status is not None and (status != cache.PENDING).sum() >= value:
+                break
+            time.sleep(0.001 if kind == "file" else 0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # The cache at `out` is whole at every moment: the old one until the new one replaces it.
+        paths, _, features = read_cache(out)
+        assert paths in (old_paths, new_paths)
+        cache.check_cache(str(out))
+        if paths == new_paths:
+            break
+        assert np.array_equal(features, old_features)
+        status = committed(partial)
+        if status is not None:  # every row the partial file marks done holds the update's features
+            with h5py.File(partial, "r", locking=False) as f:
+                rows, got = list(f["paths"].asstr()[...]), f["features"][...]
+            for r in np.flatnonzero(status == cache.DONE):
+                np.testing.assert_allclose(got[r], new_features[expected_row[rows[r]]], rtol=0, atol=1e-6)
+    final = run_cli("extract", folder, "--out", out, *ARGS)
+    assert final.code == 0, final.err
+    paths, labels, features = read_cache(out)
+    assert paths == new_paths and np.array_equal(labels, new_labels)
+    np.testing.assert_allclose(features, new_features, rtol=0, atol=1e-6)
+    assert all(np.array_equal(features[i], old_features[j]) for i, j in reused)  # still the old bytes
+    with h5py.File(out, "r") as f:
+        assert list(f["failed/paths"].asstr()[...]) == ["b/broken.png"]
+    assert not list(tmp_path.glob("c.h5.*"))

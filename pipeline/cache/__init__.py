@@ -8,19 +8,22 @@ One module per job:
 - `assemble`: the finished `OUT`, streamed from the partial file(s) and renamed into place;
 - `reader`: `read_cache(path) -> Cache`, the only way the library reads a cache;
 - `writer`: `write_cache(...)`, a complete cache from arrays or a stream of blocks;
-- `lock`: the writer's lock, so that one extraction at a time writes a given cache.
+- `lock`: the writer's lock, so that one extraction at a time writes a given cache;
+- `entries`: what a cache or partial file already holds per file, for an incremental update.
 """
 
-from .assemble import assemble
+from .assemble import assemble, check_space_for_update
+from .entries import Entries, Prefill, cache_entries, partial_entries
 from ..files import display_path
-from .format import (COPY_ROWS, DONE, FAILED, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, PENDING, describe_difference,
-                     identity, listing_digest, partial_path)
+from .format import (COPY_ROWS, DONE, FAILED, FORMAT, FORMAT_VERSION, HASH_BYTES, IDENTITY_KEYS, PENDING,
+                     describe_difference, identity, listing_digest, partial_path)
 from .lock import WriterLock
 from .partial import PartialCache, Progress, existing_shards, remove_stale_temporaries, shard_path_of
 from .reader import ArrayCache, Cache, check_cache, incomplete_message, read_cache
 from .writer import write_cache
 
-__all__ = ["ArrayCache", "COPY_ROWS", "Cache", "DONE", "FAILED", "FORMAT", "FORMAT_VERSION", "IDENTITY_KEYS",
-           "PENDING", "PartialCache", "Progress", "WriterLock", "assemble", "check_cache", "describe_difference",
-           "display_path", "existing_shards", "identity", "incomplete_message", "listing_digest", "partial_path",
-           "read_cache", "remove_stale_temporaries", "shard_path_of", "write_cache"]
+__all__ = ["ArrayCache", "COPY_ROWS", "Cache", "DONE", "Entries", "FAILED", "FORMAT", "FORMAT_VERSION", "HASH_BYTES",
+           "IDENTITY_KEYS", "PENDING", "PartialCache", "Prefill", "Progress", "WriterLock", "assemble", "cache_entries",
+           "check_cache", "check_space_for_update", "describe_difference", "display_path", "existing_shards",
+           "identity", "incomplete_message", "listing_digest", "partial_entries", "partial_path", "read_cache",
+           "remove_stale_temporaries", "shard_path_of", "write_cache"]

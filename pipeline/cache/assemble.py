@@ -58,6 +58,20 @@ def _check_free_space(parts: list[str], out: str) -> None:
         )
 
 
+def check_space_for_update(out: str, feature_bytes: int) -> None:
+    """Before an update starts: its new partial file and then the new cache are written beside the
+    previous cache, which stays whole and readable until the new one replaces it, so the free space
+    must hold both new copies of the features (about `feature_bytes` each)."""
+    needed = 2 * feature_bytes
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+    if needed > free:
+        raise TransferError(
+            f"updating {out} needs about {needed / 2**20:.1f} MB free (the new partial file and the new cache are "
+            f"written beside the previous cache, which stays readable until it is replaced) but only "
+            f"{free / 2**20:.1f} MB are free (no space left on device); free some space and rerun the same command"
+        )
+
+
 def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
     sources = [h5py.File(p, "r", locking=False) for p in parts]
     try:
@@ -77,10 +91,17 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
                                 f"{meta['num_listed']} listed images exactly once, in order")
         dim = int(sources[0]["features"].shape[1])
         has_split = "split" in sources[0]
+        # Per-file data (size, mtime, content hash; a manifest's columns) is kept when every part
+        # has it: a part written before transfer recorded it has none.
+        per_file = [name for name in ("sizes", "mtime_ns", "content_hash") if all(name in s for s in sources)]
+        columns = [f"columns/{c}" for c in meta.get("extra_columns") or []]
+        for part, src in zip(parts, sources):
+            if any(c not in src for c in columns):
+                raise TransferError(f"cannot assemble: {part} lacks the manifest's columns {meta['extra_columns']}")
         chunk_rows = max(1, min(n_ok, (1 << 20) // (4 * dim)))  # ~1 MiB chunks
         features = dst.create_dataset("features", (n_ok, dim), np.float32, chunks=(chunk_rows, dim) if n_ok else None)
-        cols = {"labels": [], "paths": [], "path_bytes": [], "split": []}
-        failed = {"paths": [], "path_bytes": [], "reasons": []}
+        cols = {"labels": [], "paths": [], "path_bytes": [], "split": [], **{c: [] for c in per_file + columns}}
+        failed = {"paths": [], "path_bytes": [], "reasons": [], **{c: [] for c in per_file}}
         k = 0
         for src, st in zip(sources, status):
             ok = st == DONE
@@ -103,6 +124,12 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
             failed["path_bytes"].append(raw[bad])
             failed["reasons"].append(np.array([r.decode("utf-8", "replace") for r in src["reasons"][...][bad]],
                                               dtype=object))
+            for name in per_file:
+                values = src[name][...]
+                cols[name].append(values[ok])
+                failed[name].append(values[bad])
+            for name in columns:
+                cols[name].append(src[name].asstr()[...][ok])
         dst.create_dataset("labels", data=np.concatenate(cols["labels"]).astype(np.int64))
         dst.create_dataset("paths", data=np.concatenate(cols["paths"]).astype(object), dtype=STR)
         dst.create_dataset("path_bytes", data=np.concatenate(cols["path_bytes"]).astype(object), dtype=BYTES)
@@ -112,6 +139,11 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
         group.create_dataset("paths", data=np.concatenate(failed["paths"]).astype(object), dtype=STR)
         group.create_dataset("path_bytes", data=np.concatenate(failed["path_bytes"]).astype(object), dtype=BYTES)
         group.create_dataset("reasons", data=np.concatenate(failed["reasons"]).astype(object), dtype=STR)
+        for name in per_file:  # sizes, mtime_ns: int64; content_hash: fixed 64-byte hex
+            dst.create_dataset(name, data=np.concatenate(cols[name]))
+            group.create_dataset(name, data=np.concatenate(failed[name]))
+        for name in columns:
+            dst.create_dataset(name, data=np.concatenate(cols[name]).astype(object), dtype=STR)
         write_attrs(dst, {
             **meta,
             "format": FORMAT,

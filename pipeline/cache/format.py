@@ -22,6 +22,7 @@ FORMAT = "transfer.features"
 FORMAT_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 REASON_BYTES = 200
+HASH_BYTES = 64  # a hex sha256 of a file's bytes ("" where unknown)
 COPY_ROWS = 2048  # rows per block when streaming features between files
 # Settings that make two extractions interchangeable; any difference refuses a resume or a reuse.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "pretrained", "seed", "layer", "dim",
@@ -35,10 +36,14 @@ def partial_path(out: str) -> str:
     return out + ".partial"
 
 
-def listing_digest(classes: list[str], paths: list[str], labels: np.ndarray, splits: list[str] | None) -> str:
-    """sha256 over everything that fixes the rows of a cache: their order, files and labels."""
+def listing_digest(classes: list[str], paths: list[str], labels: np.ndarray, splits: list[str] | None,
+                   extras: dict[str, list[str]] | None = None) -> str:
+    """sha256 over everything that fixes the rows of a cache: their order, files, labels (and a
+    manifest's extra columns; without them the digest is what it always was)."""
     digest = ListingDigest(classes)
     digest.update(paths, labels, splits)
+    if extras:
+        digest._sha.update(json.dumps(extras).encode())
     return digest.hexdigest()
 
 
@@ -108,6 +113,17 @@ def read_attrs(obj) -> dict:
                 pass
         meta[key] = value
     return meta
+
+
+def runs(rows: np.ndarray):
+    """Split sorted row numbers into runs of consecutive rows: yields (lo, hi, index slice)."""
+    if len(rows) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(rows)]])
+    for s, e in zip(starts, ends):
+        yield int(rows[s]), int(rows[e - 1]) + 1, slice(int(s), int(e))
 
 
 def objects(items) -> np.ndarray:

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..errors import TransferError
 from ..files import display_path, remove_quietly
-from .format import (BYTES, DONE, FAILED, FORMAT, FORMAT_VERSION, PENDING, REASON_BYTES, STR, objects, os_reason,
-                     partial_path, read_attrs, write_attrs)
+from .entries import Prefill, copy_features
+from .format import (BYTES, DONE, FAILED, FORMAT, FORMAT_VERSION, HASH_BYTES, PENDING, REASON_BYTES, STR, objects,
+                     os_reason, partial_path, read_attrs, runs, write_attrs)
 
 
 def shard_path_of(out: str, rank: int, world: int) -> str:
@@ -57,7 +58,9 @@ class PartialCache:
     """The resumable working file of one extraction, or of one rank's shard of it.
 
     Rows are listing positions `positions[0] .. positions[n-1]`; `features` (n, D) float32,
-    `status` (n,) uint8 (0 pending, 1 done, 2 failed), `reasons` (n,) for failed rows.
+    `status` (n,) uint8 (0 pending, 1 done, 2 failed), `reasons` (n,) for failed rows; per file
+    `sizes`, `mtime_ns` (n,) int64 as listed and `content_hash` (n,) as read; a manifest's extra
+    columns under `columns/`.
     """
 
     def __init__(self, path: str):
@@ -67,8 +70,12 @@ class PartialCache:
 
     @classmethod
     def create(cls, path: str, meta: dict, positions: np.ndarray, paths: list[str],
-               labels: np.ndarray, splits: list[str] | None, dim: int) -> "PartialCache":
-        """Write the whole file once, under a temporary name, then rename it into place."""
+               labels: np.ndarray, splits: list[str] | None, dim: int, sizes: np.ndarray | None = None,
+               mtime_ns: np.ndarray | None = None, extras: dict[str, list[str]] | None = None,
+               prefill: Prefill | None = None) -> "PartialCache":
+        """Write the whole file once, under a temporary name, then rename it into place. Rows in
+        `prefill` (results reused from earlier files) are copied in before the rename, so the
+        file appears with them committed, or not at all."""
         n = len(positions)
         tmp = f"{path}.creating-{os.getpid()}"
         try:
@@ -80,13 +87,24 @@ class PartialCache:
                 f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
                 if splits is not None:
                     f.create_dataset("split", data=objects(splits), dtype=STR)
+                unknown = np.full(n, -1, dtype=np.int64)
+                f.create_dataset("sizes", data=unknown if sizes is None else np.asarray(sizes, dtype=np.int64))
+                f.create_dataset("mtime_ns", data=unknown if mtime_ns is None else np.asarray(mtime_ns, dtype=np.int64))
+                for name, values in (extras or {}).items():
+                    f.create_dataset(f"columns/{name}", data=objects(values), dtype=STR)
                 _fixed_dataset(f, "features", (n, dim), np.float32)
                 _fixed_dataset(f, "status", (n,), np.uint8)
                 _fixed_dataset(f, "reasons", (n,), f"S{REASON_BYTES}")
+                _fixed_dataset(f, "content_hash", (n,), f"S{HASH_BYTES}")
+                if prefill is not None:
+                    _prefill(f, prefill)
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             remove_quietly(tmp)
-            raise TransferError(f"cannot create {path}: {e.strerror or e}") from None
+            raise TransferError(f"cannot create {path}: {os_reason(e)}") from None
+        except BaseException:
+            remove_quietly(tmp)
+            raise
         return cls(path)
 
     @staticmethod
@@ -131,22 +149,26 @@ class PartialCache:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def commit(self, rows: np.ndarray, features: np.ndarray, failed: list[tuple[int, str]]) -> None:
-        """Store features (k, D) of rows (k,) and mark failed rows; the status write comes last,
-        after a flush, so a row is marked done only once its features are on disk."""
+    def commit(self, rows: np.ndarray, features: np.ndarray, failed: list[tuple[int, str]],
+               hashes: dict[int, str] | None = None) -> None:
+        """Store features (k, D) of rows (k,), mark failed rows and record content hashes (row ->
+        hex); the status write comes last, after a flush, so a row is marked done only once its
+        features are on disk."""
         f = self._file
         try:
             self._check_still_there()
-            for lo, hi, sel in _runs(rows):
+            for lo, hi, sel in runs(rows):
                 f["features"][lo:hi] = features[sel]
             for row, reason in failed:
                 f["reasons"][row] = reason.encode("utf-8")[:REASON_BYTES]
+            if hashes and "content_hash" in f:  # a partial file from before content hashes has none
+                _write_hashes(f, hashes)
             f.flush()
             marks = [(int(r), DONE) for r in rows] + [(int(r), FAILED) for r, _ in failed]
             marks.sort()
             all_rows = np.array([r for r, _ in marks], dtype=np.int64)
             values = np.array([v for _, v in marks], dtype=np.uint8)
-            for lo, hi, sel in _runs(all_rows):
+            for lo, hi, sel in runs(all_rows):
                 f["status"][lo:hi] = values[sel]
             f.flush()
         except (OSError, RuntimeError) as e:  # HDF5 reports some failed writes as RuntimeError
@@ -164,15 +186,29 @@ class PartialCache:
             raise TransferError(f"{self.path} was removed or replaced while extracting; stopped")
 
 
-def _runs(rows: np.ndarray):
-    """Split sorted row numbers into runs of consecutive rows: yields (lo, hi, index slice)."""
-    if len(rows) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(rows)]])
-    for s, e in zip(starts, ends):
-        yield int(rows[s]), int(rows[e - 1]) + 1, slice(int(s), int(e))
+def _write_hashes(f: h5py.File, hashes: dict[int, str]) -> None:
+    rows = np.array(sorted(hashes), dtype=np.int64)
+    values = np.array([hashes[int(r)].encode("ascii") for r in rows], dtype=f"S{HASH_BYTES}")
+    for lo, hi, sel in runs(rows):
+        f["content_hash"][lo:hi] = values[sel]
+
+
+def _prefill(f: h5py.File, prefill: Prefill) -> None:
+    """Copy reused results into a partial file being created: features, failures, hashes, then status."""
+    for source, rows, source_rows in prefill.copies:
+        with h5py.File(source, "r", locking=False) as src:
+            copy_features(src["features"], np.asarray(source_rows, dtype=np.int64), f["features"],
+                          np.asarray(rows, dtype=np.int64))
+    for row, reason in prefill.failed:
+        f["reasons"][row] = reason.encode("utf-8")[:REASON_BYTES]
+    if prefill.hashes:
+        _write_hashes(f, prefill.hashes)
+    marks = {int(r): DONE for _, rows, _ in prefill.copies for r in rows}
+    marks.update({int(r): FAILED for r, _ in prefill.failed})
+    all_rows = np.array(sorted(marks), dtype=np.int64)
+    values = np.array([marks[int(r)] for r in all_rows], dtype=np.uint8)
+    for lo, hi, sel in runs(all_rows):
+        f["status"][lo:hi] = values[sel]
 
 
 def remove_stale_temporaries(path: str, kind: str) -> None:

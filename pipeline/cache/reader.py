@@ -64,6 +64,15 @@ class Cache:
             return list(f["path_bytes"][...]) if "path_bytes" in f else [os.fsencode(p) for p in self.paths]
 
     @cached_property
+    def columns(self) -> dict[str, np.ndarray]:
+        """A manifest's extra columns: name -> (N,) str array, one value per row ({} for a folder)."""
+        names = self.provenance.get("extra_columns") or []
+        if not names:
+            return {}
+        with self._file() as f:
+            return {name: f[f"columns/{name}"].asstr()[...].astype(object) for name in names}
+
+    @cached_property
     def failed(self) -> list[tuple[str, str]]:
         """(display path, reason) of every image that could not be used."""
         with self._file() as f:
@@ -135,6 +144,7 @@ class ArrayCache(Cache):
         self.__dict__["paths"] = list(paths) if paths is not None else [f"row{i:08d}" for i in range(len(labels))]
         self.__dict__["path_bytes"] = [os.fsencode(p) for p in self.paths]
         self.__dict__["failed"] = []
+        self.__dict__["columns"] = {}
 
     def blocks(self, rows=None, block_rows=4096, dtype=np.float32):
         rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -179,6 +189,11 @@ def read_cache(path: str | os.PathLike) -> Cache:
         n, dim = f["features"].shape
         labels = f["labels"][...].astype(np.int64)
         split = f["split"].asstr()[...].astype(object) if "split" in f else None
+        columns = meta.get("extra_columns") or []
+        bad_columns = [c for c in columns if f"columns/{c}" not in f or f[f"columns/{c}"].shape != (n,)]
+    if not isinstance(columns, list) or bad_columns:
+        raise InputFileError(f"{path} is damaged: attribute 'extra_columns' names {(bad_columns or [columns])[0]!r}, "
+                             f"which is not a dataset columns/NAME of {n} rows")
     classes = meta.get("classes")
     if not isinstance(classes, list):
         raise InputFileError(f"{path} is damaged: attribute 'classes' must be a JSON list of names, "
