@@ -70,16 +70,21 @@ def cli(debug: bool) -> None:
               help="vgg11/13/16/19[_bn], resnet50 or efficientnet_lite0.")
 @click.option("--weights", default=None,
               help="Torchvision weights name (default: the backbone's ImageNet weights), a state_dict file, or 'random'.")
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32 on CPU, 256 on GPU].")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per forward pass [default: 256 on GPU; on CPU chosen by a short probe, remembered per machine].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", default=None,
-              help="fp32, bf16 or fp16 [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
+@click.option("--precision", default="auto", show_default=True,
+              help="auto, fp32, bf16 or fp16. auto: bf16 on GPU and on CPUs that compute bf16 natively, else fp32; "
+                   "fp32 for bit-reproducible features. Features are stored as float32.")
+@click.option("--decode", default="auto", show_default=True,
+              help="pil, torch or auto. torch: JPEGs decoded (decode_jpeg), resized and cropped on the extraction "
+                   "device; auto: torch on GPU, pil on CPU (faster there).")
 @click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing cache (or unfinished one) made with other settings; "
                    "one with the same settings is kept (finished) or resumed (unfinished).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
-def extract(image_dir, out, backbone, weights, batch_size, device, precision, workers, overwrite, seed):
+def extract(image_dir, out, backbone, weights, batch_size, device, precision, decode, workers, overwrite, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -95,12 +100,15 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
             resumed = f", resuming at {info['already']}/{info['total']}" if info["already"] else ""
             ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
             _echo(f"extracting {info['total']} images with {backbone} on {info['device']} "
-                       f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
-                       f"{resumed}", err=True)
+                       f"({info['precision']}, batch {info['batch_size']}, {info['decode']} decoding, "
+                       f"decode workers: {info['workers']}{ranks}){resumed}", err=True)
+            for name, why in info["why"].items():
+                if why != "asked for":
+                    _echo(f"  {name.replace('_', ' ')} {info[name]}: {why}", err=True)
 
     try:
         summary = run(image_dir, out, backbone=backbone, weights=weights, batch_size=batch_size, device=device,
-                      precision=precision, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
+                      precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
                       progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
@@ -114,8 +122,10 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
                    "nothing to do (delete it to extract again)")
         return
     resumed = f" (resumed after {summary.resumed_from})" if summary.resumed_from else ""
+    waiting = summary.input_seconds * summary.images_per_second / summary.processed if summary.processed else 0.0
     _echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
-               f"{summary.images_per_second:.1f} img/s: {summary.done} cached, {summary.failed} failed")
+               f"{summary.images_per_second:.1f} img/s ({waiting:.0%} of it waiting for decoded images): "
+               f"{summary.done} cached, {summary.failed} failed")
     _echo(f"cache: {out} ({_size(summary.out_bytes)})")
     _echo_skipped(summary.skipped)
     if summary.failures:
