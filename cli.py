@@ -263,6 +263,8 @@ def _export_and_report(run_dir: str, model_path: str | None) -> None:
     else:
         _echo(f"parity: model.pt on {e['images']} original images vs scikit-learn: max |p diff| "
                    f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
+        if "reference" in e:
+            _echo(f"  (reference: {e['reference']}; cached features at cosine >= {e['cached_feature_cosine_min']:.4f})")
     _echo(f"model: {result.model_path} ({_size(os.path.getsize(result.model_path))})  "
                f"head: {result.head_path}")
 
