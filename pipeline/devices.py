@@ -103,12 +103,13 @@ def probe_batch_size(forward: Callable[[int], None], candidates=CPU_BATCH_CANDID
                      budget: float = PROBE_BUDGET_SECONDS) -> Probe:
     """Time `forward(n)` (one forward pass over n synthetic images) for each candidate n, smallest
     first: one warm-up pass (oneDNN builds its kernels per shape), then two timed passes, the
-    faster kept (the other is usually disturbed by something else on the machine). Larger
-    candidates are skipped once `budget` seconds are spent. A smaller batch wins ties within 3%."""
+    faster kept (the other is usually disturbed by something else on the machine). A candidate
+    whose three passes would, at the best rate so far, end after `budget` seconds is skipped (and
+    the larger ones with it). A smaller batch wins ties within 3%."""
     started = time.perf_counter()
     rates: dict[int, float] = {}
     for n in candidates:
-        if rates and time.perf_counter() - started > budget:
+        if rates and time.perf_counter() - started + 3 * n / max(rates.values()) > budget:
             break
         forward(n)
         best = float("inf")

@@ -186,7 +186,7 @@ def _export(head: head_mod.LinearHead, reference, cache: Cache, model_path: str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
         scripted = torch.jit.script(model)
-    parity["end_to_end"] = _end_to_end_parity(scripted, reference, cache, backbone, prep)
+    parity["end_to_end"] = _end_to_end_parity(scripted, reference, cache, backbone)
     head_path = os.path.join(folder, "head.pt")
     write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
     with warnings.catch_warnings():
@@ -249,7 +249,7 @@ def _sample_rows(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64))
 
 
-def _end_to_end_parity(model, reference, cache: Cache, backbone: Backbone, prep: Preprocessing) -> dict:
+def _end_to_end_parity(model, reference, cache: Cache, backbone: Backbone) -> dict:
     precision = cache.provenance.get("precision")
     reduced = precision in ("bf16", "fp16")
     tolerance = END_TO_END_TOLERANCE["fp32"] if reduced else END_TO_END_TOLERANCE.get(precision, 1e-1)
@@ -267,7 +267,8 @@ def _end_to_end_parity(model, reference, cache: Cache, backbone: Backbone, prep:
         tensor = image_tensor(image).unsqueeze(0)
         with torch.inference_mode():
             got = model(tensor).double().numpy()[0]
-            if reduced:  # the extraction once more, in fp32
+            if reduced:  # the extraction once more, in fp32, with its own (Pillow) preprocessing
+                prep = backbone.preprocessing
                 again = backbone.network(prep.normalize(prep.pil_transform()(image).unsqueeze(0))).double().numpy()
                 cosines.append(float(again[0] @ features[i] / (np.linalg.norm(again) * np.linalg.norm(features[i]))))
                 expected[i] = reference.predict_proba(again)[0]

@@ -149,11 +149,11 @@ def subset_cache(src: Path, dst: Path, rows: np.ndarray, keep_split: bool = Fals
 LITE = ("--backbone", "efficientnet_lite0", "--weights", "random")
 
 
-def fitted_run(tmp_path: Path, classes: dict, name: str) -> Path:
+def fitted_run(tmp_path: Path, classes: dict, name: str, precision: str) -> Path:
     """Images -> extract (random Lite0) -> fit with export; returns the run folder."""
     images = make_folder(tmp_path / f"{name}-images", classes, splits=("train", "val", "test"))
     cache = tmp_path / f"{name}.h5"
-    assert run_cli("extract", images, "--out", cache, *LITE).code == 0
+    assert run_cli("extract", images, "--out", cache, *LITE, "--precision", precision).code == 0
     run = tmp_path / f"{name}-run"
     result = run_cli("fit", cache, "--out", run, "--C", "0.1")
     assert result.code == 0, result.err
@@ -163,12 +163,12 @@ def fitted_run(tmp_path: Path, classes: dict, name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def binary_run(tmp_path_factory) -> Path:
-    return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin")
+    return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin", "fp32")
 
 
 @pytest.fixture(scope="session")
 def three_run(tmp_path_factory) -> Path:
-    return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three")
+    return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three", "bf16")
 
 
 # --- a small partial cache, for the tests of the cache modules ---------------------------------------
@@ -191,3 +191,9 @@ def make_partial(tmp_path: Path, n: int = 5):
 def rows_features(rows) -> np.ndarray:
     """(len(rows), 4) float32: row r holds r + 0.5 everywhere."""
     return np.stack([np.full(4, r + 0.5, dtype=np.float32) for r in rows])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_user_cache(tmp_path_factory):
+    """The CPU batch probe remembers its results in the user's cache folder: the tests get a fresh one."""
+    os.environ["TRANSFER_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
