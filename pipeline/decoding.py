@@ -278,17 +278,25 @@ class BatchStream:
 
 
 def batches(root: str, paths: list[str], rows: list[int], prep, batch_size: int, workers: int,
-            device: torch.device, decode: str, prefetch: bool = False) -> BatchStream:
+            device: torch.device, decode: str, prefetch: bool | None = None) -> BatchStream:
     """The ImageBatches of listing positions `rows` in order, `batch_size` positions each, decoded
-    by `decode` ("pil" or "torch"); `workers` DataLoader processes (0: inline or, with `prefetch`,
-    in one thread beside the network)."""
+    by `decode` ("pil" or "torch") in `workers` DataLoader processes, or in this process.
+
+    prefetch (default: on the CPU whenever the Pillow path runs in this process): decode in one
+    thread beside the network, two batches ahead. Measured on the 2-core development machine
+    (benchmarks/extract_throughput.py --only overlap): decoding inline left the network waiting
+    11-16% of the loop for EfficientNet-Lite0 and cost the forward passes much more (OpenMP's
+    workers spin while one thread decodes; a thread keeps the passes back to back): a thread gave
+    Lite0 2.3-3x, ResNet50 1.4x and VGG16 0.94-1.0x, one worker process 1.2x (Lite0)."""
     transform = prep.pil_transform()
     cuda = device.type == "cuda"
     common = dict(batch_size=batch_size, num_workers=workers, prefetch_factor=4 if workers else None)
     if decode == "torch":
         loader = torch.utils.data.DataLoader(EncodedDataset(root, paths, rows, transform),
                                              collate_fn=collate_encoded, **common)
-        return BatchStream(loader, DeviceDecoder(device, prep, transform), prefetch=False)
+        return BatchStream(loader, DeviceDecoder(device, prep, transform))
     loader = torch.utils.data.DataLoader(ImageDataset(root, paths, rows, transform), collate_fn=collate,
                                          pin_memory=cuda, **common)
+    if prefetch is None:
+        prefetch = not cuda
     return BatchStream(loader, prefetch=prefetch and workers == 0)

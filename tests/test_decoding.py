@@ -148,9 +148,11 @@ def test_prefetching_thread_gives_the_same_batches_and_raises_what_the_loader_ra
     def run(prefetch):
         stream = decoding.batches(str(root), listing.paths, list(range(9)), prep, 4, 0, torch.device("cpu"), "pil",
                                   prefetch=prefetch)
-        return [(b.indices.tolist(), b.images) for b in stream]
+        out = [(b.indices.tolist(), b.images) for b in stream]
+        return out, stream._queue is not None
 
-    inline, threaded = run(False), run(True)
+    (inline, thread_used), (threaded, thread_by_default) = run(False), run(None)  # None: the default on the CPU
+    assert not thread_used and thread_by_default
     assert [i for i, _ in inline] == [i for i, _ in threaded] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(inline, threaded))
 
