@@ -175,6 +175,9 @@ def _fit_options(f):
                      help="Use a stratified fraction of the train and val images (a learning-curve point)."),
         click.option("--repeat", type=int, default=0, show_default=True,
                      help="Which stratified subsample for --train-fraction below 1 (learning curves)."),
+        click.option("--C-selection", "C_selection", default="auto", show_default=True,
+                     help="How --C auto is chosen: validation (the val split), cv (k-fold on train+val), or auto "
+                          "(cv when the val split has fewer than 20 images of some class)."),
     ]):
         f = option(f)
     return f
@@ -189,7 +192,8 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
-def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, export):
+def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
+        export):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
@@ -204,7 +208,7 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
     try:
         result = run(cache_file, run_dir, command=_command_line(), C=C, class_weight=class_weight,
                      max_iter=max_iter, seed=seed, normalize=normalize, pca=pca, train_fraction=train_fraction,
-                     repeat=repeat)
+                     repeat=repeat, C_selection=C_selection)
     except KeyboardInterrupt:
         release_if_empty(run_dir)
         raise _Exit("interrupted while fitting: nothing was written (a run folder appears only when complete)",
@@ -213,7 +217,8 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
         release_if_empty(run_dir)
         raise
     s, sizes = result.scores, result.splits.sizes()
-    where = "test" if result.evaluated_on == "test" else "val (also chose C: optimistic)"
+    where = {"test": "test", "val": "val (also chose C: optimistic)",
+             "cv": "cross-validation (also chose C: optimistic)"}[result.evaluated_on]
     chosen = (f"{result.C:.4g} (best val top-1 of {len(result.sweep)} fits)" if result.sweep
               else f"{result.C:.4g} (given)")
     top5 = f"  top-5 {s['top5']:.4f}" if s["top5"] is not None else ""

@@ -158,6 +158,8 @@ def fit_command(cache: str, s: FitSettings) -> str:
         args += ["--pca", str(s.pca)]
     if s.train_fraction < 1:
         args += ["--train-fraction", repr(s.train_fraction), "--repeat", str(s.repeat)]
+    if s.C_selection != "auto":
+        args += ["--C-selection", s.C_selection]
     return shlex.join(args)
 
 

@@ -35,6 +35,12 @@ REFINE_HALVINGS = 3  # 1 -> 1/2 -> 1/4 -> 1/8 decade, CLIP's resolution
 Normalization = Literal["standard", "l2", "none"]
 ClassWeight = Literal["none", "balanced"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("standard", "l2", "none")
+CSelection = Literal["auto", "validation", "cv"]
+C_SELECTIONS: tuple[CSelection, ...] = ("auto", "validation", "cv")
+# Below this many validation images in some class, C is chosen by cross-validation on train+val
+# (C_selection="auto"): measured in benchmarks/small_validation.py, see the README.
+MIN_VALIDATION_PER_CLASS = 20
+CV_FOLDS = 5
 CLASS_WEIGHTS: tuple[ClassWeight, ...] = ("none", "balanced")
 SCALER_ROWS = 4096  # rows per block when computing the scaler, to avoid a full-size temporary
 # What a head records of the cache it was fitted on (head.json, metrics.json, model metadata).
@@ -55,6 +61,7 @@ class FitSettings:
     pca: int | None = None
     train_fraction: float = 1.0  # stratified subsample of train and val (learning curves)
     repeat: int = 0  # which subsample: seeds it with seed + repeat
+    C_selection: CSelection = "auto"  # how C=None is chosen: see choose_selection
 
     CONSTRAINTS: ClassVar[dict[str, list]] = {
         "C": [NoneMeans("auto (None)"), Interval(Real, 0, None, closed="neither")],
@@ -65,6 +72,7 @@ class FitSettings:
         "pca": [NoneMeans("none (None)"), Interval(Integral, 1, None)],
         "train_fraction": [Interval(Real, 0, 1, closed="right")],
         "repeat": [Interval(Integral, 0, None)],
+        "C_selection": [Options(C_SELECTIONS)],
     }
 
     @classmethod
@@ -104,7 +112,7 @@ class FitResult:
     C: float
     sweep: list[dict]  # one entry per C tried: C, val top-1, val log-loss, iterations, converged
     splits: Splits
-    evaluated_on: Literal["test", "val"]
+    evaluated_on: Literal["test", "val", "cv"]  # cv: no test split, out-of-fold scores of the C choice
     scores: dict
     convergence: dict
     timings: dict
@@ -249,38 +257,70 @@ def _fit_lr(settings: FitSettings, C: float, X: np.ndarray, y: np.ndarray) -> tu
     return model, {"iterations": iterations, "converged": iterations < settings.max_iter}
 
 
-def sweep_C(settings: FitSettings, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray,
-            n_classes: int) -> tuple[float, list[dict], np.ndarray]:
-    """Coarse decades, then halve the step around the best. Ranked by val top-1, ties broken by
-    lower val log-loss (accuracy alone ties often on small validation sets).
-
-    Returns the chosen C, one row per C tried, and the chosen model's val probabilities (n_val, K)."""
+def coarse_to_fine(evaluate) -> tuple[float, list[dict]]:
+    """The search for C: decades 1e-6..1e5, then halve the step around the best 3 times. evaluate(C)
+    -> {"val_top1", "val_log_loss", ...}. Ranked by top-1, ties broken by lower log-loss (accuracy
+    alone ties often on small validation sets). Returns the chosen C and one row per C, sorted."""
     tried: dict[float, dict] = {}
-    probas: dict[float, np.ndarray] = {}
 
-    def evaluate(C: float) -> None:
+    def run(C: float) -> None:
         C = float(C)
-        if C in tried:
-            return
-        model, conv = _fit_lr(settings, C, Xtr, ytr)
-        probas[C] = model.predict_proba(Xval)
-        tried[C] = {"C": C, "val_top1": float((probas[C].argmax(1) == yval).mean()),
-                    "val_log_loss": float(log_loss(yval, probas[C], labels=np.arange(n_classes))), **conv}
+        if C not in tried:
+            tried[C] = {"C": C, **evaluate(C)}
 
     def best() -> float:
         return max(tried.values(), key=lambda r: (r["val_top1"], -r["val_log_loss"], -r["C"]))["C"]
 
     for C in COARSE_C:
-        evaluate(C)
+        run(C)
     step = 1.0
     for _ in range(REFINE_HALVINGS):
         step /= 2
         centre = best()
         for C in (centre * 10 ** -step, centre * 10 ** step):
             if COARSE_C[0] <= C <= COARSE_C[-1]:  # stay inside the published range
-                evaluate(C)
-    chosen = best()
-    return chosen, sorted(tried.values(), key=lambda r: r["C"]), probas[chosen]
+                run(C)
+    return best(), sorted(tried.values(), key=lambda r: r["C"])
+
+
+def sweep_C(settings: FitSettings, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, yval: np.ndarray,
+            n_classes: int) -> tuple[float, list[dict], np.ndarray]:
+    """C chosen on a held-out validation split: fit on train (n_tr, D), score on val (n_val, D).
+    Returns the chosen C, one row per C tried, and the chosen model's val probabilities (n_val, K)."""
+    probas: dict[float, np.ndarray] = {}
+
+    def evaluate(C: float) -> dict:
+        model, conv = _fit_lr(settings, C, Xtr, ytr)
+        probas[C] = model.predict_proba(Xval)
+        return {"val_top1": float((probas[C].argmax(1) == yval).mean()),
+                "val_log_loss": float(log_loss(yval, probas[C], labels=np.arange(n_classes))), **conv}
+
+    chosen, sweep = coarse_to_fine(evaluate)
+    return chosen, sweep, probas[chosen]
+
+
+def sweep_C_cv(settings: FitSettings, X: np.ndarray, y: np.ndarray, n_classes: int,
+               folds: int) -> tuple[float, list[dict], np.ndarray]:
+    """C chosen by stratified k-fold cross-validation on X (n, D): each C is scored on the pooled
+    out-of-fold predictions. Returns the chosen C, one row per C, and its out-of-fold probabilities (n, K)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    parts = list(StratifiedKFold(folds, shuffle=True, random_state=settings.seed).split(X, y))
+    probas: dict[float, np.ndarray] = {}
+
+    def evaluate(C: float) -> dict:
+        oof, iterations, converged = np.zeros((len(y), n_classes)), 0, True
+        for train, held in parts:
+            model, conv = _fit_lr(settings, C, X[train], y[train])
+            oof[np.ix_(held, model.classes_)] = model.predict_proba(X[held])
+            iterations, converged = max(iterations, conv["iterations"]), converged and conv["converged"]
+        probas[C] = oof
+        return {"val_top1": float((oof.argmax(1) == y).mean()),
+                "val_log_loss": float(log_loss(y, np.clip(oof, 1e-15, 1), labels=np.arange(n_classes))),
+                "iterations": iterations, "converged": converged}
+
+    chosen, sweep = coarse_to_fine(evaluate)
+    return chosen, sweep, probas[chosen]
 
 
 def scores(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
@@ -307,6 +347,22 @@ def _balanced_accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(balanced_accuracy_score(y, predicted))
+
+
+def choose_selection(settings: FitSettings, y_val: np.ndarray, classes: list[str]) -> tuple[str, str]:
+    """"validation" or "cv" for choosing C, and why. auto: cross-validation when some class has
+    fewer than MIN_VALIDATION_PER_CLASS validation images (a handful of images ranks Cs at random).
+    Every class has at least one train and one val image here (make_splits), so k-fold has k >= 2."""
+    if settings.C is not None or settings.C_selection == "validation":
+        return "validation", ""
+    per_class = np.bincount(y_val, minlength=len(classes))
+    small = int(per_class.min())
+    if settings.C_selection == "auto" and small >= MIN_VALIDATION_PER_CLASS:
+        return "validation", ""
+    if settings.C_selection == "cv":
+        return "cv", "asked for with --C-selection cv"
+    return "cv", (f"the validation split has only {small} image{'s' if small != 1 else ''} of class "
+                  f"{classes[int(np.argmin(per_class))]!r}, fewer than {MIN_VALIDATION_PER_CLASS}")
 
 
 def fit(data, out: str | os.PathLike | None = None, *, command: str | None = None, **settings) -> FitResult:
@@ -370,24 +426,38 @@ def fit_head(cache: Cache, settings: FitSettings) -> FitResult:
     cache.features(order, out=X)
     timings["read_s"] = time.perf_counter() - t
 
-    # 1. Choose C on validation: everything fitted on train rows only.
+    # 1. Choose C on validation (fitted on train rows only), or by cross-validation on train+val
+    #    when the validation split is too small to rank Cs; test rows are never seen here.
     t = time.perf_counter()
-    steps = _preprocessing(settings, X[:n_tr + n_val], n_tr)
-    Z = _project(steps, X[:n_tr + n_val])
-    if settings.C is None:
-        C, sweep, val_proba = sweep_C(settings, Z[:n_tr], y_tr, Z[n_tr:], y_val, len(classes))
-    else:
-        C, sweep = settings.C, []
-        val_proba = _fit_lr(settings, C, Z[:n_tr], y_tr)[0].predict_proba(Z[n_tr:])
-    timings["sweep_s"] = time.perf_counter() - t
-    # The train-only model at the chosen C on val: what settings are compared on (experiments), and
-    # the honest figure left when there is no test split.
-    val_scores = scores(val_proba, y_val, classes)
-    validation = {"top1": val_scores["top1"], "log_loss": val_scores["log_loss"]}
+    selection, why = choose_selection(settings, y_val, classes)
     notes = [f"splits: {splits.source}"]
-    evaluated_on = "test" if len(splits.test) else "val"
+    if selection == "cv":
+        folds = min(CV_FOLDS, int(np.bincount(y[:n_tr + n_val], minlength=len(classes)).min()))
+        steps = _preprocessing(settings, X[:n_tr + n_val], n_tr + n_val)  # label-free: fitted on train+val
+        Z = _project(steps, X[:n_tr + n_val])
+        C, sweep, val_proba = sweep_C_cv(settings, Z, y[:n_tr + n_val], len(classes), folds)
+        val_scores = scores(val_proba, y[:n_tr + n_val], classes)  # pooled out-of-fold predictions
+        notes.append(f"C chosen by stratified {folds}-fold cross-validation on the {n_tr + n_val} train+val "
+                     f"images ({why}); the test split was not used")
+    else:
+        steps = _preprocessing(settings, X[:n_tr + n_val], n_tr)
+        Z = _project(steps, X[:n_tr + n_val])
+        if settings.C is None:
+            C, sweep, val_proba = sweep_C(settings, Z[:n_tr], y_tr, Z[n_tr:], y_val, len(classes))
+        else:
+            C, sweep = settings.C, []
+            val_proba = _fit_lr(settings, C, Z[:n_tr], y_tr)[0].predict_proba(Z[n_tr:])
+        # The train-only model at the chosen C on val: what settings are compared on (experiments),
+        # and the honest figure left when there is no test split.
+        val_scores = scores(val_proba, y_val, classes)
+    timings["sweep_s"] = time.perf_counter() - t
+    validation = {"top1": val_scores["top1"], "log_loss": val_scores["log_loss"]}
+    evaluated_on = "test" if len(splits.test) else selection if selection == "cv" else "val"
     if evaluated_on == "val":
         notes.append("no test split: scores are on the validation split that also chose C "
+                     "(optimistic); the saved model is refit on train+val")
+    elif evaluated_on == "cv":
+        notes.append("no test split: scores are the cross-validated predictions that also chose C "
                      "(optimistic); the saved model is refit on train+val")
     del Z
 

@@ -106,7 +106,9 @@ def metrics_doc(result: FitResult, command: str) -> dict:
         "scores": result.scores,
         "C": result.C,
         "C_selection": {
-            "method": ("validation top-1 (ties: lower log-loss) over decades 1e-6..1e5, then 3 halvings of the "
+            "method": (("pooled out-of-fold top-1 of stratified k-fold cross-validation on train+val"
+                        if _by_cv(result) else "validation top-1") +
+                       " (ties: lower log-loss) over decades 1e-6..1e5, then 3 halvings of the "
                        "log10 step around the best (CLIP's coarse-to-fine, 8 steps per decade)")
             if result.sweep else "given by --C",
             "sweep": result.sweep,
@@ -175,7 +177,8 @@ def plot_sweep(result: FitResult, path: str) -> None:
 
 def report_markdown(m: dict, has_sweep: bool) -> str:
     s = m["scores"]
-    where = "test split" if m["evaluated_on"] == "test" else "validation split (it also chose C: optimistic)"
+    where = {"test": "test split", "val": "validation split (it also chose C: optimistic)",
+             "cv": "cross-validated train+val predictions (they also chose C: optimistic)"}[m["evaluated_on"]]
     top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
     lines = [
         f"# Fit report: {os.path.basename(m['cache'] or 'arrays in memory')}",
@@ -209,6 +212,10 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
         lines.append(f"| {_cell(name)} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
     lines += ["", f"Reproduce: `{m['command']}`", ""]
     return "\n".join(lines)
+
+
+def _by_cv(result: FitResult) -> bool:
+    return any(n.startswith("C chosen by stratified") for n in result.notes)
 
 
 def _failed_lines(failed: dict) -> list[str]:

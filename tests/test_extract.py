@@ -87,6 +87,7 @@ def test_a_changed_image_folder_is_refused_unless_overwrite(tmp_path, tiny_folde
 
 @pytest.mark.parametrize("setup, args, fragments", [
     (None, ("{tmp}/missing", "--out", "{tmp}/c.h5"), ("does not exist",)),
+    (None, ("", "--out", "{tmp}/c.h5"), ("no image folder given (an empty name)",)),
     ("empty", ("{tmp}/images", "--out", "{tmp}/c.h5"), ("has no class folders",)),
     ("empty_class", ("{tmp}/images", "--out", "{tmp}/c.h5"), ("has no images",)),
     ("ok", ("{tmp}/images", "--out", "{tmp}/c.h5", "--backbone", "vgg17"), ("unknown backbone 'vgg17'",)),

@@ -95,7 +95,7 @@ def test_without_split_folders_a_stratified_split_is_made_and_reported(tmp_path)
 def test_train_and_val_only_reports_validation_and_says_so(tmp_path):
     X, y, classes = blobs(30, 2, 6, seed=6, spread=2.0)
     path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
-    result = fit(path)
+    result = fit(path, C_selection="validation")
     assert result.evaluated_on == "val"
     assert any("no test split" in n and "optimistic" in n for n in result.notes)
 
@@ -294,3 +294,38 @@ def test_report_md_lists_failed_images_and_survives_odd_class_names(tmp_path):
     assert "| a\\|b | " in report  # the pipe is escaped: the table keeps its columns
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["failed_images"]["count"] == 1
+
+
+def test_a_tiny_validation_split_chooses_C_by_cross_validation_without_seeing_test(tmp_path):
+    X, y, classes = blobs(20, 2, 8, seed=9, spread=3.0)  # 40 images, 4 of each class in val
+    split = split_names(y, val=0.2, test=0.2)
+    honest = make_cache(tmp_path / "a.h5", X, y, classes, split)
+    result = fit(honest)
+    assert any("C chosen by stratified 5-fold cross-validation on the 32 train+val images" in n and
+               "fewer than 20" in n for n in result.notes), result.notes
+    assert result.evaluated_on == "test" and result.splits.sizes()["test"] == 8
+    assert result.validation["top1"] == max(r["val_top1"] for r in result.sweep)  # the CV score of the chosen C
+    scrambled = make_cache(tmp_path / "b.h5", X, np.where(np.array(split) == "test", 1 - y, y), classes, split)
+    again = fit(scrambled)
+    assert again.C == result.C and again.sweep == result.sweep  # test labels never reach the choice
+    forced = fit(honest, C_selection="validation")
+    assert not any("cross-validation" in n for n in forced.notes)
+    run = tmp_path / "run"
+    assert run_cli("fit", honest, "--out", run, "--no-export").code == 0
+    report = (run / "report.md").read_text()
+    assert "cross-validation" in report and "pooled out-of-fold top-1" in report
+
+
+def test_without_a_test_split_cross_validated_scores_are_named_as_such(tmp_path):
+    X, y, classes = blobs(12, 3, 6, seed=4, spread=2.0)
+    path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
+    result = fit(path)
+    assert result.evaluated_on == "cv" and any("cross-validated predictions" in n for n in result.notes)
+
+
+def test_two_labelled_images_of_a_class_still_choose_C_by_two_folds(tmp_path):
+    X, y, classes = blobs(6, 2, 4, seed=1)
+    few = make_cache(tmp_path / "few.h5", X[[0, 1, 6, 7, 8, 9]], np.array([0, 0, 1, 1, 1, 1]), classes,
+                     ["train", "val", "train", "val", "train", "train"])
+    result = fit(few)
+    assert any("stratified 2-fold cross-validation" in n for n in result.notes), result.notes

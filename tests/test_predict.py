@@ -58,8 +58,10 @@ def test_predict_bad_inputs(three_run, inputs, tmp_path):
     model = three_run / "model.pt"
     assert_one_line_error(run_cli("predict", model, tmp_path / "missing.png"), "does not exist")
     assert_one_line_error(run_cli("predict", model, single, "--top-k", "4"), "(--top-k) 4 is more than the model's 3 classes")
-    for bad in ("0", "-1"):  # not silently the default
-        assert_one_line_error(run_cli("predict", model, single, "--top-k", bad), "top_k (--top-k) must be")
+    for bad in ("0", "-1"):  # not silently the default, and refused before any progress is drawn
+        refused = run_cli("predict", model, single, "--top-k", bad)
+        assert_one_line_error(refused, "top_k (--top-k) must be")
+        assert "img/s" not in refused.err
     assert_one_line_error(run_cli("predict", model, single, "--batch-size", "0"), "batch_size (--batch-size) must be")
     assert_one_line_error(run_cli("predict", tmp_path / "none.pt", single), "does not exist")
     cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
