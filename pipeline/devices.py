@@ -24,7 +24,7 @@ CPU_BATCH_CANDIDATES = (4, 8, 16, 32)
 CPU_BATCH_DEFAULT = 16  # when there is nothing to go on (a run too short to be worth probing)
 GPU_BATCH_DEFAULT = 256
 PROBE_MIN_IMAGES = 200  # fewer images to extract than this: a probe would cost more than it saves
-PROBE_BUDGET_SECONDS = 20.0  # the probe stops trying larger batches once it has used this much
+PROBE_BUDGET_SECONDS = 20.0  # larger batches that would take the probe past this are left out
 BATCH_MEMORY_FILE = "batch_sizes.json"
 
 
@@ -101,23 +101,29 @@ class Probe:
 
 def probe_batch_size(forward: Callable[[int], None], candidates=CPU_BATCH_CANDIDATES,
                      budget: float = PROBE_BUDGET_SECONDS) -> Probe:
-    """Time `forward(n)` (one forward pass over n synthetic images) for each candidate n, smallest
-    first: one warm-up pass (oneDNN builds its kernels per shape), then two timed passes, the
-    faster kept (the other is usually disturbed by something else on the machine). A candidate
-    whose three passes would, at the best rate so far, end after `budget` seconds is skipped (and
-    the larger ones with it). A smaller batch wins ties within 3%."""
+    """Time `forward(n)` (one forward pass over n synthetic images) for each candidate n: a warm-up
+    pass each, smallest first (oneDNN builds its kernels per shape), then two timed passes each in
+    alternating rounds (ascending, then descending), the faster kept: on a shared machine the
+    speed drifts by 2x within minutes, and alternating spreads the drift over every candidate.
+    A candidate whose passes would, at the fastest warm-up rate so far, end the probe after
+    `budget` seconds is left out (with the larger ones). A smaller batch wins ties within 3%."""
     started = time.perf_counter()
-    rates: dict[int, float] = {}
+    tried: list[int] = []
+    guess = 0.0  # images per second, the best warm-up so far
     for n in candidates:
-        if rates and time.perf_counter() - started + 3 * n / max(rates.values()) > budget:
+        if guess and time.perf_counter() - started + (n + 2 * (sum(tried) + n)) / guess > budget:
             break
+        t = time.perf_counter()
         forward(n)
-        best = float("inf")
-        for _ in range(2):
+        guess = max(guess, n / (time.perf_counter() - t))
+        tried.append(n)
+    best = {n: float("inf") for n in tried}
+    for order in (tried, tried[::-1]):
+        for n in order:
             t = time.perf_counter()
             forward(n)
-            best = min(best, time.perf_counter() - t)
-        rates[n] = n / best
+            best[n] = min(best[n], time.perf_counter() - t)
+    rates = {n: n / best[n] for n in tried}
     top = max(rates.values())
     chosen = min(n for n, r in rates.items() if r >= 0.97 * top)
     return Probe(chosen, rates, time.perf_counter() - started)

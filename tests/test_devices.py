@@ -101,7 +101,7 @@ def test_the_probe_picks_the_fastest_batch_and_prefers_smaller_ones_on_ties(fake
     calls = []
     probe = devices.probe_batch_size(fake_network({4: 0.004, 8: 0.002, 16: 0.003, 32: 0.004}, calls), budget=60)
     assert probe.best == 8 and set(probe.rates) == {4, 8, 16, 32}
-    assert calls == [4] * 3 + [8] * 3 + [16] * 3 + [32] * 3  # one warm-up and two timed passes each
+    assert calls == [4, 8, 16, 32] + [4, 8, 16, 32] + [32, 16, 8, 4]  # warm-ups, then two alternating rounds
     near = devices.probe_batch_size(fake_network({4: 0.00308, 8: 0.0031, 16: 0.003, 32: 0.0035}, []), budget=60)
     assert near.best == 4  # within 3% of the fastest (16): the smallest such batch
 
@@ -109,8 +109,8 @@ def test_the_probe_picks_the_fastest_batch_and_prefers_smaller_ones_on_ties(fake
 def test_the_probe_stops_growing_the_batch_when_its_budget_is_spent(fake_network):
     calls = []
     probe = devices.probe_batch_size(fake_network({4: 0.01, 8: 0.01, 16: 0.01, 32: 0.01}, calls), budget=0.5)
-    # batch 4 takes 0.12 s, batch 8 would end at 0.36 s (<= 0.5), batch 16 at 0.84 s: not tried
-    assert set(probe.rates) == {4, 8} and calls == [4] * 3 + [8] * 3
+    # with 8 the probe ends at 0.36 s (<= 0.5), with 16 it would end at 0.84 s: 16 and 32 are left out
+    assert set(probe.rates) == {4, 8} and calls == [4, 8, 4, 8, 8, 4]
 
 
 def test_the_batch_is_probed_once_per_machine_and_network_then_remembered(tmp_path, fake_network):
