@@ -2,7 +2,10 @@
 
 On a machine with a GPU (well inside 8 minutes on an H100; no network needed):
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --out $OUT
+    PYTHONPATH=. python benchmarks/gpu_check.py --out $OUT [--photos DIR]
+
+(a device machine receives only the checkout: copy ../shared/data/hymenoptera (46 MB) into a folder
+of the checkout that .git/info/exclude ignores, carry it, and pass it as --photos)
 
 Here, on the CPU, the same steps in well under a minute (tests/test_gpu_check.py runs it):
 
@@ -52,12 +55,16 @@ import pipeline  # noqa: E402
 from pipeline import decoding, devices  # noqa: E402
 from pipeline.images import decode_image, image_tensor, scan_image_folder  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
+# The real photos: ../shared beside a developer's checkout, or shared/ inside it (the device machines
+# receive only the checkout: copy the photos into an ignored folder of it and pass --photos).
+DATA = next((p for p in (ROOT.parent / "shared" / "data" / "hymenoptera", ROOT / "shared" / "data" / "hymenoptera")
+             if p.is_dir()), ROOT.parent / "shared" / "data" / "hymenoptera")
 SIZES = [(640, 480), (500, 375), (800, 600), (480, 640), (1024, 768), (375, 500), (333, 500), (1280, 960)]
 PRECISION_COSINE_MEAN, PRECISION_COSINE_MIN = 0.999, 0.99  # bf16 on the device vs fp32 on the CPU
 DECODE_COSINE_MEAN, DECODE_COSINE_MIN = 0.9999, 0.999  # --decode torch vs pil, same device and precision
 BATCH_COSINE_MIN = 0.9999  # README: a row computed in another batch
 MODEL_PT_TOLERANCE = 1e-2  # model.pt on the device (fp32, TF32 convolutions allowed) vs on the CPU
+STARTED = time.perf_counter()
 
 
 class Report:
@@ -161,8 +168,8 @@ def build_backbones_once() -> None:
 def real_subset(limit: int | None, tmp: Path) -> Path:
     """The real photos, or `limit` of them spread evenly over every split and class (symlinks)."""
     if limit is None:
-        return DATA
-    listing = scan_image_folder(DATA)
+        return ARGS.photos
+    listing = scan_image_folder(ARGS.photos)
     groups: dict[tuple, list[str]] = {}
     for path, label, split in zip(listing.paths, listing.labels, listing.splits or [""] * len(listing)):
         groups.setdefault((split, int(label)), []).append(path)
@@ -170,7 +177,7 @@ def real_subset(limit: int | None, tmp: Path) -> Path:
     for paths in groups.values():
         for rel in paths[:: max(1, len(paths) // per_group)][:per_group]:
             (tmp / "real" / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / "real" / rel).symlink_to(DATA / rel)
+            (tmp / "real" / rel).symlink_to(ARGS.photos / rel)
     return tmp / "real"
 
 
@@ -201,6 +208,8 @@ def synthetic_set(n: int, tmp: Path) -> Path:
 
 def run_extract(folder: Path, out: Path, device: str, **options) -> dict:
     """One `pipeline.extract`; returns its summary figures and features by path."""
+    if time.perf_counter() - STARTED > ARGS.max_seconds:
+        raise TimeoutError(f"--max-seconds {ARGS.max_seconds} spent; the remaining runs were skipped")
     with Utilization(torch.device(device)) as util:
         summary = pipeline.extract(folder, out, device=device, backbone=ARGS.backbone, weights="random",
                                    workers=ARGS.workers, **options)
@@ -259,8 +268,8 @@ def check_resize(report: Report, folder: Path, device: torch.device) -> None:
 
 
 def check_model_pt(report: Report, model_path: str, folder: Path, device: torch.device) -> None:
-    """model.pt on the device vs on the CPU, on up to 32 photos (one by one: their sizes differ)."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:32]
+    """model.pt on the device vs on the CPU, on up to 16 photos (one by one: their sizes differ)."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:16]
     on_device = torch.jit.load(model_path, map_location=str(device))
     on_cpu = torch.jit.load(model_path, map_location="cpu") if device.type != "cpu" else None
     worst, same, seconds = 0.0, True, 0.0
@@ -291,20 +300,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--photos", type=Path, default=DATA, help=f"the real photos (default: {DATA})")
     parser.add_argument("--limit", type=int, default=None, help="real photos to use (default: all 398); also caps "
                                                                  "the synthetic set")
     parser.add_argument("--synthetic", type=int, default=10_000, help="synthetic JPEGs to write and extract")
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: extract's)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the two decode paths")
+    parser.add_argument("--max-seconds", type=float, default=420,
+                        help="no extraction starts after this (the rest is reported as skipped, a failure)")
     ARGS = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation notices
     device = torch.device(ARGS.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA GPU visible; run with --device cpu to check the script itself", file=sys.stderr)
         return 2
-    if not DATA.is_dir():
-        print(f"error: real photos not found at {DATA}", file=sys.stderr)
+    ARGS.photos = ARGS.photos.resolve()
+    if not ARGS.photos.is_dir():
+        print(f"error: real photos not found at {ARGS.photos}; pass --photos DIR", file=sys.stderr)
         return 2
     n_synthetic = min(ARGS.synthetic, ARGS.limit) if ARGS.limit else ARGS.synthetic
     env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device),
