@@ -21,6 +21,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_throughput.py
+	$(PY) -m pip install --quiet --no-deps 'img2vec_pytorch>=1.0.2'
+	$(PY) benchmarks/peer_throughput.py
 	$(PY) benchmarks/extract_memory.py
 	$(PY) benchmarks/fit_memory.py
 	$(PY) benchmarks/write_cache_memory.py

@@ -79,10 +79,15 @@ def cli(debug: bool) -> None:
                    "`transfer backbones --layers MODEL` lists them) [default: the penultimate layer].")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
               help="flip: each embedding is the mean of the image's and its mirror image's.")
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32 on CPU, 256 on GPU].")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per forward pass [default: 256 on GPU; on CPU chosen by a short probe, remembered per machine].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", default=None,
-              help="fp32, bf16 or fp16 [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
+@click.option("--precision", default="auto", show_default=True,
+              help="auto, fp32, bf16 or fp16. auto: bf16 on GPU and on CPUs that compute bf16 natively, else fp32; "
+                   "fp32 for bit-reproducible features. Features are stored as float32.")
+@click.option("--decode", default="auto", show_default=True,
+              help="pil, torch or auto. torch: JPEGs decoded (decode_jpeg), resized and cropped on the extraction "
+                   "device; auto: torch on GPU, pil on CPU (faster there).")
 @click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing cache (or unfinished one) made with other settings or of other files, "
@@ -92,8 +97,8 @@ def cli(debug: bool) -> None:
               help="When updating a cache, tell unchanged files by their content hash (reads every file) "
                    "instead of their size and modification time.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
-def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite,
-            check_content, seed):
+def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, decode, workers,
+            overwrite, check_content, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -123,13 +128,16 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
         resumed = f", resuming after {resumed}" if resumed and info["world_size"] == 1 else ""
         ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
         _echo(f"extracting {what} images with {backbone} on {info['device']} "
-              f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
-              f"{resumed}", err=True)
+              f"({info['precision']}, batch {info['batch_size']}, {info['decode']} decoding, "
+              f"decode workers: {info['workers']}{ranks}){resumed}", err=True)
+        for name, why in info["why"].items():
+            if why != "asked for":
+                _echo(f"  {name.replace('_', ' ')} {info[name]}: {why}", err=True)
 
     try:
         summary = run(image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta,
                       batch_size=batch_size, device=device,
-                      precision=precision, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
+                      precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
                       manifest=manifest, check_content=check_content, progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
@@ -145,8 +153,10 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
     done_before = [f"resumed after {summary.resumed_from}"] if summary.resumed_from else []
     done_before += [f"reused {summary.reused}"] if summary.reused else []
     resumed = f" ({', '.join(done_before)})" if done_before else ""
+    waiting = summary.input_seconds * summary.images_per_second / summary.processed if summary.processed else 0.0
     _echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
-               f"{summary.images_per_second:.1f} img/s: {summary.done} cached, {summary.failed} failed")
+               f"{summary.images_per_second:.1f} img/s ({waiting:.0%} of it waiting for decoded images): "
+               f"{summary.done} cached, {summary.failed} failed")
     _echo(f"cache: {out} ({_size(summary.out_bytes)})")
     _echo_skipped(summary.skipped)
     if summary.failures:
@@ -304,6 +314,8 @@ def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscri
         else:
             _echo(f"parity: {name} on {e['images']} original images vs scikit-learn: max |p diff| "
                   f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
+            if "reference" in e:
+                _echo(f"  (reference: {e['reference']}; cached features at cosine >= {e['cached_feature_cosine_min']:.4f})")
     for path in result.paths.values():
         _echo(f"model: {path} ({_size(os.path.getsize(path))})")
     _echo(f"head: {result.head_path}")

@@ -144,6 +144,18 @@ def progress_reporter(d: Dist, out: str, sink, total: int) -> _Reporter:
     return _Reporter(d, out, sink, total)
 
 
+def gather(d: Dist, value) -> list:
+    """Every rank's `value`, in rank order (a collective: every rank must call it)."""
+    if d.world_size == 1:
+        return [value]
+    gathered = [None] * d.world_size
+    try:
+        tdist.all_gather_object(gathered, value)
+    except RuntimeError:  # gloo: a peer went away
+        raise TransferError("another rank failed while the ranks agreed on their settings (see its own error)") from None
+    return gathered
+
+
 def finish(d: Dist, out: str, reporter: _Reporter, counts: dict) -> list[dict] | None:
     """Wait for every rank; rank 0 gets every rank's `counts` (in rank order), other ranks None."""
     if d.world_size == 1:

@@ -20,12 +20,11 @@ import PIL
 import torch
 import torchvision
 
-from . import cache, distributed
-from .backbones import (PRECISIONS, TTA_MODES, Embedder, check_backbone_name, default_precision, load_backbone,
-                        resolve_device)
+from . import cache, decoding, devices, distributed
+from .backbones import TTA_MODES, Embedder, check_backbone_name, load_backbone, resolve_device
 from .errors import SettingError, TransferError
 from .files import make_folder_for
-from .images import ImageDataset, ImageListing, collate, content_hashes, scan_image_folder
+from .images import ImageListing, content_hashes, scan_image_folder
 from .manifest import read_manifest
 from .settings import SEED, Interval, Options, validate_all
 from .update import plan_update
@@ -39,9 +38,10 @@ class ExtractRequest:
     out: str
     backbone: str = "vgg16"
     weights: str | None = None  # torchvision weights name, state_dict file, or "random"
-    batch_size: int | None = None  # default: 32 on CPU, 256 on GPU
+    batch_size: int | None = None  # default: 256 on GPU; on CPU probed once per machine (devices.choose_batch_size)
     device: str = "auto"
-    precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    precision: str | None = "auto"  # auto: bf16 on GPU and on CPUs that compute bf16 natively, else fp32
+    decode: str = "auto"  # pil | torch | auto: torch (decode_jpeg on the device) on GPU, pil on CPU
     workers: int | None = None  # decoding processes; default from the device and core count
     overwrite: bool = False
     seed: int = 0
@@ -53,7 +53,8 @@ class ExtractRequest:
 
     CONSTRAINTS = {
         "batch_size": [None, Interval(Integral, 1, None)],
-        "precision": [None, Options(tuple(PRECISIONS))],
+        "precision": [None, Options(devices.PRECISION_CHOICES)],
+        "decode": [Options(decoding.DECODE_CHOICES)],
         "workers": [None, Interval(Integral, 0, None)],
         "seed": SEED,
         "tta": [Options(TTA_MODES)],
@@ -87,6 +88,9 @@ class ExtractSummary:
     reused: int = 0  # rows taken from the previous cache (or an interrupted run) without the network
     update: dict | None = None  # the update's account (UpdateCounts as a dict) when a cache was updated
     notes: list[str] = field(default_factory=list)  # one line each: manifest problems, update caveats
+    precision: str = ""
+    decode: str = ""
+    input_seconds: float = 0.0  # time the extraction loop waited for decoded images (this process)
 
 
 class ProgressSink:
@@ -104,8 +108,8 @@ def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     `manifest=`, a .csv/.jsonl of path,label[,split]) and cache its features in `out` (HDF5; see
     docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
     updates a cache of the same settings whose images changed, running the network only on new and
-    changed files. options: backbone, weights, layer, tta, batch_size, device, precision, workers, overwrite,
-    seed, manifest, check_content (the `transfer extract` options). `on_ready(info)` is called once
+    changed files. options: backbone, weights, layer, tta, batch_size, device, precision,
+    decode, workers, overwrite, seed, manifest, check_content (the `transfer extract` options). `on_ready(info)` is called once
     before the work starts; for an update, info["update"] holds its account (reused, new,
     changed, removed, relabelled).
 
@@ -133,12 +137,10 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         device = resolve_device(distributed.device_for(dist, req.device))
         if device.type == "cuda":
             torch.cuda.set_device(device)  # streams, events and pinned copies all on this GPU
-        precision = req.precision or default_precision(device)
         listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
         summary = ExtractSummary(
             out=req.out, state=ExtractState.WRITTEN, total=len(listing), done=0, failed=0, resumed_from=0, processed=0, seconds=0.0,
             images_per_second=0.0, out_bytes=0, skipped=listing.skipped, device=str(device),
-            batch_size=req.batch_size or (256 if device.type == "cuda" else 32),
             workers=req.workers if req.workers is not None else _default_workers(device, dist.local_world_size),
             world_size=dist.world_size)
         sharded = dist.world_size > 1
@@ -146,29 +148,51 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         with cache.WriterLock(target if sharded else req.out):
             cache.remove_stale_temporaries(target, "creating")
             backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta)
-            meta = {**_metadata(req, backbone, listing, precision), "world_size": dist.world_size}
+            meta = {**_metadata(req, backbone, listing, None), "world_size": dist.world_size}
+            earlier = _earlier_run(req, target, meta)
+            precision = _agreed(dist, devices.resolve_precision(req.precision, device, earlier.get("precision")))
+            decode = decoding.resolve_decode(req.decode, device, earlier.get("decode"))
+            meta.update(precision=precision.value, precision_choice=precision.why, decode=decode.value)
             positions = distributed.my_positions(len(listing), dist)
-            shard = _prepare(req, meta, listing, positions, backbone.dim, target, dist)
+            embedder = Embedder(backbone, device, precision.value)
+            chosen: list[devices.Choice] = []
+
+            def settle() -> dict:
+                # Only when a partial file is created or resumed: a finished cache costs no batch probe.
+                chosen.append(devices.choose_batch_size(
+                    req.batch_size, device,
+                    f"{backbone.name}; {backbone.layer}; {precision.value}; {backbone.preprocessing.crop}px",
+                    len(positions), _synthetic_forward(embedder, backbone.preprocessing.crop),
+                    earlier.get("batch_size"), probe_allowed=not sharded))
+                return {"batch_size": chosen[0].value, "batch_choice": chosen[0].why}
+
+            shard = _prepare(req, meta, listing, positions, backbone.dim, target, dist, settle)
             if shard is None:
                 return _finished(summary, ExtractState.ALREADY_COMPLETE, cache.read_cache(req.out), started)
+            if not chosen:  # resumed: `earlier` is its partial file, whose batch size is kept
+                settle()
+            batch = chosen[0]
             shard_meta = cache.PartialCache.read_meta(target)
+            meta.update(batch_size=batch.value, batch_choice=batch.why)
+            summary.batch_size, summary.precision, summary.decode = batch.value, precision.value, decode.value
             prefilled, reused = int(shard_meta.get("prefilled", 0)), int(shard_meta.get("reused", 0))
             if shard_meta.get("update"):
                 meta["update"] = summary.update = shard_meta["update"]
             summary.notes = listing.notes + list(shard_meta.get("update_notes") or [])
             before = shard.progress()
             if on_ready:
-                on_ready({"device": summary.device, "precision": precision, "batch_size": summary.batch_size,
+                on_ready({"device": summary.device, "precision": precision.value, "batch_size": batch.value,
                           "workers": summary.workers, "total": len(listing), "already": before.finished,
                           "reused": prefilled, "update": summary.update, "notes": summary.notes,
-                          "rank": dist.rank, "world_size": dist.world_size, "partial": target})
+                          "rank": dist.rank, "world_size": dist.world_size, "partial": target,
+                          "decode": decode.value, "why": {"precision": precision.why, "batch_size": batch.why,
+                                                          "decode": decode.why}})
             reporter = distributed.progress_reporter(dist, req.out, progress or ProgressSink(), len(listing))
             reporter.start(before.finished)
             loop_started = time.perf_counter()
-            processed = _extract_rows(shard, Embedder(backbone, device, precision), listing.root,
-                                      [listing.paths[p] for p in positions],
-                                      backbone.preprocessing.pil_transform(), summary.batch_size, summary.workers,
-                                      reporter)
+            processed, summary.input_seconds = _extract_rows(
+                shard, embedder, listing.root, [listing.paths[p] for p in positions], backbone.preprocessing,
+                batch.value, summary.workers, decode.value, reporter)
             left = shard.progress()
             if left.finished != left.total:
                 raise TransferError(f"{target}: {left.total - left.finished} rows still pending after the run")
@@ -231,7 +255,7 @@ def _default_workers(device: torch.device, local_procs: int) -> int:
     return 0 if cores <= 4 else 2
 
 
-def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: str) -> dict:
+def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: str | None) -> dict:
     meta = {
         **backbone.provenance(),
         "precision": precision,
@@ -258,7 +282,7 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
 
 
 def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: np.ndarray, dim: int,
-             target: str, dist) -> cache.PartialCache | None:
+             target: str, dist, settle: Callable[[], dict]) -> cache.PartialCache | None:
     """The partial file this process fills: resumed, or created with every result it can reuse
     from the previous cache at req.out and from an interrupted run of another listing. None when
     req.out already holds this very extraction of these very files."""
@@ -285,7 +309,7 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
         extra.update(update=vars(plan.counts), update_notes=plan.notes)
         cache.check_space_for_update(req.out, len(listing) * dim * 4)
     return cache.PartialCache.create(
-        target, {**meta, **extra}, positions, [listing.paths[p] for p in positions], listing.labels[positions],
+        target, {**meta, **settle(), **extra}, positions, [listing.paths[p] for p in positions], listing.labels[positions],
         None if listing.splits is None else [listing.splits[p] for p in positions], dim,
         sizes=listing.sizes[positions], mtime_ns=listing.mtime_ns[positions],
         extras={k: [v[p] for p in positions] for k, v in listing.extras.items()}, prefill=prefill)
@@ -343,40 +367,74 @@ def _inspect_partial(path: str, meta: dict, positions: np.ndarray, overwrite: bo
     return "new", None
 
 
-def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, paths: list[str], transform,
-                  batch_size: int, workers: int, reporter) -> int:
-    """Run every pending row of `shard` through the network; commit batch by batch. Returns rows done."""
+def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, paths: list[str], prep,
+                  batch_size: int, workers: int, decode: str, reporter) -> tuple[int, float]:
+    """Run every pending row of `shard` through the network; commit batch by batch. Returns the
+    rows done and the seconds spent waiting for decoded images."""
     rows = shard.pending_rows().tolist()
     if not rows:
-        return 0
+        return 0, 0.0
     cuda = embedder.device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(root, paths, rows, transform),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=cuda,
-        prefetch_factor=4 if workers else None,
-    )
     processed = 0
     in_flight = None  # GPU only: the previous batch, its features copied back while this one computes
-    batches = iter(loader)  # fork the decoding workers before the cache file is opened for writing
-    with shard:
-        for batch in batches:
-            features = embedder(batch.images)
-            if not cuda:
-                processed += _commit(shard, batch, features, None, reporter)
-                continue
-            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-            host.copy_(features, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(features.device))
+    batches = decoding.batches(root, paths, rows, prep, batch_size, workers, embedder.device, decode)
+    try:
+        with shard:
+            for batch in batches:
+                features = embedder(batch.images)
+                if not cuda:
+                    processed += _commit(shard, batch, features, None, reporter)
+                    continue
+                host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+                host.copy_(features, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(features.device))
+                if in_flight:
+                    processed += _commit(shard, *in_flight, reporter)
+                in_flight = (batch, host, ready)
             if in_flight:
                 processed += _commit(shard, *in_flight, reporter)
-            in_flight = (batch, host, ready)
-        if in_flight:
-            processed += _commit(shard, *in_flight, reporter)
-    return processed
+    finally:
+        batches.close()
+    return processed, batches.wait_seconds
+
+
+def _synthetic_forward(embedder: Embedder, size: int) -> Callable[[int], None]:
+    """forward(n): the network once over n random uint8 images of size x size (the batch probe)."""
+    images = torch.randint(0, 256, (max(devices.CPU_BATCH_CANDIDATES), 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return lambda n: embedder(images[:n])
+
+
+def _earlier_run(req: ExtractRequest, partial: str, meta: dict) -> dict:
+    """The recorded settings of an unfinished (else a finished) run of this same extraction, whatever
+    its precision, so that `auto` settings keep them; {} when there is none, or with --overwrite.
+    Only an unfinished run passes on its batch size (a resume redoes whole batches at the same
+    boundaries)."""
+    if req.overwrite:
+        return {}
+
+    def settings(m: dict) -> dict:  # an update of a changed folder keeps the precision too
+        return {k: v for k, v in cache.identity(m).items() if k not in ("precision", "listing_sha256")}
+
+    for path, unfinished in ((partial, True), (req.out, False)):
+        try:
+            old = cache.PartialCache.read_meta(path) if unfinished else cache.check_cache(path)
+        except (OSError, KeyError, TransferError):
+            continue
+        if settings(old) == settings(meta):
+            resumed = unfinished and old.get("listing_sha256") == meta["listing_sha256"]
+            return old if resumed else {k: v for k, v in old.items() if k != "batch_size"}
+    return {}
+
+
+def _agreed(dist: distributed.Dist, choice: devices.Choice) -> devices.Choice:
+    """Under torchrun, one precision for every rank: their shards become one cache."""
+    if dist.world_size == 1:
+        return choice
+    values = distributed.gather(dist, choice.value)
+    return choice if len(set(values)) == 1 else devices.Choice(
+        "fp32", f"the ranks resolved different precisions ({', '.join(values)}); all use fp32")
 
 
 def _commit(shard: cache.PartialCache, batch, host: torch.Tensor, ready, reporter) -> int:

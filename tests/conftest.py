@@ -149,11 +149,11 @@ def subset_cache(src: Path, dst: Path, rows: np.ndarray, keep_split: bool = Fals
 LITE = ("--backbone", "efficientnet_lite0", "--weights", "random")
 
 
-def fitted_run(tmp_path: Path, classes: dict, name: str) -> Path:
+def fitted_run(tmp_path: Path, classes: dict, name: str, precision: str) -> Path:
     """Images -> extract (random Lite0) -> fit with export; returns the run folder."""
     images = make_folder(tmp_path / f"{name}-images", classes, splits=("train", "val", "test"))
     cache = tmp_path / f"{name}.h5"
-    assert run_cli("extract", images, "--out", cache, *LITE).code == 0
+    assert run_cli("extract", images, "--out", cache, *LITE, "--precision", precision).code == 0
     run = tmp_path / f"{name}-run"
     result = run_cli("fit", cache, "--out", run, "--C", "0.1")
     assert result.code == 0, result.err
@@ -163,12 +163,12 @@ def fitted_run(tmp_path: Path, classes: dict, name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def binary_run(tmp_path_factory) -> Path:
-    return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin")
+    return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin", "fp32")
 
 
 @pytest.fixture(scope="session")
 def three_run(tmp_path_factory) -> Path:
-    return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three")
+    return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three", "bf16")
 
 
 # --- a small partial cache, for the tests of the cache modules ---------------------------------------
@@ -239,3 +239,9 @@ def planted(hymenoptera_lite0, tmp_path_factory):
              "changed": [f"changed{i}_{f.stem}.jpg" for i, f in enumerate(changed)],
              "originals": [f.name for f in exact + changed], "moved": [f"train/bees/{f.name}" for f in moved]}
     return out, facts
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_user_cache(tmp_path_factory):
+    """The CPU batch probe remembers its results in the user's cache folder: the tests get a fresh one."""
+    os.environ["TRANSFER_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))

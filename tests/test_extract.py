@@ -12,6 +12,7 @@ import torch
 
 from pipeline import read_cache
 from pipeline.backbones import load_backbone
+from pipeline.devices import resolve_precision
 from tests.conftest import LITE, assert_one_line_error, make_folder, run_cli
 
 
@@ -32,7 +33,10 @@ def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):
         assert json.loads(a["classes"]) == ["apple", "banana"]
         assert a["backbone"] == "efficientnet_lite0" and a["weights"] == "random" and not a["pretrained"]
         assert json.loads(a["preprocessing"])["interpolation"] == "bicubic"
-        assert a["precision"] == "fp32" and a["torch_version"] == torch.__version__
+        auto = resolve_precision("auto", torch.device("cpu"))  # bf16 where the CPU computes it natively
+        assert a["precision"] == auto.value and a["precision_choice"] == auto.why
+        assert a["batch_size"] == 4 and a["batch_choice"] == "asked for" and a["decode"] == "pil"
+        assert a["torch_version"] == torch.__version__
         assert a["format_version"] == 1 and a["created"] and a["layer"].startswith("global_pool")
         assert "torchvision_version" in a and a["num_images"] == 6 and a["num_failed"] == 0
     assert not list(out.parent.glob("fruit.h5.*"))  # no partial, lock or temporary left behind
@@ -40,7 +44,7 @@ def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):
 
 def test_features_match_the_backbone_run_directly(tmp_path, tiny_folder):
     out = tmp_path / "c.h5"
-    assert run_cli("extract", tiny_folder, "--out", out, *LITE).code == 0
+    assert run_cli("extract", tiny_folder, "--out", out, *LITE, "--precision", "fp32").code == 0
     b = load_backbone("efficientnet_lite0", "random")
     from pipeline.images import decode_image
 
@@ -61,7 +65,9 @@ def test_rerunning_the_same_command_does_nothing(tmp_path, tiny_folder):
 
 def test_a_cache_from_other_settings_is_refused_unless_overwrite(tmp_path, tiny_folder):
     out = tmp_path / "c.h5"
-    assert run_cli("extract", tiny_folder, "--out", out, *LITE).code == 0
+    assert run_cli("extract", tiny_folder, "--out", out, *LITE, "--precision", "fp32").code == 0
+    kept = run_cli("extract", tiny_folder, "--out", out, *LITE)  # --precision auto keeps the cache's precision
+    assert kept.code == 0 and "already holds this extraction" in kept.out, kept.err
     refused = run_cli("extract", tiny_folder, "--out", out, "--backbone", "efficientnet_lite0", "--weights", "random",
                       "--seed", "1")
     assert_one_line_error(refused, "holds a different extraction", "seed 0 vs 1", "--overwrite")
@@ -127,3 +133,19 @@ def test_an_unfinished_extraction_with_other_settings_is_not_discarded(tmp_path,
     assert_one_line_error(refused, "unfinished extraction with other settings", "the-first-command", "--overwrite")
     resumed = run_cli("extract", tiny_folder, "--out", out, *LITE, "--batch-size", "2")
     assert resumed.code == 0 and "resumed after 2" in resumed.out, resumed.err
+
+
+@pytest.mark.parametrize("precision, min_cosine", [("bf16", 0.9999), ("fp32", 0.999999)])
+def test_a_rows_features_barely_depend_on_the_batch_it_was_computed_in(tmp_path, precision, min_cosine):
+    """The README's promise for torchrun slices, incremental updates and a resume with another
+    --batch-size: rows computed in other batches agree within the stated cosine."""
+    images = make_folder(tmp_path / "images", {"a": 4, "b": 3})
+    rows = []
+    for batch in (2, 5):
+        out = tmp_path / f"b{batch}.h5"
+        result = run_cli("extract", images, "--out", out, *LITE, "--precision", precision, "--batch-size", batch)
+        assert result.code == 0, result.err
+        rows.append(read_cache(out).features().astype(np.float64))
+    a, b = rows
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() >= min_cosine

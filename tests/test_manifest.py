@@ -75,7 +75,7 @@ def test_a_manifest_with_splits_gives_the_same_cache_as_the_folder_tree(tree, fr
 
 
 def test_jsonl_lists_what_csv_lists(tmp_path):
-    root = make_folder(tmp_path / "images", {"x": 2, "y": 1})
+    make_folder(tmp_path / "images", {"x": 2, "y": 1})
     rows = [["x/img000.png", "x", "t1"], ["y/img000.png", "y", "t2"], ["x/img001.png", "x", "t3"]]
     from_csv = read_manifest(write_csv(tmp_path / "images" / "m.csv", ["path", "label", "note"], rows))
     jsonl = tmp_path / "images" / "m.jsonl"
