@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract_throughput.py
 	$(PY) benchmarks/extract_memory.py
 	$(PY) benchmarks/fit_memory.py
+	$(PY) benchmarks/write_cache_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -16,6 +16,11 @@ import click
 DEBUG_FLAG = "--debug"
 
 
+def _echo(text: str = "", err: bool = False) -> None:
+    """click.echo, with names that are not UTF-8 shown as \\xNN escapes (never an encoding error)."""
+    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+
+
 def _command_line() -> str:
     """The command as the user typed it, for "resume with: ..." messages."""
     script = sys.argv[0]
@@ -67,8 +72,8 @@ def cli(debug: bool) -> None:
               help="Torchvision weights name (default: the backbone's ImageNet weights), a state_dict file, or 'random'.")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32 on CPU, 256 on GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Compute precision [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
+@click.option("--precision", default=None,
+              help="fp32, bf16 or fp16 [default: bf16 on GPU, fp32 on CPU]. Features are stored as float32.")
 @click.option("--workers", type=int, default=None, help="Image decoding processes [default: 0 (inline) on a small CPU, up to 8 with a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing cache (or unfinished one) made with other settings; "
@@ -80,18 +85,8 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
     folders (IMAGE_DIR/{train,val,test}/CLASS/*.jpg). An interrupted run resumes when rerun.
     """
-    from pipeline import cache
-    from pipeline.extract import ExtractRequest, run_extract
+    from pipeline.extract import ExtractState, committed_so_far, extract as run
 
-    global _SHARD
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from pipeline.distributed import shard_path_of
-
-        _SHARD = shard_path_of(out, int(os.environ.get("RANK", "0")), world)
-    request = ExtractRequest(image_dir=image_dir, out=out, backbone=backbone, weights=weights,
-                             batch_size=batch_size, device=device, precision=precision, workers=workers,
-                             overwrite=overwrite, seed=seed, command=_command_line())
     bar = _Bar("extract")
     rank = int(os.environ.get("RANK", "0"))
 
@@ -99,40 +94,46 @@ def extract(image_dir, out, backbone, weights, batch_size, device, precision, wo
         if rank == 0:
             resumed = f", resuming at {info['already']}/{info['total']}" if info["already"] else ""
             ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
-            click.echo(f"extracting {info['total']} images with {backbone} on {info['device']} "
+            _echo(f"extracting {info['total']} images with {backbone} on {info['device']} "
                        f"({info['precision']}, batch {info['batch_size']}, decode workers: {info['workers']}{ranks})"
                        f"{resumed}", err=True)
 
     try:
-        summary = run_extract(request, progress=bar, on_ready=ready)
+        summary = run(image_dir, out, backbone=backbone, weights=weights, batch_size=batch_size, device=device,
+                      precision=precision, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
+                      progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
-        partial = _SHARD or cache.partial_path(out)
-        done = ""
-        if os.path.exists(partial):
-            p = cache.PartialCache(partial).progress()
-            done = f"{p.finished} of {p.total} images are committed in {partial}; "
-        raise _Exit(f"interrupted: {done}rerun the same command to resume", 130) from None
+        raise _Exit(f"interrupted: {committed_so_far(out)}rerun the same command to resume", 130) from None
     finally:
         bar.close()
-    if rank != 0:
+    if summary.state is ExtractState.SHARD_WRITTEN:
         return
-    if summary.state == "already complete":
-        click.echo(f"{out} already holds this extraction ({summary.done} images, {summary.failed} failed); "
+    if summary.state is ExtractState.ALREADY_COMPLETE:
+        _echo(f"{out} already holds this extraction ({summary.done} images, {summary.failed} failed); "
                    "nothing to do (delete it to extract again)")
         return
     resumed = f" (resumed after {summary.resumed_from})" if summary.resumed_from else ""
-    click.echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
+    _echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
                f"{summary.images_per_second:.1f} img/s: {summary.done} cached, {summary.failed} failed")
-    click.echo(f"cache: {out} ({_size(summary.out_bytes)})")
-    if summary.skipped_files:
-        click.echo(f"skipped {summary.skipped_files} files without an image extension")
+    _echo(f"cache: {out} ({_size(summary.out_bytes)})")
+    _echo_skipped(summary.skipped)
     if summary.failures:
-        click.echo(f"failed images (kept in the cache's 'failed' group):")
+        _echo("failed images (kept in the cache's 'failed' group):")
         for path, reason in summary.failures[:10]:
-            click.echo(f"  {path}: {reason}")
+            _echo(f"  {path}: {reason}")
         if len(summary.failures) > 10:
-            click.echo(f"  ... and {len(summary.failures) - 10} more")
+            _echo(f"  ... and {len(summary.failures) - 10} more")
+
+
+def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One line per kind of thing left out of the listing, with the first few of each."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in by_reason.items():
+        more = f", ... ({len(paths)} in all)" if len(paths) > 3 else ""
+        _echo(f"skipped ({reason}): {', '.join(paths[:3])}{more}")
 
 
 class _CValue(click.ParamType):
@@ -184,16 +185,23 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
     the model is refit on train+val and scored on test when there is one.
     """
-    from pipeline import report
-    from pipeline.cache import read_info
-    from pipeline.fit import FitSettings, fit_head
+    from pipeline.fit import fit as run
+    from pipeline.report import check_new_folder, default_run_dir, release_if_empty
 
-    info = read_info(cache_file)
-    settings = FitSettings(C=C, class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize,
-                           pca=pca, train_fraction=train_fraction, repeat=repeat)
-    result = fit_head(cache_file, settings, info)
-    run_dir = run_dir or report.default_run_dir(cache_file)
-    report.write_fit_run(result, info, run_dir, _command_line())
+    if run_dir:
+        check_new_folder(run_dir)  # before any work
+    run_dir = run_dir or default_run_dir(cache_file)
+    try:
+        result = run(cache_file, run_dir, command=_command_line(), C=C, class_weight=class_weight,
+                     max_iter=max_iter, seed=seed, normalize=normalize, pca=pca, train_fraction=train_fraction,
+                     repeat=repeat)
+    except KeyboardInterrupt:
+        release_if_empty(run_dir)
+        raise _Exit("interrupted while fitting: nothing was written (a run folder appears only when complete)",
+                    130) from None
+    except BaseException:
+        release_if_empty(run_dir)
+        raise
     s, sizes = result.scores, result.splits.sizes()
     where = "test" if result.evaluated_on == "test" else "val (also chose C: optimistic)"
     chosen = (f"{result.C:.4g} (best val top-1 of {len(result.sweep)} fits)" if result.sweep
@@ -209,14 +217,18 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+        _echo(f"{key:<{width}}  {value}")
     for note in result.notes[1:]:
-        click.echo(f"note: {note}")
+        _echo(f"note: {note}")
     if not result.convergence["converged"]:
-        click.echo(f"warning: lbfgs stopped at --max-iter {max_iter} before converging (C={result.C:.4g}); "
+        _echo(f"warning: lbfgs stopped at --max-iter {max_iter} before converging (C={result.C:.4g}); "
                    "raise --max-iter", err=True)
     if export:
-        _export_and_report(run_dir, None)
+        try:
+            _export_and_report(run_dir, None)
+        except KeyboardInterrupt:
+            raise _Exit(f"interrupted while exporting: the run folder {run_dir} is complete; "
+                        f"`transfer export {run_dir}` writes the model", 130) from None
 
 
 @cli.command(name="export")
@@ -230,18 +242,18 @@ def export_cmd(run_dir, model_path):
 
 
 def _export_and_report(run_dir: str, model_path: str | None) -> None:
-    from pipeline.export import export_run
+    from pipeline.export import export
 
-    result = export_run(run_dir, model_path)
+    result = export(run_dir, model_path)
     f, e = result.parity["cached_features"], result.parity["end_to_end"]
-    click.echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
+    _echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
                f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")
     if "skipped" in e:
-        click.echo(f"parity: end to end not checked: {e['skipped']}")
+        _echo(f"parity: end to end not checked: {e['skipped']}")
     else:
-        click.echo(f"parity: model.pt on {e['images']} original images vs scikit-learn: max |p diff| "
+        _echo(f"parity: model.pt on {e['images']} original images vs scikit-learn: max |p diff| "
                    f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
-    click.echo(f"model: {result.model_path} ({_size(os.path.getsize(result.model_path))})  "
+    _echo(f"model: {result.model_path} ({_size(os.path.getsize(result.model_path))})  "
                f"head: {result.head_path}")
 
 
@@ -255,56 +267,58 @@ def _export_and_report(run_dir: str, model_path: str | None) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     """Classify image files (or every image in folders) with a model.pt from `transfer export`."""
-    from pipeline.backbones import resolve_device
-    from pipeline.predict import check_output_name, list_inputs, load_model, predict, write_predictions
+    from pipeline.predict import check_output_name, load_model, predict, write_predictions
 
     if out:
         check_output_name(out)
-    device = resolve_device(device)
-    model, meta = load_model(model_path, device)
-    classes = meta["classes"]
-    top_k = top_k or min(3, len(classes))
-    files = list_inputs(list(paths))
+    model = load_model(model_path, device)
     bar = _Bar("predict")
-    bar.start(len(files), 0)
     try:
-        results = predict(model, classes, files, top_k, batch_size, device, bar.advance)
+        results = predict(model, list(paths), top_k=top_k, batch_size=batch_size, progress=bar)
     finally:
         bar.close()
     errors = sum(r.error is not None for r in results)
     if out:
-        write_predictions(results, out, top_k)
-        click.echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
-        return
-    width = min(60, max(len(r.path) for r in results))
-    for r in results:
-        shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
-        click.echo(f"{r.path:<{width}}  {shown}")
-    if errors:
-        click.echo(f"{errors} of {len(results)} files could not be read")
+        write_predictions(results, out)
+        _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
+    else:
+        width = min(60, max(len(r.path) for r in results))
+        for r in results:
+            shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
+            _echo(f"{r.path:<{width}}  {shown}")
+        if errors:
+            _echo(f"{errors} of {len(results)} files could not be read")
+    if errors == len(results):
+        raise _Exit(f"none of the {len(results)} files could be read as an image", 1)
 
 
 @cli.command()
 @click.option("--workdir", default="cache/demo", show_default=True, type=click.Path(path_type=str),
               help="Where the demo images and feature cache go.")
+@click.option("--per-class", type=int, default=None, hidden=True,
+              help="At most this many images per class and split (a quick check of the demo itself).")
 @click.pass_context
-def demo(ctx, workdir):
+def demo(ctx, workdir, per_class):
     """The whole pipeline on the embedded default, offline: scikit-learn's digits as images,
     features from the pretrained EfficientNet-Lite0, a fitted head, an exported model."""
     from pipeline.demo import write_digits
 
-    images = os.path.join(workdir, "digits")
-    counts = write_digits(images)
-    click.echo(f"images: {images} ({counts['train']} train, {counts['val']} val, {counts['test']} test; "
+    images = os.path.join(workdir, "digits" if per_class is None else f"digits-{per_class}")
+    counts = write_digits(images, per_class=per_class)
+    _echo(f"images: {images} ({counts['train']} train, {counts['val']} val, {counts['test']} test; "
                "scikit-learn's 8x8 digits)")
-    cache_file = os.path.join(workdir, "digits.h5")
+    cache_file = images + ".h5"
     ctx.invoke(extract, image_dir=images, out=cache_file, backbone="efficientnet_lite0")
     run_dir = os.path.join("reports", f"demo-digits-{time.strftime('%Y%m%d-%H%M%S')}")
     ctx.invoke(fit, cache_file=cache_file, run_dir=run_dir)
-    click.echo("")
-    click.echo(f"results: {run_dir}/report.md (scores, confusion_matrix.png, c_sweep.png), "
+    _echo("")
+    _echo(f"results: {run_dir}/report.md (scores, confusion_matrix.png, c_sweep.png), "
                f"{run_dir}/model.pt (TorchScript model)")
-    click.echo(f"try it:  .venv/bin/transfer predict {run_dir}/model.pt {images}/test/7")
+    # Absolute paths, so that the line works from any folder.
+    script = os.path.abspath(sys.argv[0]) if os.sep in sys.argv[0] else sys.argv[0]
+    program = shlex.join(["python", script] if script.endswith("cli.py") else [script])
+    _echo(f"try it:  {program} predict {shlex.quote(os.path.abspath(run_dir))}/model.pt "
+               f"{shlex.quote(os.path.abspath(images))}/test/7")
 
 
 @cli.command()
@@ -326,30 +340,39 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 
     Several caches of the same images (other backbones or layers) are compared in one table.
     """
-    from pipeline import report
-    from pipeline.experiment import (ExperimentRequest, best_per_cache, default_out, parse_fractions,
-                                     parse_grid, run_experiment)
+    from pipeline.experiment import ExperimentRequest, default_out, parse_fractions, parse_grid, run_experiment, saved_runs
+    from pipeline.report import check_new_folder, release_if_empty
 
     request = ExperimentRequest(caches=list(caches), grid=parse_grid(list(grid), normalize, pca),
                                 fractions=parse_fractions(fractions), repeats=repeats, seed=seed,
-                                jobs=jobs or min(4, os.cpu_count() or 1), max_iter=max_iter)
-    out_dir = out_dir or default_out()
+                                jobs=min(4, os.cpu_count() or 1) if jobs is None else jobs, max_iter=max_iter,
+                                out=out_dir, command=_command_line())
+    if out_dir:
+        check_new_folder(out_dir)  # before any work
+    request.out = out_dir or default_out()
     bar = _Bar("experiment", unit="run")
     try:
-        rows = run_experiment(request, bar)
+        result = run_experiment(request, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        release_if_empty(request.out)
+        again = _command_line() if out_dir else f"{_command_line()} --out {shlex.quote(request.out)}"
+        raise _Exit(f"interrupted: {saved_runs(request.out)} finished runs are saved in {request.out}.partial; "
+                    f"resume with: {again}", 130) from None
+    except BaseException:
+        release_if_empty(request.out)
+        raise
     finally:
         bar.close()
-    from pipeline.cache import read_info
-
-    backbones = {c: read_info(c).meta.get("backbone", "?") for c in request.caches}
-    report.write_experiment(rows, out_dir, _command_line(), backbones)
-    click.echo(f"{len(rows)} runs; best setting per cache (chosen on validation):")
-    for cache, r in best_per_cache(rows).items():
-        click.echo(f"  {os.path.basename(cache)}: {r['evaluated_on']} top-1 {r['top1']:.4f}  "
-                   f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
-                   f"class weight {r['class_weight']})")
-        click.echo(f"    reproduce: {r['command']}")
-    click.echo(f"written: {out_dir}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
+    if result.resumed:
+        _echo(f"resumed: {result.resumed} runs were already saved")
+    _echo(f"{len(result.rows)} runs; best setting per cache (chosen on validation):")
+    for cache, r in result.best.items():
+        _echo(f"  {os.path.basename(cache)}: {r['evaluated_on']} top-1 {r['top1']:.4f}  "
+              f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
+              f"class weight {r['class_weight']})")
+        _echo(f"    reproduce: {r['command']}")
+    _echo(f"written: {request.out}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
 
 
 class _Exit(Exception):
@@ -358,15 +381,32 @@ class _Exit(Exception):
         self.code = code
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM, like Ctrl-C: clean up temporaries and say what was kept
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI; turn every failure into one line on stderr and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> None:
     debug = DEBUG_FLAG in argv
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         cli.main(args=argv, prog_name="transfer", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.NoArgsIsHelpError as e:
-        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        _echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(0)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
@@ -379,22 +419,33 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e), e.code, debug)
     except KeyboardInterrupt:
         _fail("interrupted", 130, debug)
+    except OSError as e:  # a destination that cannot be written: read-only, full, no permission
+        _fail(f"{_rank_prefix()}{_os_error_line(e)}", 1, debug)
     except Exception as e:  # noqa: BLE001 - the one place that turns anything into one line
         from pipeline.errors import TransferError
 
         if isinstance(e, TransferError):
-            _fail(_with_rank(str(e)), 1, debug)
-        _fail(_with_rank(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"), 1, debug)
+            _fail(str(e), 1, debug)  # under torchrun the library's message already names the rank
+        _fail(f"{_rank_prefix()}unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1, debug)
 
 
-_SHARD = None  # under torchrun: this rank's shard file, named in its errors
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
+    advice = {errno.ENOSPC: "free some space and rerun", errno.EROFS: "write somewhere writable (--out)",
+              errno.EACCES: "check the permissions, or write somewhere else (--out)",
+              errno.EDQUOT: "free some space and rerun"}.get(e.errno, "rerun with --debug for the traceback")
+    return f"cannot complete: {e.strerror or e}{where}; {advice}"
 
 
-def _with_rank(message: str) -> str:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        shard = f" (shard {_SHARD})" if _SHARD else ""
-        return f"rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}{shard}: {message}"
-    return message
+def _rank_prefix() -> str:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ""
+    from pipeline.distributed import from_environment
+
+    d = from_environment()
+    return f"rank {d.rank} of {d.world_size}: "
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
@@ -402,7 +453,7 @@ def _fail(message: str, code: int, debug: bool) -> None:
         import traceback
 
         traceback.print_exc()
-    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    _echo(f"error: {' '.join(str(message).split())}", err=True)
     sys.exit(code)
 
 

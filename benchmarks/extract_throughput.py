@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torchvision
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.backbones import Embedder, load_backbone  # noqa: E402
-from pipeline.extract import ExtractRequest, run_extract  # noqa: E402
+from pipeline import extract, read_cache  # noqa: E402
 from pipeline.images import decode_image, scan_image_folder  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -112,12 +111,12 @@ def ours(folder: Path, out: Path, batch: int, device: str, precision: str, worke
 
     Embedder.__call__ = timed_call
     try:
-        summary = run_extract(ExtractRequest(str(folder), str(out), "vgg16", "random", batch_size=batch,
-                                             device=device, precision=precision, workers=workers), progress=clock)
+        summary = extract(folder, out, backbone="vgg16", weights="random", batch_size=batch, device=device,
+                          precision=precision, workers=workers, progress=clock)
     finally:
         Embedder.__call__ = real_call
-    with h5py.File(out, "r") as f:
-        features = dict(zip(f["paths"].asstr()[...], f["features"][...]))
+    cached = read_cache(out)
+    features = dict(zip(cached.paths, cached.features()))
     in_run_forward = sum(n for _, n in forward[1:]) / sum(t for t, _ in forward[1:])
     return steady_rate(clock.marks), in_run_forward, summary.images_per_second, features, summary.workers
 

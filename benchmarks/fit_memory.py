@@ -22,31 +22,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _rss import peak_rss  # noqa: E402
-from pipeline import cache  # noqa: E402
+import pipeline  # noqa: E402
 
 CLASSES = 10
 
 
 def write_cache(path: Path, rows: int, dim: int, seed: int = 0) -> None:
-    """Gaussian classes, written block by block through the cache module (never all in memory)."""
+    """Gaussian classes, written block by block with `pipeline.write_cache` (never all in memory)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 0.15, size=(CLASSES, dim)).astype(np.float32)
-    labels = np.arange(rows) % CLASSES
-    part_of = (np.arange(rows) // CLASSES) % 10  # 60/20/20, independent of the label
-    splits = np.where(part_of < 6, "train", np.where(part_of < 8, "val", "test")).tolist()
-    paths = [f"{s}/c{l}/{i:07d}.jpg" for i, (s, l) in enumerate(zip(splits, labels))]
-    classes = [f"c{i}" for i in range(CLASSES)]
-    meta = {"backbone": "synthetic", "weights": "none", "weights_sha256": "", "pretrained": False, "seed": seed,
-            "layer": "synthetic", "dim": dim, "preprocessing": {}, "precision": "fp32", "classes": classes,
-            "listing_sha256": cache.listing_digest(classes, paths, labels, splits), "image_dir": "none"}
-    part = cache.PartialCache.create(str(path) + ".partial", meta, np.arange(rows), paths, labels, splits, dim)
-    with part:
+
+    def blocks():
         for lo in range(0, rows, 2048):
-            hi = min(lo + 2048, rows)
-            block = centres[labels[lo:hi]] + rng.normal(0, 1, size=(hi - lo, dim)).astype(np.float32)
-            part.commit(np.arange(lo, hi), block, [])
-    cache.assemble([part.path], str(path), meta)
-    Path(part.path).unlink()
+            rows_here = np.arange(lo, min(lo + 2048, rows))
+            labels = rows_here % CLASSES
+            part_of = (rows_here // CLASSES) % 10  # 60/20/20, independent of the label
+            split = np.where(part_of < 6, "train", np.where(part_of < 8, "val", "test"))
+            yield centres[labels] + rng.normal(0, 1, size=(len(rows_here), dim)).astype(np.float32), labels, split
+
+    pipeline.write_cache(path, blocks(), classes=[f"c{i}" for i in range(CLASSES)],
+                         provenance={"backbone": "synthetic", "layer": "synthetic", "seed": seed})
 
 
 def fit_peak(path: Path, C: str, tmp: str) -> tuple[int, float]:

@@ -14,14 +14,17 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 
-def write_digits(folder: str, seed: int = 0) -> dict[str, int]:
-    """Write folder/{train,val,test}/{0..9}/NNNN.png once; returns images per split."""
+def write_digits(folder: str, seed: int = 0, per_class: int | None = None) -> dict[str, int]:
+    """Write folder/{train,val,test}/{0..9}/NNNN.png once; returns images per split.
+    per_class: keep only the first that many images of each class in each split (a quick run)."""
     digits = load_digits()
     rows = np.arange(len(digits.target))
     rest, test = train_test_split(rows, test_size=0.2, stratify=digits.target, random_state=seed)
     train, val = train_test_split(rest, test_size=0.25, stratify=digits.target[rest], random_state=seed)
     counts = {}
     for split, chosen in (("train", train), ("val", val), ("test", test)):
+        if per_class is not None:
+            chosen = np.concatenate([chosen[digits.target[chosen] == c][:per_class] for c in range(10)])
         for i in chosen:
             path = os.path.join(folder, split, str(digits.target[i]), f"{i:04d}.png")
             if not os.path.exists(path):

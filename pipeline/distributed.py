@@ -32,19 +32,27 @@ class Dist:
     local_world_size: int = 1
 
 
-@contextlib.contextmanager
-def session():
+def from_environment() -> Dist:
     """This process's place in the job, from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK):
-    rank 0 of 1 without it. Under torchrun, a gloo process group lives for the block."""
+    rank 0 of 1 without it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        yield Dist()
-        return
+        return Dist()
     try:
-        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
-                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except (KeyError, ValueError):
         raise TransferError("WORLD_SIZE is set but RANK is not; start several processes with torchrun") from None
+
+
+@contextlib.contextmanager
+def session():
+    """This process's place in the job (`from_environment`); under torchrun, a gloo process group
+    lives for the block."""
+    d = from_environment()
+    if d.world_size <= 1:
+        yield d
+        return
     owner = not tdist.is_initialized()
     if owner:
         # Generous timeout: ranks meet only once, at the end, and may finish hours apart.
@@ -72,17 +80,22 @@ def my_positions(n: int, d: Dist) -> np.ndarray:
 
 def shard_path(out: str, d: Dist) -> str:
     """This rank's partial file: OUT.partial for a single process."""
-    return shard_path_of(out, d.rank, d.world_size)
-
-
-def shard_path_of(out: str, rank: int, world: int) -> str:
-    if world == 1:
-        return cache.partial_path(out)
-    return f"{out}.rank{rank:04d}-of-{world:04d}.partial"
+    return cache.shard_path_of(out, d.rank, d.world_size)
 
 
 def all_parts(out: str, world: int) -> list[str]:
-    return [shard_path_of(out, r, world) for r in range(world)]
+    return [cache.shard_path_of(out, r, world) for r in range(world)]
+
+
+@contextlib.contextmanager
+def name_rank_in_errors(d: Dist, out: str):
+    """Under torchrun, every error of this rank names the rank and its shard file."""
+    try:
+        yield
+    except TransferError as e:
+        if d.world_size <= 1:
+            raise
+        raise type(e)(f"rank {d.rank} of {d.world_size} (shard {cache.display_path(shard_path(out, d))}): {e}") from None
 
 
 class _Reporter:

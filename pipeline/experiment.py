@@ -7,17 +7,22 @@ reproduced exactly by the `transfer fit` command recorded beside it. Runs go to 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
-import h5py
+from numbers import Integral
+
 import joblib
 import numpy as np
 
-from .cache import read_info
-from .errors import TransferError
-from .fit import CLASS_WEIGHTS, NORMALIZATIONS, FitSettings, fit_head, run_splits
+from .cache import Cache, identity, read_cache
+from .errors import IncompatibleCachesError, SettingError
+from .files import display_path, write_atomically
+from .fit import FitSettings, fit_head, run_splits
+from .settings import Interval, validate
 
 GRID_KEYS = ("C", "class_weight", "normalize", "pca")
 
@@ -31,6 +36,16 @@ class ExperimentRequest:
     seed: int = 0
     jobs: int = 1
     max_iter: int = 1000
+    out: str | None = None  # the folder to write; runs are saved as they finish, in OUT.partial
+    command: str = ""  # recorded in summary.md
+
+
+@dataclass
+class ExperimentResult:
+    rows: list[dict]  # one per run, in plan order (the columns of results.csv, and each C sweep)
+    best: dict[str, dict]  # per cache: the row with the best validation score
+    out: str | None
+    resumed: int  # runs found already finished in OUT.partial
 
 
 @dataclass
@@ -41,43 +56,42 @@ class Run:
 
 
 def parse_value(key: str, text: str):
-    """One grid value: C (a number or auto), class_weight, normalize, pca (a number or none)."""
+    """One grid value from text: C (a number or auto), class_weight, normalize, pca (a number or
+    none); checked against FitSettings' own constraints."""
     text = text.strip()
-    if key == "C":
-        if text.lower() == "auto":
-            return None
+    value: object = text
+    if key in ("C", "pca") and text.lower() in ("auto", "none"):
+        value = None
+    elif key == "C":
         try:
             value = float(text)
         except ValueError:
-            raise TransferError(f"grid value {text!r} for C is neither a number nor 'auto'") from None
-        if not (value > 0 and np.isfinite(value)):
-            raise TransferError(f"grid value {text!r} for C must be a positive number")
-        return value
-    if key == "pca":
-        if text.lower() == "none":
-            return None
-        if not text.isdigit() or int(text) < 1:
-            raise TransferError(f"grid value {text!r} for pca is neither a positive whole number nor 'none'")
-        return int(text)
-    allowed = CLASS_WEIGHTS if key == "class_weight" else NORMALIZATIONS
-    if text not in allowed:
-        raise TransferError(f"grid value {text!r} for {key} is not one of {', '.join(allowed)}")
-    return text
+            raise SettingError(f"grid value {text!r} for C is neither a number nor 'auto'") from None
+    elif key == "pca":
+        if not text.lstrip("-").isdigit():
+            raise SettingError(f"grid value {text!r} for pca is neither a whole number nor 'none'")
+        value = int(text)
+    validate(key, value, FitSettings.CONSTRAINTS[key], f"--grid {key}=...")
+    return value
 
 
 def parse_grid(items: list[str], normalize: str = "standard", pca: int | None = None) -> dict[str, list]:
-    """["C=0.1,1", "normalize=l2,standard"] -> {"C": [0.1, 1.0], ...}; unlisted keys keep one default."""
+    """["C=0.1,1", "normalize=l2,standard"] -> {"C": [0.1, 1.0], ...}; unlisted keys keep one default.
+    A key given twice (--grid C=1 --grid C=2) gets the values of both."""
+    validate("pca", pca, FitSettings.CONSTRAINTS["pca"], "--pca")
     grid = {"C": [None], "class_weight": ["none"], "normalize": [parse_value("normalize", normalize)],
             "pca": [pca]}
+    given: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip()
         if not sep or not values.strip():
-            raise TransferError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+            raise SettingError(f"--grid expects KEY=V1,V2,..., got {item!r}")
         if key not in GRID_KEYS:
-            raise TransferError(f"unknown grid key {key!r}; expected one of {', '.join(GRID_KEYS)}")
-        parsed = [parse_value(key, v) for v in values.split(",")]
-        grid[key] = list(dict.fromkeys(parsed))  # keep order, drop repeats
+            raise SettingError(f"unknown grid key {key!r}; expected one of {', '.join(GRID_KEYS)}")
+        given.setdefault(key, []).extend(parse_value(key, v) for v in values.split(","))
+    for key, values in given.items():
+        grid[key] = list(dict.fromkeys(values))  # keep order, drop repeats
     return grid
 
 
@@ -87,49 +101,43 @@ def parse_fractions(text: str) -> list[float]:
         try:
             value = float(part)
         except ValueError:
-            raise TransferError(f"train fraction {part.strip()!r} is not a number") from None
-        if not 0 < value <= 1:
-            raise TransferError(f"train fraction {value} is outside (0, 1]")
+            raise SettingError(f"train fraction {part.strip()!r} is not a number") from None
+        validate("train_fraction", value, FitSettings.CONSTRAINTS["train_fraction"], "--train-fraction")
         out.append(value)
     return sorted(set(out))
 
 
-def check_caches_match(paths: list[str]) -> list:
+def check_caches_match(paths: list[str]) -> list[Cache]:
     """Caches compared in one table must hold the same images, labels, classes and splits."""
-    infos = [read_info(p) for p in paths]
-    first = infos[0]
-    with h5py.File(first.path, "r") as f:
-        names = f["path_bytes"][...]
-    for info in infos[1:]:
+    caches = [read_cache(p) for p in paths]
+    first = caches[0]
+    names = np.array(first.path_bytes, dtype=object)
+    for other in caches[1:]:
         what = None
-        if info.classes != first.classes:
-            what = f"classes {first.classes[:3]}... vs {info.classes[:3]}..."
-        elif info.n != first.n:
-            what = f"{first.n} vs {info.n} images"
+        if other.classes != first.classes:
+            what = f"classes {first.classes[:3]}... vs {other.classes[:3]}..."
+        elif other.n != first.n:
+            what = f"{first.n} vs {other.n} images"
         else:
-            with h5py.File(info.path, "r") as f:
-                other = f["path_bytes"][...]
-            differ = np.flatnonzero((names != other) | (first.labels != info.labels))
+            differ = np.flatnonzero((names != np.array(other.path_bytes, dtype=object)) | (first.labels != other.labels))
             if len(differ):
                 i = int(differ[0])
-                what = f"row {i}: {first.paths[i]} vs {info.paths[i]}"
-            elif (first.splits is None) != (info.splits is None) or (
-                    first.splits is not None and not np.array_equal(first.splits, info.splits)):
+                what = f"row {i}: {first.paths[i]} vs {other.paths[i]}"
+            elif (first.split is None) != (other.split is None) or (
+                    first.split is not None and not np.array_equal(first.split, other.split)):
                 what = "their train/val/test splits"
         if what:
-            raise TransferError(f"caches {first.path} and {info.path} do not hold the same images and labels "
-                                f"({what}); extract both from the same folder to compare them")
-    return infos
+            raise IncompatibleCachesError(f"caches {first.path} and {other.path} do not hold the same images and "
+                                          f"labels ({what}); extract both from the same folder to compare them")
+    return caches
 
 
 def plan(req: ExperimentRequest, dim: int) -> list[Run]:
     for pca in req.grid["pca"]:
         if pca is not None and pca > dim:
-            raise TransferError(f"PCA dimension {pca} is larger than the feature dimension {dim}")
-    if req.repeats < 1:
-        raise TransferError(f"--repeats must be at least 1, got {req.repeats}")
-    if req.jobs < 1:
-        raise TransferError(f"--jobs must be at least 1, got {req.jobs}")
+            raise SettingError(f"PCA dimension {pca} is larger than the feature dimension {dim}")
+    validate("repeats", req.repeats, [Interval(Integral, 1, None)], "--repeats")
+    validate("jobs", req.jobs, [Interval(Integral, 1, None)], "--jobs")
     runs = []
     combos = list(itertools.product(*(req.grid[k] for k in GRID_KEYS)))
     for cache in req.caches:
@@ -156,7 +164,7 @@ def fit_command(cache: str, s: FitSettings) -> str:
 def run_one(run: Run) -> dict:
     """One row of results.csv (and the C sweep, for the plot)."""
     started = time.perf_counter()
-    result = fit_head(run.cache, run.settings)
+    result = fit_head(read_cache(run.cache), run.settings)
     s, sizes = result.settings, result.splits.sizes()
     return {
         "run": run.index,
@@ -185,27 +193,101 @@ def run_one(run: Run) -> dict:
     }
 
 
-def run_experiment(req: ExperimentRequest, progress=None) -> list[dict]:
-    """All runs, in plan order. The backbone is never built: only cached features are read.
+def run_experiment(req: ExperimentRequest, progress=None) -> ExperimentResult:
+    """All runs, in plan order; the backbone is never built: only cached features are read.
 
+    With req.out, every finished run is appended to OUT.partial/runs.jsonl at once, a rerun of the
+    same experiment resumes from there, and OUT (results.csv, summary.md, plots) appears at the end.
     progress: an object with start(total, already) and advance(n), like extract's ProgressSink."""
+    from .report import check_new_folder, write_experiment
+
     if not req.caches:
-        raise TransferError("no cache given")
-    infos = check_caches_match(req.caches)
-    runs = plan(req, min(i.dim for i in infos))
+        raise SettingError("no cache given")
+    if req.out:
+        check_new_folder(req.out)
+    caches = check_caches_match(req.caches)
+    runs = plan(req, min(c.dim for c in caches))
     for r in runs:  # every setting and split is checked before the first fit starts
-        r.settings.check(infos[0].dim)
+        r.settings.check(caches[0].dim)
         if r.cache == req.caches[0]:
-            run_splits(infos[0], r.settings)
-    rows: dict[int, dict] = {}
+            run_splits(caches[0], r.settings)
+    saved = _Saved(req, caches) if req.out else None
+    rows = saved.load() if saved else {}
+    resumed = len(rows)
     if progress:
-        progress.start(len(runs), 0)
+        progress.start(len(runs), resumed)
+    todo = [r for r in runs if r.index not in rows]
     with joblib.Parallel(n_jobs=req.jobs, return_as="generator_unordered") as parallel:
-        for row in parallel(joblib.delayed(run_one)(r) for r in runs):
+        for row in parallel(joblib.delayed(run_one)(r) for r in todo):
             rows[row["run"]] = row
+            if saved:
+                saved.append(row)
             if progress:
                 progress.advance(1)
-    return [rows[i] for i in range(len(runs))]
+    ordered = [rows[i] for i in range(len(runs))]
+    if req.out:
+        backbones = {c.path: c.provenance.get("backbone", "?") for c in caches}
+        write_experiment(ordered, req.out, req.command, backbones)
+        saved.remove()
+    return ExperimentResult(ordered, best_per_cache(ordered), req.out, resumed)
+
+
+class _Saved:
+    """OUT.partial: the runs of one experiment saved as they finish (one JSON line each), so an
+    interrupted experiment loses at most the runs in flight."""
+
+    def __init__(self, req: ExperimentRequest, caches: list[Cache]):
+        self.folder = f"{req.out.rstrip(os.sep)}.partial"
+        self.request = json.loads(json.dumps({
+            "caches": [os.path.abspath(c.path) for c in caches],
+            "identities": [identity(c.provenance) for c in caches],
+            "grid": req.grid, "fractions": req.fractions, "repeats": req.repeats, "seed": req.seed,
+            "max_iter": req.max_iter}))
+
+    def load(self) -> dict[int, dict]:
+        """The runs saved by an earlier, interrupted run of this same experiment."""
+        request_file = os.path.join(self.folder, "request.json")
+        if not os.path.exists(request_file):
+            os.makedirs(self.folder, exist_ok=True)
+            write_atomically(lambda p: _write_json(p, self.request), request_file)
+            return {}
+        with open(request_file) as f:
+            if json.load(f) != self.request:
+                raise SettingError(f"{display_path(self.folder)} holds the saved runs of another experiment; rerun "
+                                   "that one to finish it, or delete the folder (or choose another --out)")
+        rows = {}
+        with open(os.path.join(self.folder, "runs.jsonl"), "a+") as f:
+            f.seek(0)
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the last line, cut short by the interruption
+                rows[row["run"]] = row
+        return rows
+
+    def append(self, row: dict) -> None:
+        with open(os.path.join(self.folder, "runs.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_json(path: str, doc) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def saved_runs(out: str) -> int:
+    """How many runs an interrupted experiment into `out` has saved (for the interruption message)."""
+    try:
+        with open(os.path.join(f"{out.rstrip(os.sep)}.partial", "runs.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def setting_key(row: dict) -> tuple:
@@ -240,4 +322,7 @@ def learning_curve(rows: list[dict]) -> list[dict]:
 
 
 def default_out(root: str = "reports") -> str:
-    return os.path.join(root, f"experiments-{time.strftime('%Y%m%d-%H%M%S')}")
+    """reports/experiments-<time>[-N], a name no other experiment has taken (reserved now)."""
+    from .report import reserve_folder
+
+    return reserve_folder(os.path.join(root, f"experiments-{time.strftime('%Y%m%d-%H%M%S')}"))

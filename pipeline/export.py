@@ -8,7 +8,6 @@ cached features, and model.pt end to end on a sample of the original images.
 
 import json
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from typing import List
@@ -19,8 +18,9 @@ from torch import nn
 
 from . import head as head_mod
 from .backbones import Backbone, Preprocessing, load_backbone
-from .cache import read_features
-from .errors import TransferError
+from .cache import Cache, read_cache
+from .errors import SettingError, TransferError
+from .files import make_folder_for, write_atomically
 from .images import DecodeError, decode_image, image_tensor
 from .resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize
 
@@ -106,10 +106,9 @@ class TransferModel(nn.Module):
 
 @dataclass
 class ExportResult:
-    model_path: str
-    head_path: str
-    parity: dict
-    seconds: float
+    model_path: str  # model.pt: uint8 images in, probabilities out
+    head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
+    parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
 
 
 def linear_state(head: head_mod.LinearHead) -> dict:
@@ -138,19 +137,42 @@ def rebuild_backbone(provenance: dict) -> Backbone:
     return backbone
 
 
-def export_run(run_dir: str, model_path: str | None = None) -> ExportResult:
-    """Write head.pt and model.pt for a fit run, after checking both against scikit-learn."""
-    started = time.perf_counter()
-    head = head_mod.load(run_dir)
-    reference = head_mod.sklearn_from_arrays(run_dir)
-    provenance = head.meta["provenance"]
-    cache_path = provenance["cache"]
-    model_path = model_path or os.path.join(run_dir, "model.pt")
-    folder = os.path.dirname(os.path.abspath(model_path))
-    if not os.path.isdir(folder):
-        raise TransferError(f"output folder {folder} does not exist")
+def export(source, out: str | os.PathLike | None = None) -> ExportResult:
+    """Write head.pt and model.pt for a fitted head, after checking both against scikit-learn.
 
-    parity = {"cached_features": _feature_parity(head, reference, cache_path)}
+    source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
+    write into (default: the run folder), or the model file's path (*.pt). A FitResult that was
+    never written needs `out`; its head files (head.npz, head.json) are written there too.
+
+    >>> exported = export(fit("cache/photos.h5"), "models/photos")
+    >>> exported.model_path                                   # 'models/photos/model.pt'
+    """
+    from .fit import FitResult
+
+    if isinstance(source, FitResult):
+        head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
+    else:
+        run_dir = os.fspath(source)
+        head = head_mod.load(run_dir)
+        reference = head_mod.sklearn_from_arrays(head)
+        cache = read_cache(head.meta["provenance"]["cache"])
+    if cache.path is None:
+        raise SettingError("export: this head was fitted on arrays in memory, with no backbone to ship; "
+                           "`pipeline.export.linear_state(result.head)` is its torch.nn.Linear state_dict")
+    if out is None and run_dir is None:
+        raise SettingError("export: this fit was not written to a run folder; pass out= (a folder) to write to")
+    out = os.fspath(out) if out is not None else run_dir
+    model_path = out if out.endswith(".pt") else os.path.join(out, "model.pt")
+    folder = os.path.dirname(os.path.abspath(model_path))
+    make_folder_for(model_path)
+    if isinstance(source, FitResult) and os.path.abspath(folder) != os.path.abspath(run_dir or ""):
+        head_mod.save(head, folder)  # so the folder describes its model on its own
+    return _export(head, reference, cache, model_path, folder)
+
+
+def _export(head: head_mod.LinearHead, reference, cache: Cache, model_path: str, folder: str) -> ExportResult:
+    provenance = head.meta["provenance"]
+    parity = {"cached_features": _feature_parity(head, reference, cache)}
     backbone = rebuild_backbone(provenance)
     # The preprocessing recorded at extraction, not today's: Pillow's resize order may have changed since.
     prep = Preprocessing.from_dict(provenance["preprocessing"])
@@ -160,15 +182,21 @@ def export_run(run_dir: str, model_path: str | None = None) -> ExportResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
         scripted = torch.jit.script(model)
-    parity["end_to_end"] = _end_to_end_parity(scripted, reference, cache_path, provenance)
-    head_path = os.path.join(run_dir, "head.pt")
-    _atomic(lambda p: torch.save(linear_state(head), p), head_path)
+    parity["end_to_end"] = _end_to_end_parity(scripted, reference, cache)
+    head_path = os.path.join(folder, "head.pt")
+    write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save's deprecation notice
-        _atomic(lambda p: torch.jit.save(scripted, p, _extra_files={"transfer.json": model.metadata}), model_path)
-    with open(os.path.join(run_dir, "parity.json"), "w") as f:
+        write_atomically(lambda p: _save_scripted(scripted, p, model.metadata), model_path)
+    with open(os.path.join(folder, "parity.json"), "w") as f:
         json.dump(parity, f, indent=2)
-    return ExportResult(model_path, head_path, parity, time.perf_counter() - started)
+    return ExportResult(model_path, head_path, parity)
+
+
+def _save_scripted(scripted, path: str, metadata: str) -> None:
+    # Through a file object: torch's own path argument cannot hold names that are not UTF-8.
+    with open(path, "wb") as f:
+        torch.jit.save(scripted, f, _extra_files={"transfer.json": metadata})
 
 
 def model_metadata(head: head_mod.LinearHead) -> dict:
@@ -189,9 +217,9 @@ def model_metadata(head: head_mod.LinearHead) -> dict:
     }
 
 
-def _feature_parity(head, reference, cache_path: str) -> dict:
-    with_rows = _sample_rows(cache_path, PARITY_ROWS)
-    features = read_features(cache_path, with_rows, dtype=np.float64)
+def _feature_parity(head, reference, cache: Cache) -> dict:
+    with_rows = _sample_rows(cache.n, PARITY_ROWS)
+    features = cache.features(with_rows, dtype=np.float64)
     p_sklearn = reference.predict_proba(features)
     p_torch = torch_proba(head, features)
     worst = float(np.abs(p_torch - p_sklearn).max())
@@ -212,24 +240,18 @@ def _same_decisions(p: np.ndarray, reference: np.ndarray, tolerance: float) -> b
     return bool((p.argmax(1) == reference.argmax(1))[clear].all())
 
 
-def _sample_rows(cache_path: str, k: int) -> np.ndarray:
-    import h5py
-
-    with h5py.File(cache_path, "r") as f:
-        n = f["features"].shape[0]
+def _sample_rows(n: int, k: int) -> np.ndarray:
+    """Up to k row numbers spread evenly over 0..n-1."""
     return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64))
 
 
-def _end_to_end_parity(model, reference, cache_path: str, provenance: dict) -> dict:
-    import h5py
-
-    tolerance = END_TO_END_TOLERANCE.get(provenance.get("precision"), 1e-1)
-    rows = _sample_rows(cache_path, PARITY_IMAGES)
-    with h5py.File(cache_path, "r") as f:
-        names = [f["path_bytes"][i] for i in rows]
-        image_dir = os.fsencode(f.attrs["image_dir"])
+def _end_to_end_parity(model, reference, cache: Cache) -> dict:
+    tolerance = END_TO_END_TOLERANCE.get(cache.provenance.get("precision"), 1e-1)
+    rows = _sample_rows(cache.n, PARITY_IMAGES)
+    names = [cache.path_bytes[i] for i in rows]
+    image_dir = os.fsencode(cache.image_dir or "")
     checked, worst, same = [], 0.0, True
-    features = read_features(cache_path, rows, dtype=np.float64)
+    features = cache.features(rows, dtype=np.float64)
     expected = reference.predict_proba(features)
     for i, name in enumerate(names):
         try:
@@ -244,7 +266,7 @@ def _end_to_end_parity(model, reference, cache_path: str, provenance: dict) -> d
         checked.append(os.fsdecode(name))
     result = {"images": len(checked), "max_abs_diff": worst, "tolerance": tolerance, "argmax_identical": same,
               "argmax_rule": "compared where the top two differ by more than 2 x tolerance",
-              "precision": provenance.get("precision")}
+              "precision": cache.provenance.get("precision")}
     if not checked:
         result["skipped"] = f"none of the sampled images could be read under {os.fsdecode(image_dir)}"
         return result
@@ -253,14 +275,3 @@ def _end_to_end_parity(model, reference, cache_path: str, provenance: dict) -> d
                             f"on their cached features (max |p diff| {worst:.2e}, tolerance {tolerance:.0e}, "
                             f"argmax identical: {same})")
     return result
-
-
-def _atomic(write, path: str) -> None:
-    tmp = f"{path}.writing-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

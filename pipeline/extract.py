@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from numbers import Integral
 from typing import Callable
 
 import numpy as np
@@ -21,12 +23,16 @@ import torchvision
 from . import cache, distributed
 from .backbones import (PRECISIONS, Embedder, check_backbone_name, default_precision, load_backbone,
                         resolve_device)
-from .errors import TransferError
+from .errors import SettingError, TransferError
+from .files import make_folder_for
 from .images import ImageDataset, ImageListing, collate, scan_image_folder
+from .settings import SEED, Interval, Options, validate_all
 
 
 @dataclass
 class ExtractRequest:
+    """Every option of an extraction; `CONSTRAINTS` declares what each allows."""
+
     image_dir: str
     out: str
     backbone: str = "vgg16"
@@ -39,11 +45,24 @@ class ExtractRequest:
     seed: int = 0
     command: str = ""  # the command line, named in "resume with" messages
 
+    CONSTRAINTS = {
+        "batch_size": [None, Interval(Integral, 1, None)],
+        "precision": [None, Options(tuple(PRECISIONS))],
+        "workers": [None, Interval(Integral, 0, None)],
+        "seed": SEED,
+    }
+
+
+class ExtractState(enum.Enum):
+    WRITTEN = "written"
+    ALREADY_COMPLETE = "already complete"  # the cache already held this very extraction
+    SHARD_WRITTEN = "shard written"  # a non-zero torchrun rank: rank 0 assembles
+
 
 @dataclass
 class ExtractSummary:
     out: str
-    state: str  # "written" | "already complete" | "shard written" (a non-zero torchrun rank)
+    state: ExtractState
     total: int  # images listed
     done: int  # images in the cache
     failed: int
@@ -52,10 +71,9 @@ class ExtractSummary:
     seconds: float  # wall time of this run
     images_per_second: float  # processed / time spent in the extraction loop
     out_bytes: int
-    skipped_files: int  # files without an image extension
+    skipped: list[tuple[str, str]]  # (path, why) of files and folders not listed (no image extension, loops, FIFOs)
     failures: list[tuple[str, str]] = field(default_factory=list)
     device: str = ""
-    precision: str = ""
     batch_size: int = 0
     workers: int = 0
     world_size: int = 1
@@ -69,23 +87,38 @@ class ProgressSink:
     def advance(self, images: int) -> None: ...
 
 
+def extract(image_dir: str | os.PathLike, out: str | os.PathLike, *, progress: ProgressSink | None = None,
+            on_ready: Callable[[dict], None] | None = None, **options) -> ExtractSummary:
+    """Run a frozen pretrained network once over every image under `image_dir` and cache its
+    features in `out` (HDF5; see docs/cache-format.md). Resumes an interrupted run of the same
+    extraction; keeps a finished one. options: backbone, weights, batch_size, device, precision,
+    workers, overwrite, seed (the `transfer extract` options).
+
+    >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
+    >>> summary.done, summary.failures                        # images cached, (path, reason) of the rest
+    """
+    names = [f.name for f in fields(ExtractRequest)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise SettingError(f"unknown extract option {unknown[0]!r}; expected any of {', '.join(names[2:])}")
+    return run_extract(ExtractRequest(os.fspath(image_dir), os.fspath(out), **options), progress, on_ready)
+
+
 def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
                 on_ready: Callable[[dict], None] | None = None) -> ExtractSummary:
     """Extract features for every image under req.image_dir into req.out (see docs/cache-format.md)."""
     started = time.perf_counter()
     _check_request(req)
-    with distributed.session() as dist:
+    with distributed.session() as dist, distributed.name_rank_in_errors(dist, req.out):
         device = resolve_device(distributed.device_for(dist, req.device))
         if device.type == "cuda":
             torch.cuda.set_device(device)  # streams, events and pinned copies all on this GPU
         precision = req.precision or default_precision(device)
-        if precision not in PRECISIONS:
-            raise TransferError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         listing = scan_image_folder(req.image_dir)
         summary = ExtractSummary(
-            out=req.out, state="", total=len(listing), done=0, failed=0, resumed_from=0, processed=0, seconds=0.0,
-            images_per_second=0.0, out_bytes=0, skipped_files=len(listing.skipped), device=str(device),
-            precision=precision, batch_size=req.batch_size or (256 if device.type == "cuda" else 32),
+            out=req.out, state=ExtractState.WRITTEN, total=len(listing), done=0, failed=0, resumed_from=0, processed=0, seconds=0.0,
+            images_per_second=0.0, out_bytes=0, skipped=listing.skipped, device=str(device),
+            batch_size=req.batch_size or (256 if device.type == "cuda" else 32),
             workers=req.workers if req.workers is not None else _default_workers(device, dist.local_world_size),
             world_size=dist.world_size)
         sharded = dist.world_size > 1
@@ -95,7 +128,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
             backbone = load_backbone(req.backbone, req.weights, req.seed)
             meta = {**_metadata(req, backbone, listing, precision), "world_size": dist.world_size}
             if _already_complete(req.out, meta, req.overwrite):
-                return _finished(summary, "already complete", cache.read_info(req.out), started)
+                return _finished(summary, ExtractState.ALREADY_COMPLETE, cache.read_cache(req.out), started)
             positions = distributed.my_positions(len(listing), dist)
             shard = _open_partial(target, meta, listing, positions, backbone.dim, req.overwrite)
             before = shard.progress()
@@ -103,7 +136,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
                 on_ready({"device": summary.device, "precision": precision, "batch_size": summary.batch_size,
                           "workers": summary.workers, "total": len(listing), "already": before.finished,
                           "rank": dist.rank, "world_size": dist.world_size, "partial": target})
-            reporter = distributed.progress_reporter(dist, req.out, progress, len(listing))
+            reporter = distributed.progress_reporter(dist, req.out, progress or ProgressSink(), len(listing))
             reporter.start(before.finished)
             loop_started = time.perf_counter()
             processed = _extract_rows(shard, Embedder(backbone, device, precision), listing.root,
@@ -117,7 +150,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
             loop_seconds = time.perf_counter() - loop_started
             if counts is None:  # not rank 0: rank 0 assembles
                 summary.processed = processed
-                return _finished(summary, "shard written", None, started)
+                return _finished(summary, ExtractState.SHARD_WRITTEN, None, started)
             summary.resumed_from = sum(c["already"] for c in counts)
             summary.processed = sum(c["processed"] for c in counts)
             summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
@@ -126,30 +159,35 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
                 info = cache.assemble(parts, req.out, meta)
                 for part in parts:
                     os.remove(part)
-    return _finished(summary, "written", info, started)
+    return _finished(summary, ExtractState.WRITTEN, info, started)
 
 
 def _check_request(req: ExtractRequest) -> None:
-    folder = os.path.dirname(os.path.abspath(req.out))
-    if not os.path.isdir(folder):
-        raise TransferError(f"output folder {folder} does not exist; create it first")
-    if os.path.isdir(req.out):
-        raise TransferError(f"--out {req.out} is a folder; expected a file name such as "
-                            f"{os.path.join(req.out, 'features.h5')}")
+    validate_all(vars(req), ExtractRequest.CONSTRAINTS)
     check_backbone_name(req.backbone)
-    if req.batch_size is not None and req.batch_size < 1:
-        raise TransferError(f"--batch-size must be at least 1, got {req.batch_size}")
-    if req.workers is not None and req.workers < 0:
-        raise TransferError(f"--workers must be 0 or more, got {req.workers}")
+    make_folder_for(req.out)
+    if os.path.isdir(req.out):
+        raise TransferError(f"--out {cache.display_path(req.out)} is a folder; expected a file name such as "
+                            f"{cache.display_path(os.path.join(req.out, 'features.h5'))}")
 
 
-def _finished(summary: ExtractSummary, state: str, info: cache.CacheInfo | None, started: float) -> ExtractSummary:
+def _finished(summary: ExtractSummary, state: ExtractState, done: cache.Cache | None, started: float) -> ExtractSummary:
     summary.state = state
     summary.seconds = time.perf_counter() - started
-    if info is not None:
-        summary.done, summary.failed, summary.failures = info.n, len(info.failed), info.failed
-        summary.out_bytes = os.path.getsize(info.path)
+    if done is not None:
+        summary.done, summary.failed, summary.failures = done.n, len(done.failed), done.failed
+        summary.out_bytes = os.path.getsize(done.path)
     return summary
+
+
+def committed_so_far(out: str) -> str:
+    """How far this process's part of an extraction into `out` got, for an interruption message:
+    "N of M images are committed in PARTIAL; " or "" when nothing was started."""
+    partial = distributed.shard_path(out, distributed.from_environment())
+    if not os.path.exists(partial):
+        return ""
+    p = cache.PartialCache(partial).progress()
+    return f"{p.finished} of {p.total} images are committed in {cache.display_path(partial)}; "
 
 
 def _default_workers(device: torch.device, local_procs: int) -> int:
@@ -168,6 +206,7 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
         "precision": precision,
         "classes": listing.classes,
         "image_dir": os.path.abspath(listing.root),
+        "image_dir_bytes": os.fsencode(os.path.abspath(listing.root)),  # exact, whatever the encoding
         "num_listed": len(listing),
         "listing_sha256": cache.listing_digest(listing.classes, listing.paths, listing.labels, listing.splits),
         "torch_version": torch.__version__,

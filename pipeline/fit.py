@@ -8,9 +8,12 @@ labels never reach the choice of C: the sweep only ever sees train and val rows.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
+from typing import ClassVar, Literal
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -22,42 +25,60 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
-from .cache import CacheInfo, read_info
-from .errors import TransferError
+from . import head as head_mod
+from .cache import ArrayCache, Cache, read_cache
+from .errors import SettingError, TransferError
+from .settings import SEED, Interval, NoneMeans, Options, validate_all
 
 COARSE_C = 10.0 ** np.arange(-6, 6)  # 1e-6 .. 1e5, Kornblith et al.'s range, one per decade
 REFINE_HALVINGS = 3  # 1 -> 1/2 -> 1/4 -> 1/8 decade, CLIP's resolution
-NORMALIZATIONS = ("standard", "l2", "none")
-CLASS_WEIGHTS = ("none", "balanced")
+Normalization = Literal["standard", "l2", "none"]
+ClassWeight = Literal["none", "balanced"]
+NORMALIZATIONS: tuple[Normalization, ...] = ("standard", "l2", "none")
+CLASS_WEIGHTS: tuple[ClassWeight, ...] = ("none", "balanced")
 SCALER_ROWS = 4096  # rows per block when computing the scaler, to avoid a full-size temporary
+# What a head records of the cache it was fitted on (head.json, metrics.json, model metadata).
+PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer", "dim",
+                   "preprocessing", "precision", "torch_version", "torchvision_version", "created", "image_dir",
+                   "listing_sha256")
 
 
 @dataclass
 class FitSettings:
+    """How the head is fitted; `CONSTRAINTS` is the one declaration of what each setting allows."""
+
     C: float | None = None  # None: choose on the validation split
-    class_weight: str = "none"
+    class_weight: ClassWeight = "none"
     max_iter: int = 1000
     seed: int = 0
-    normalize: str = "standard"
+    normalize: Normalization = "standard"
     pca: int | None = None
     train_fraction: float = 1.0  # stratified subsample of train and val (learning curves)
     repeat: int = 0  # which subsample: seeds it with seed + repeat
 
+    CONSTRAINTS: ClassVar[dict[str, list]] = {
+        "C": [NoneMeans("auto (None)"), Interval(Real, 0, None, closed="neither")],
+        "class_weight": [Options(CLASS_WEIGHTS)],
+        "max_iter": [Interval(Integral, 1, None)],
+        "seed": SEED,
+        "normalize": [Options(NORMALIZATIONS)],
+        "pca": [NoneMeans("none (None)"), Interval(Integral, 1, None)],
+        "train_fraction": [Interval(Real, 0, 1, closed="right")],
+        "repeat": [Interval(Integral, 0, None)],
+    }
+
+    @classmethod
+    def from_kwargs(cls, **settings) -> "FitSettings":
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise SettingError(f"unknown fit setting {unknown[0]!r}; expected any of {', '.join(names)}")
+        return cls(**settings)
+
     def check(self, dim: int) -> None:
-        if self.C is not None and not (self.C > 0 and np.isfinite(self.C)):
-            raise TransferError(f"C must be a positive number, got {self.C}")
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise TransferError(f"unknown class weight {self.class_weight!r}; expected one of {', '.join(CLASS_WEIGHTS)}")
-        if self.normalize not in NORMALIZATIONS:
-            raise TransferError(f"unknown normalization {self.normalize!r}; expected one of {', '.join(NORMALIZATIONS)}")
-        if self.max_iter < 1:
-            raise TransferError(f"--max-iter must be at least 1, got {self.max_iter}")
-        if self.pca is not None and not 1 <= self.pca <= dim:
-            raise TransferError(f"PCA dimension {self.pca} is outside 1..{dim} (the feature dimension)")
-        if not 0 < self.train_fraction <= 1:
-            raise TransferError(f"train fraction {self.train_fraction} is outside (0, 1]")
-        if self.repeat < 0:
-            raise TransferError(f"--repeat must be 0 or more, got {self.repeat}")
+        validate_all(vars(self), self.CONSTRAINTS)
+        if self.pca is not None and self.pca > dim:
+            raise SettingError(f"PCA dimension {self.pca} is larger than the feature dimension {dim}")
 
 
 @dataclass
@@ -75,51 +96,57 @@ class Splits:
 
 @dataclass
 class FitResult:
+    """Everything a fit produced. `head` is the fitted pipeline folded into one affine map (what
+    export ships); `pipeline` the scikit-learn pipeline it came from (the parity reference)."""
+
     pipeline: Pipeline
+    head: head_mod.LinearHead
     C: float
     sweep: list[dict]  # one entry per C tried: C, val top-1, val log-loss, iterations, converged
     splits: Splits
-    evaluated_on: str  # "test" | "val"
+    evaluated_on: Literal["test", "val"]
     scores: dict
     convergence: dict
     timings: dict
     classes: list[str]
     settings: FitSettings
     validation: dict  # top1, log_loss on val of the train-only model at the chosen C
+    cache: Cache  # what it was fitted on
     notes: list[str] = field(default_factory=list)
+    run_dir: str | None = None  # the run folder, once written
 
 
-def make_splits(info: CacheInfo, seed: int) -> Splits:
+def make_splits(cache: Cache, seed: int) -> Splits:
     """The cache's own train/val/test when it has them; stratified, seeded splits otherwise."""
-    labels, n_classes = info.labels, len(info.classes)
-    _check_classes(labels, info.classes, np.arange(len(labels)), "the cache")
+    labels, n_classes = cache.labels, len(cache.classes)
+    _check_classes(labels, cache.classes, np.arange(len(labels)), "the cache")
     rows = np.arange(len(labels))
-    if info.splits is None:
-        _need_per_class(labels, info.classes, 3, "a stratified train/val/test split")
+    if cache.split is None:
+        _need_per_class(labels, cache.classes, 3, "a stratified train/val/test split")
         rest, test = _stratified(rows, labels, seed, "a stratified train/val/test split")
         train, val = _stratified(rest, labels, seed, "a stratified train/val/test split")
         source = f"no split folders: stratified 64/16/20 train/val/test split of {len(rows)} images (seed {seed})"
         return Splits(np.sort(train), np.sort(val), np.sort(test), source)
-    names = set(np.unique(info.splits))
+    names = set(np.unique(cache.split))
     unknown = names - {"train", "val", "test"}
     if unknown:
         raise TransferError(f"the cache has unknown split names {sorted(unknown)}; expected train, val, test")
     if "train" not in names:
         raise TransferError("the cache has split folders but no 'train' split to fit on")
-    train = rows[info.splits == "train"]
-    test = rows[info.splits == "test"]
+    train = rows[cache.split == "train"]
+    test = rows[cache.split == "test"]
     if "val" in names:
-        val = rows[info.splits == "val"]
+        val = rows[cache.split == "val"]
         source = "the cache's own " + "/".join(s for s in ("train", "val", "test") if s in names) + " split"
     else:
-        _need_per_class(labels[train], info.classes, 2, "carving a validation split out of train")
+        _need_per_class(labels[train], cache.classes, 2, "carving a validation split out of train")
         train, val = _stratified(train, labels, seed, "carving a validation split out of train")
         train, val = np.sort(train), np.sort(val)
         source = f"the cache's train{'/test' if len(test) else ''} split; validation: stratified 20% of train (seed {seed})"
-    _check_classes(labels, info.classes, train, "the train split")
+    _check_classes(labels, cache.classes, train, "the train split")
     if n_classes > len(np.unique(labels[val])):
         missing = sorted(set(range(n_classes)) - set(labels[val].tolist()))
-        raise TransferError(f"class {info.classes[missing[0]]!r} has no validation images; "
+        raise TransferError(f"class {cache.classes[missing[0]]!r} has no validation images; "
                             "C cannot be chosen fairly without them")
     return Splits(train, val, test, source)
 
@@ -134,13 +161,13 @@ def _stratified(rows: np.ndarray, labels: np.ndarray, seed: int, what: str) -> t
                             f"them must still hold every class (at least {5 * n_classes} images)") from None
 
 
-def run_splits(info: CacheInfo, settings: FitSettings) -> Splits:
+def run_splits(cache: Cache, settings: FitSettings) -> Splits:
     """The rows one run uses: the splits, then (for a learning-curve point) the same stratified
     fraction of train and of val; test stays whole."""
-    splits = make_splits(info, settings.seed)
+    splits = make_splits(cache, settings.seed)
     seed = settings.seed + settings.repeat
-    splits.train = subsample(splits.train, info.labels, settings.train_fraction, seed)
-    splits.val = subsample(splits.val, info.labels, settings.train_fraction, seed)
+    splits.train = subsample(splits.train, cache.labels, settings.train_fraction, seed)
+    splits.val = subsample(splits.val, cache.labels, settings.train_fraction, seed)
     if settings.pca is not None and settings.pca > len(splits.train):
         raise TransferError(f"PCA dimension {settings.pca} needs at least that many training images; "
                             f"train fraction {settings.train_fraction:g} leaves {len(splits.train)}")
@@ -282,21 +309,65 @@ def _balanced_accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
         return float(balanced_accuracy_score(y, predicted))
 
 
-def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = None) -> FitResult:
+def fit(data, out: str | os.PathLike | None = None, *, command: str | None = None, **settings) -> FitResult:
+    """Fit the new last layer on cached features by the linear-probe protocol; no network is run.
+
+    data: a cache path, a `Cache`, or arrays `(X, y, classes, split)`: X (N, D), y (N,) int,
+    classes (K,) names, split (N,) of "train"/"val"/"test" or None (then a seeded stratified split).
+    settings: FitSettings fields (C=None chooses C on validation, class_weight, normalize, pca, ...).
+    out: a run folder to write (head, metrics, report, plots); None writes nothing.
+
+    >>> result = fit("cache/photos.h5")                       # C chosen on the validation split
+    >>> result.scores["top1"], result.head.weight.shape       # (K, D) folded Linear weights
+    """
+    cache = as_cache(data)
+    result = fit_head(cache, FitSettings.from_kwargs(**settings))
+    if out is not None:
+        from .report import write_fit_run
+
+        write_fit_run(result, os.fspath(out), command or python_command(cache, result.settings))
+    return result
+
+
+def as_cache(data) -> Cache:
+    """A Cache from a path, a Cache, or (X, y, classes[, split]) arrays."""
+    if isinstance(data, Cache):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return read_cache(data)
+    if isinstance(data, (tuple, list)) and len(data) in (3, 4):
+        return ArrayCache(*data)
+    raise SettingError(f"expected a cache path, a Cache or (X, y, classes, split) arrays; got {type(data).__name__}")
+
+
+def python_command(cache: Cache, settings: FitSettings) -> str:
+    """The Python call that reproduces a fit (recorded in its run folder)."""
+    changed = {f.name: getattr(settings, f.name) for f in fields(settings)
+               if getattr(settings, f.name) != f.default}
+    args = [repr(cache.path) if cache.path else "(X, y, classes, split)"] + [f"{k}={v!r}" for k, v in changed.items()]
+    return f"pipeline.fit({', '.join(args)})"
+
+
+def head_provenance(cache: Cache) -> dict:
+    """What a head records of the cache it was fitted on."""
+    return {"cache": os.path.abspath(cache.path) if cache.path else None,
+            **{k: cache.provenance.get(k) for k in PROVENANCE_KEYS}}
+
+
+def fit_head(cache: Cache, settings: FitSettings) -> FitResult:
     """The whole protocol on one cache; reads the features once per phase, straight into float64."""
     timings, started = {}, time.perf_counter()
-    info = info or read_info(cache_path)
-    settings.check(info.dim)
-    splits = run_splits(info, settings)
-    classes, y_all = info.classes, info.labels
+    settings.check(cache.dim)
+    splits = run_splits(cache, settings)
+    classes, y_all = cache.classes, cache.labels
     order = np.concatenate([splits.train, splits.val, splits.test])
     n_tr, n_val = len(splits.train), len(splits.val)
     y = y_all[order]
     y_tr, y_val, y_te = y[:n_tr], y[n_tr:n_tr + n_val], y[n_tr + n_val:]
 
-    X = np.empty((len(order), info.dim), dtype=np.float64)  # the one full-size array
+    X = np.empty((len(order), cache.dim), dtype=np.float64)  # the one full-size array
     t = time.perf_counter()
-    info.read_features(order, out=X)
+    cache.features(order, out=X)
     timings["read_s"] = time.perf_counter() - t
 
     # 1. Choose C on validation: everything fitted on train rows only.
@@ -322,17 +393,19 @@ def fit_head(cache_path: str, settings: FitSettings, info: CacheInfo | None = No
 
     # 2. Refit on train+val with the chosen C, from freshly read features.
     t = time.perf_counter()
-    info.read_features(order, out=X)
+    cache.features(order, out=X)
     steps = _preprocessing(settings, X, n_tr + n_val)
     Z = _project(steps, X)
     final, convergence = _fit_lr(settings, C, Z[:n_tr + n_val], y[:n_tr + n_val])
     timings["refit_s"] = time.perf_counter() - t
     final_scores = scores(final.predict_proba(Z[n_tr + n_val:]), y_te, classes) if len(y_te) else val_scores
     pipeline = Pipeline([(type(s).__name__.lower(), s) for s in steps] + [("logisticregression", final)])
+    head = head_mod.fold(steps + [final], classes, {"provenance": head_provenance(cache), "C": C,
+                                                    "settings": vars(settings)})
     timings["total_s"] = time.perf_counter() - started
     if settings.C is None:
         unconverged = sum(not r["converged"] for r in sweep)
         if unconverged:
             notes.append(f"{unconverged} of {len(sweep)} sweep fits stopped at --max-iter {settings.max_iter}")
-    return FitResult(pipeline, C, sweep, splits, evaluated_on, final_scores, convergence, timings, classes,
-                     settings, validation, notes)
+    return FitResult(pipeline, head, C, sweep, splits, evaluated_on, final_scores, convergence, timings, classes,
+                     settings, validation, cache, notes)

@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import Normalizer, StandardScaler
 
-from .errors import TransferError
+from .errors import InputFileError, TransferError
 
 HEAD_FORMAT = "transfer.head"
 
 
 @dataclass
 class LinearHead:
-    """weight: (K, D) float64, bias: (K,) float64; classes: K names in output order."""
+    """weight: (K, D) float64, bias: (K,) float64; classes: K names in output order.
+
+    arrays: the unfolded scikit-learn arrays it came from (coef, intercept, scaler_mean/scale,
+    pca_components/mean), saved beside it so the pipeline can be rebuilt without unpickling."""
 
     weight: np.ndarray
     bias: np.ndarray
     l2_normalize: bool
     classes: list[str]
     meta: dict  # settings, the cache's provenance, and the raw sklearn arrays' description
+    arrays: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -50,11 +54,8 @@ class LinearHead:
         return e / e.sum(axis=1, keepdims=True)
 
 
-def fold(steps: list, classes: list[str], meta: dict) -> tuple[LinearHead, dict]:
-    """Fold fitted (normalizer?, pca?, LogisticRegression) into one LinearHead.
-
-    Returns the head and the raw arrays (coef, intercept, scaler mean/scale, PCA) for head.npz.
-    """
+def fold(steps: list, classes: list[str], meta: dict) -> LinearHead:
+    """Fold fitted (normalizer?, pca?, LogisticRegression) steps into one LinearHead."""
     *prep, lr = steps
     if any(isinstance(step, Normalizer) for step in prep[1:]):
         raise TransferError("an L2 Normalizer can only be the first step of a head")
@@ -81,52 +82,65 @@ def fold(steps: list, classes: list[str], meta: dict) -> tuple[LinearHead, dict]
             l2 = True
         else:
             raise TransferError(f"cannot fold a {type(step).__name__} step into a linear head")
-    return LinearHead(weight, bias, l2, list(classes), meta), raw
+    return LinearHead(weight, bias, l2, list(classes), meta, raw)
 
 
-def save(head: LinearHead, raw: dict, run_dir: str) -> None:
-    np.savez(os.path.join(run_dir, "head.npz"), weight=head.weight, bias=head.bias, **raw)
+def save(head: LinearHead, run_dir: str) -> None:
+    """head.npz (weight, bias and the unfolded arrays) + head.json (classes, settings, provenance)."""
+    np.savez(os.path.join(run_dir, "head.npz"), weight=head.weight, bias=head.bias, **head.arrays)
     doc = {
+        **head.meta,
         "format": HEAD_FORMAT,
         "classes": head.classes,
         "l2_normalize": head.l2_normalize,
         "dim": head.dim,
-        "arrays": {k: list(np.shape(v)) for k, v in {"weight": head.weight, "bias": head.bias, **raw}.items()},
-        **head.meta,
+        "arrays": {k: list(np.shape(v)) for k, v in {"weight": head.weight, "bias": head.bias,
+                                                       **head.arrays}.items()},
     }
     with open(os.path.join(run_dir, "head.json"), "w") as f:
         json.dump(doc, f, indent=2)
 
 
 def load(run_dir: str) -> LinearHead:
-    """Read head.npz + head.json of a fit run (no pickle is involved)."""
+    """Read head.npz + head.json of a fit run (no pickle is involved), checking that they agree."""
     npz, doc_path = os.path.join(run_dir, "head.npz"), os.path.join(run_dir, "head.json")
     if not os.path.isdir(run_dir):
-        raise TransferError(f"{run_dir} is not a folder; expected a fit run folder written by `transfer fit`")
+        raise InputFileError(f"{run_dir} is not a folder; expected a fit run folder written by `transfer fit`")
     if not (os.path.exists(npz) and os.path.exists(doc_path)):
-        raise TransferError(f"{run_dir} is not a fit run: head.npz and head.json are missing "
-                            "(expected a folder written by `transfer fit`)")
+        raise InputFileError(f"{run_dir} is not a fit run: head.npz and head.json are missing "
+                             "(expected a folder written by `transfer fit`)")
     try:
         with open(doc_path) as f:
             doc = json.load(f)
-        arrays = np.load(npz, allow_pickle=False)
-        weight, bias = arrays["weight"], arrays["bias"]
-    except (OSError, ValueError, KeyError) as e:
-        raise TransferError(f"cannot read the head in {run_dir}: {e}") from None
-    if doc.get("format") != HEAD_FORMAT:
-        raise TransferError(f"{doc_path} is not a transfer head (format {doc.get('format')!r})")
-    return LinearHead(weight, bias, bool(doc["l2_normalize"]), list(doc["classes"]), doc)
+        with np.load(npz, allow_pickle=False) as npz_file:
+            arrays = {k: npz_file[k] for k in npz_file.files}
+    except (OSError, ValueError) as e:
+        raise InputFileError(f"cannot read the head in {run_dir}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != HEAD_FORMAT:
+        raise InputFileError(f"{doc_path} is not a transfer head (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    weight, bias = arrays.pop("weight", None), arrays.pop("bias", None)
+    classes = doc.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise InputFileError(f"{doc_path}: 'classes' must be a list of at least two names; found {str(classes)[:60]!r}")
+    k, dim = len(classes), doc.get("dim")
+    if weight is None or bias is None or weight.shape != (k, dim) or bias.shape != (k,):
+        found = "missing" if weight is None or bias is None else f"weight {weight.shape}, bias {bias.shape}"
+        raise InputFileError(f"{run_dir}: head.npz does not match head.json ({k} classes, dim {dim}): "
+                             f"expected weight ({k}, {dim}) and bias ({k},), found {found}")
+    coef = arrays.get("coef")
+    if coef is None or coef.shape[0] not in ((1, k) if k == 2 else (k,)):
+        raise InputFileError(f"{run_dir}: head.npz's coef {None if coef is None else coef.shape} does not fit "
+                             f"{k} classes")
+    return LinearHead(weight, bias, bool(doc.get("l2_normalize")), list(classes), doc, arrays)
 
 
-def sklearn_from_arrays(run_dir: str):
-    """The fitted scikit-learn pipeline rebuilt from head.npz's raw arrays, without unpickling
-    model.joblib; scikit-learn's own predict_proba then checks the folded head independently."""
+def sklearn_from_arrays(head: LinearHead):
+    """The fitted scikit-learn pipeline rebuilt from the head's unfolded arrays (head.npz), without
+    unpickling model.joblib; scikit-learn's own predict_proba then checks the folded head independently."""
     from sklearn.pipeline import Pipeline
 
-    head = load(run_dir)
-    with np.load(os.path.join(run_dir, "head.npz"), allow_pickle=False) as arrays:
-        raw = {k: arrays[k] for k in arrays.files}
-    dim = int(head.meta["dim"])
+    raw = head.arrays
+    dim = head.dim
     steps = []
     if head.l2_normalize:
         normalizer = Normalizer()

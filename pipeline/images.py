@@ -7,6 +7,7 @@ Stage 1a of images -> backbone -> cache -> head -> model. Nothing here knows abo
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import TransferError
+from .files import display_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
@@ -37,7 +39,7 @@ class ImageListing:
     paths: list[str]
     labels: np.ndarray
     splits: list[str] | None
-    skipped: list[str]  # files without an image extension, relative to root
+    skipped: list[tuple[str, str]]  # (path relative to root, why) of what is not listed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,16 +56,88 @@ def _visible_subdirs(folder: str) -> list[str]:
     return sorted(names, key=_sort_key)
 
 
-def _walk_files(folder: str) -> list[str]:
-    """All non-hidden files under folder (symlinks included, even dangling), relative, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_sort_key)
-        rel = os.path.relpath(dirpath, folder)
-        for name in sorted(filenames, key=_sort_key):
-            if not name.startswith("."):
-                found.append(name if rel == "." else os.path.join(rel, name))
-    return sorted(found, key=_sort_key)
+def _folder_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # follows symlinks: the folder itself
+    return st.st_dev, st.st_ino
+
+
+class Walker:
+    """The one folder walker, for extraction and prediction alike.
+
+    Lists the non-hidden files under folders, sorted by the bytes of their relative paths. A
+    symlinked folder is followed only when it leads to a folder not listed yet, so a symlink loop
+    (`ln -s .. photos/ants/up`) or a second way into the same folder never lists a file twice or
+    under another class. Only regular files (after symlinks) and dangling symlinks (reported later
+    as broken) are listed; FIFOs, sockets and devices, which would block a reader, are skipped.
+    `skipped` collects (path, reason) for everything left out this way.
+    """
+
+    def __init__(self, tops: list[str]):
+        self.known: set[tuple[int, int]] = set()  # every real folder under tops: listed where it really is
+        self.skipped: list[tuple[str, str]] = []
+        for top in tops:
+            self._index(top)
+
+    def _index(self, top: str) -> None:
+        self.known.add(_folder_key(top))
+        for dirpath, dirnames, _ in os.walk(top):  # without following symlinks
+            for d in dirnames:
+                path = os.path.join(dirpath, d)
+                if not os.path.islink(path):
+                    st = os.lstat(path)
+                    self.known.add((st.st_dev, st.st_ino))
+
+    def files(self, folder: str, shown_as: str = "") -> list[str]:
+        """Files under `folder`, relative to it. shown_as: how skipped entries are named (their prefix)."""
+        found: list[str] = []
+        self._walk(folder, "", shown_as, found)
+        return sorted(found, key=_sort_key)
+
+    def _walk(self, folder: str, rel: str, shown_as: str, found: list[str]) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: _sort_key(e.name))
+        for e in entries:
+            r = os.path.join(rel, e.name) if rel else e.name
+            shown = os.path.join(shown_as, r) if shown_as else r
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # both follow symlinks
+            except OSError:
+                is_dir = is_file = False
+            if is_dir and e.is_symlink():
+                key = _folder_key(e.path)
+                if key in self.known:
+                    self.skipped.append((shown, "symlink to a folder that is already listed (a loop or a second "
+                                                "way in); not followed"))
+                    continue
+                self._index(e.path)
+                self._walk(e.path, r, shown_as, found)
+            elif is_dir:
+                self._walk(e.path, r, shown_as, found)
+            elif is_file or (e.is_symlink() and not os.path.exists(e.path)):
+                found.append(r)
+            else:
+                self.skipped.append((shown, f"not a regular file ({_file_kind(e.path)})"))
+
+
+def _file_kind(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "unreadable"
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def walk_files(folder: str, skipped: list[tuple[str, str]] | None = None) -> list[str]:
+    """All files `Walker` lists under one folder, relative to it; what it skips goes to `skipped`."""
+    walker = Walker([folder])
+    found = walker.files(folder)
+    if skipped is not None:
+        skipped += walker.skipped
+    return found
 
 
 def is_image_name(name: str) -> bool:
@@ -73,20 +147,23 @@ def is_image_name(name: str) -> bool:
 def scan_image_folder(root: str | os.PathLike) -> ImageListing:
     """List IMAGE_DIR/CLASS/... or IMAGE_DIR/{train,val,test}/CLASS/... in a deterministic order."""
     root = os.fspath(root)
+    shown_root = display_path(root)
+    if not root:
+        raise TransferError("no image folder given (an empty name); expected a folder with one subfolder per class")
     if not os.path.exists(root):
-        raise TransferError(f"image folder {root} does not exist")
+        raise TransferError(f"image folder {shown_root} does not exist")
     if not os.path.isdir(root):
-        raise TransferError(f"{root} is not a folder; expected a folder with one subfolder per class")
+        raise TransferError(f"{shown_root} is not a folder; expected a folder with one subfolder per class")
     subdirs = _visible_subdirs(root)
     if not subdirs:
         raise TransferError(
-            f"{root} has no class folders; expected one subfolder per class, e.g. {root}/apple/1.jpg"
+            f"{shown_root} has no class folders; expected one subfolder per class, e.g. {shown_root}/apple/1.jpg"
         )
     split_dirs = [d for d in subdirs if d in SPLIT_NAMES]
     if split_dirs and len(split_dirs) != len(subdirs):
         others = [d for d in subdirs if d not in SPLIT_NAMES]
         raise TransferError(
-            f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders "
+            f"{shown_root} mixes split folders ({', '.join(split_dirs)}) with other folders "
             f"({', '.join(others[:3])}); expected either only class folders or only train/val/test"
         )
     if split_dirs:
@@ -97,22 +174,24 @@ def scan_image_folder(root: str | os.PathLike) -> ImageListing:
     for split, base in trees:
         classes_here = _visible_subdirs(base)
         if not classes_here:
-            raise TransferError(f"split folder {base} has no class folders")
+            raise TransferError(f"split folder {display_path(base)} has no class folders")
         per_tree[split] = classes_here
     classes = sorted({c for cs in per_tree.values() for c in cs}, key=_sort_key)
     index = {c: i for i, c in enumerate(classes)}
+    tops = [root] + [base for _, base in trees] + [os.path.join(base, c) for s, base in trees for c in per_tree[s]]
+    walker = Walker(tops)
 
     paths, labels, splits, skipped = [], [], [], []
     for split, base in trees:
         prefix = "" if split is None else split
-        skipped += [os.path.join(prefix, f) for f in _loose_files(base)]
+        skipped += [(os.path.join(prefix, f), why) for f, why in _loose_entries(base)]
         for cls in per_tree[split]:
-            files = _walk_files(os.path.join(base, cls))
+            files = walker.files(os.path.join(base, cls), os.path.join(prefix, cls))
             images = [f for f in files if is_image_name(f)]
-            skipped += [os.path.join(prefix, cls, f) for f in files if not is_image_name(f)]
+            skipped += [(os.path.join(prefix, cls, f), "no image extension") for f in files if not is_image_name(f)]
             if not images:
                 raise TransferError(
-                    f"class folder {os.path.join(base, cls)} has no images "
+                    f"class folder {display_path(os.path.join(base, cls))} has no images "
                     f"(looked for {', '.join(IMAGE_EXTENSIONS)}, any case)"
                 )
             paths += [os.path.join(prefix, cls, f) for f in images]
@@ -124,13 +203,22 @@ def scan_image_folder(root: str | os.PathLike) -> ImageListing:
         paths=paths,
         labels=np.asarray(labels, dtype=np.int64),
         splits=splits if split_dirs else None,
-        skipped=skipped,
+        skipped=sorted(skipped + walker.skipped, key=lambda item: _sort_key(item[0])),
     )
 
 
-def _loose_files(folder: str) -> list[str]:
+def _loose_entries(folder: str) -> list[tuple[str, str]]:
+    """Entries beside the class (or split) folders that are not folders, with why they are left out."""
+    out = []
     with os.scandir(folder) as entries:
-        return sorted((e.name for e in entries if not e.is_dir() and not e.name.startswith(".")), key=_sort_key)
+        for e in entries:
+            if e.name.startswith(".") or e.is_dir():
+                continue
+            if e.is_symlink() and not os.path.exists(e.path):
+                out.append((e.name, "dangling symlink where a class folder would be"))
+            else:
+                out.append((e.name, "not inside a class folder"))
+    return sorted(out, key=lambda item: _sort_key(item[0]))
 
 
 class DecodeError(Exception):
@@ -170,6 +258,11 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def _decode(path: str) -> Image.Image:
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise DecodeError("is a directory")
+    if not stat.S_ISREG(mode):  # opening a FIFO would block forever
+        raise DecodeError(f"not a regular file ({_file_kind(path)})")
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise DecodeError("empty file (0 bytes)")

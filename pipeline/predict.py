@@ -1,6 +1,7 @@
 """Using a shipped model.pt: load it, run it over image files and folders, report the top-k.
 
-Only torch and the image decoder are needed; the model carries its own preprocessing and classes.
+The model carries its own preprocessing and classes; here we only decode files (with the same
+decoder as extraction) and batch them.
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import numpy as np
 import torch
 
-from .errors import TransferError
+from .errors import InputFileError, SettingError
+from .files import display_path, make_folder_for, write_atomically
 from .export import MODEL_FORMAT
-from .images import DecodeError, decode_image, image_tensor, is_image_name
+from .images import DecodeError, decode_image, image_tensor, is_image_name, walk_files
+from .settings import Interval, validate
+
+TOP_K = [None, Interval(Integral, 1, None)]
+BATCH_SIZE = [Interval(Integral, 1, None)]
 
 
 @dataclass
@@ -26,79 +33,111 @@ class Prediction:
     error: str | None = None
 
 
-def load_model(path: str, device: torch.device):
-    """torch.jit.load a model.pt written by `transfer export`; returns (module, metadata)."""
+@dataclass
+class Model:
+    """A loaded model.pt: `module` (TorchScript) on `device`, its `classes` (K names, the order of
+    its outputs) and `metadata` (backbone, weights, preprocessing, ...)."""
+
+    path: str
+    module: torch.jit.ScriptModule
+    classes: list[str]
+    metadata: dict
+    device: torch.device
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB images (N, 3, H, W) -> probabilities (N, K)."""
+        with torch.inference_mode():
+            return self.module(images.to(self.device))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "auto") -> Model:
+    """torch.jit.load a model.pt written by `export`, after checking it is one."""
+    from .backbones import resolve_device
+
+    path = os.fspath(path)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     if not os.path.isfile(path):
-        raise TransferError(f"model file {path} does not exist")
+        raise InputFileError(f"model file {path} does not exist")
     extra = {"transfer.json": ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            model = torch.jit.load(path, map_location=device, _extra_files=extra)
+            with open(path, "rb") as f:  # a file object: torch's path argument cannot hold non-UTF-8 names
+                module = torch.jit.load(f, map_location=device, _extra_files=extra)
     except Exception as e:  # noqa: BLE001 - torch raises several types for "not TorchScript"
-        raise TransferError(f"{path} is not a TorchScript model written by `transfer export` "
-                            f"({type(e).__name__})") from None
+        raise InputFileError(f"{path} is not a TorchScript model written by `transfer export` "
+                             f"({type(e).__name__})") from None
     try:
         meta = json.loads(extra["transfer.json"] or "{}")
     except json.JSONDecodeError:
         meta = {}
     if meta.get("format") != MODEL_FORMAT:
-        raise TransferError(f"{path} is a TorchScript model but not one written by `transfer export` "
-                            "(no transfer.json inside)")
-    return model.eval(), meta
+        raise InputFileError(f"{path} is a TorchScript model but not one written by `transfer export` "
+                             "(no transfer.json inside)")
+    return Model(path, module.eval(), list(meta["classes"]), meta, device)
 
 
 def list_inputs(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded to their image files (recursively, sorted)."""
+    """Files as given, folders expanded to their image files (the extraction's walker and order)."""
     found = []
     for p in paths:
         if os.path.isdir(p):
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames.sort()
-                found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
+            found += [os.path.join(p, f) for f in walk_files(p) if is_image_name(f)]
         elif os.path.lexists(p):
             found.append(p)
         else:
-            raise TransferError(f"{p} does not exist")
+            raise InputFileError(f"{p} does not exist")
     if not found:
-        raise TransferError(f"no image files found in {', '.join(paths)}")
+        raise InputFileError(f"no image files found in {', '.join(paths)}")
     return found
 
 
-def predict(model, classes: list[str], paths: list[str], top_k: int, batch_size: int, device: torch.device,
-            on_progress=None) -> list[Prediction]:
-    """Decode each file, crop it with the model's own preprocess, classify in batches."""
-    if not 1 <= top_k <= len(classes):
-        raise TransferError(f"--top-k {top_k} is outside 1..{len(classes)} (the model has {len(classes)} classes)")
-    if batch_size < 1:
-        raise TransferError(f"--batch-size must be at least 1, got {batch_size}")
-    results = [Prediction(p) for p in paths]
+def predict(model: Model, paths, *, top_k: int | None = None, batch_size: int = 16,
+            progress=None) -> list[Prediction]:
+    """Classify image files (folders: every image inside) with a loaded model, in batches.
+
+    Returns one Prediction per file, in order: its top_k labels (default min(3, K)) and their
+    probabilities, or the reason it could not be read. progress: start(total, 0) / advance(n).
+
+    >>> predict(load_model("models/photos/model.pt"), ["new_photos/"])[0].labels
+    """
+    validate("top_k", top_k, TOP_K, "--top-k")
+    validate("batch_size", batch_size, BATCH_SIZE, "--batch-size")
+    classes = model.classes
+    if top_k is None:
+        top_k = min(3, len(classes))
+    if top_k > len(classes):
+        raise SettingError(f"top_k (--top-k) {top_k} is more than the model's {len(classes)} classes")
+    files = list_inputs([os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths])
+    if progress:
+        progress.start(len(files), 0)
+    results = [Prediction(p) for p in files]
     waiting: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
         if not waiting:
             return
         with torch.inference_mode():
-            probs = model.classify(torch.stack([crop for _, crop in waiting])).float().cpu().numpy()
+            probs = model.module.classify(torch.stack([crop for _, crop in waiting])).float().cpu().numpy()
         for (i, _), p in zip(waiting, probs):
             top = np.argsort(-p, kind="stable")[:top_k]
             results[i].labels = [classes[j] for j in top]
             results[i].probabilities = [float(p[j]) for j in top]
-        if on_progress:
-            on_progress(len(waiting))
+        if progress:
+            progress.advance(len(waiting))
         waiting.clear()
 
-    for i, path in enumerate(paths):
+    for i, path in enumerate(files):
         try:
             image = decode_image(path)
         except DecodeError as e:
             results[i].error = e.reason
-            if on_progress:
-                on_progress(1)
+            if progress:
+                progress.advance(1)
             continue
-        tensor = image_tensor(image).to(device)
+        tensor = image_tensor(image).to(model.device)
         with torch.inference_mode():
-            waiting.append((i, model.preprocess(tensor)))
+            waiting.append((i, model.module.preprocess(tensor)))
         if len(waiting) == batch_size:
             flush()
     flush()
@@ -106,29 +145,40 @@ def predict(model, classes: list[str], paths: list[str], top_k: int, batch_size:
 
 
 def check_output_name(out: str) -> None:
+    """A .csv or .json name in a folder that exists (created if need be) and can be written:
+    checked before any image is read, so no work is lost to a bad destination."""
     if not out.lower().endswith((".csv", ".json")):
-        raise TransferError(f"--out {out}: expected a .csv or .json file name")
+        raise SettingError(f"--out {out}: expected a .csv or .json file name")
+    make_folder_for(out)
     folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise TransferError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputFileError(f"cannot write {display_path(out)}: the folder {display_path(folder)} is not writable; "
+                             "choose another --out")
 
 
-def write_predictions(results: list[Prediction], out: str, top_k: int) -> None:
+def write_predictions(results: list[Prediction], out: str) -> None:
     """CSV (path, label_1, prob_1, ..., error) or JSON, by the file's extension."""
     check_output_name(out)
+    top_k = max((len(r.labels) for r in results), default=0)
     if out.lower().endswith(".json"):
-        doc = [{"path": r.path, "predictions": [{"label": l, "probability": p}
-                                                for l, p in zip(r.labels, r.probabilities)],
+        doc = [{"path": display_path(r.path), "predictions": [{"label": display_path(l), "probability": p}
+                                                                for l, p in zip(r.labels, r.probabilities)],
                 "error": r.error} for r in results]
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_atomically(lambda p: _write_text(p, json.dumps(doc, indent=2)), out)
         return
     import csv
+    import io
 
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path"] + [h for k in range(1, top_k + 1) for h in (f"label_{k}", f"prob_{k}")] + ["error"])
-        for r in results:
-            cells = [v for l, p in zip(r.labels, r.probabilities) for v in (l, f"{p:.6f}")]
-            cells += [""] * (2 * top_k - len(cells))
-            writer.writerow([r.path] + cells + [r.error or ""])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path"] + [h for k in range(1, top_k + 1) for h in (f"label_{k}", f"prob_{k}")] + ["error"])
+    for r in results:
+        cells = [v for l, p in zip(r.labels, r.probabilities) for v in (display_path(l), f"{p:.6f}")]
+        cells += [""] * (2 * top_k - len(cells))
+        writer.writerow([display_path(r.path)] + cells + [r.error or ""])
+    write_atomically(lambda p: _write_text(p, text.getvalue()), out)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", newline="") as f:
+        f.write(text)

@@ -17,35 +17,57 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import head as head_mod  # noqa: E402
-from .cache import CacheInfo  # noqa: E402
-from .errors import TransferError  # noqa: E402
+from .errors import InputFileError  # noqa: E402
+from .files import display_path, make_folder_for, remove_stale_temporaries, temporary_name  # noqa: E402
 from .fit import FitResult  # noqa: E402
-
-PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer", "dim", "preprocessing",
-                   "precision", "torch_version", "torchvision_version", "created", "image_dir", "listing_sha256")
 
 
 def default_run_dir(cache_path: str, root: str = "reports") -> str:
+    """A new, empty folder `root/<cache name>-<time>[-N]`, created now so that runs started in the
+    same second (or in parallel) never pick the same one; the run replaces it when complete."""
     stem = os.path.splitext(os.path.basename(cache_path))[0]
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(root, f"{stem}-{stamp}")
+    return reserve_folder(os.path.join(root, f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
 
 
-def provenance(info: CacheInfo) -> dict:
-    return {"cache": os.path.abspath(info.path), **{k: info.meta.get(k) for k in PROVENANCE_KEYS}}
+def reserve_folder(base: str) -> str:
+    """Create `base` (or `base-2`, `base-3`, ... when taken) empty and return it; mkdir is atomic."""
+    make_folder_for(base)
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise InputFileError(f"no free folder name next to {display_path(base)}")
+
+
+def release_if_empty(folder: str) -> None:
+    """Remove a reserved folder that a failed or interrupted run left empty."""
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # not empty (the run was written) or already gone
+
+
+def check_new_folder(out_dir: str) -> None:
+    """Refuse, before any work, a destination that exists and is not an empty folder."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise InputFileError(f"{out_dir} already exists and is not empty; choose another --out")
 
 
 @contextlib.contextmanager
 def _new_folder(out_dir: str):
     """Yields a temporary folder that becomes `out_dir` only if the block completes: a folder named
     like a run is always a whole run. Refuses to replace a non-empty folder."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise TransferError(f"{out_dir} already exists and is not empty; choose another --out")
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    tmp = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
+    check_new_folder(out_dir)
+    make_folder_for(out_dir)
+    remove_stale_temporaries(out_dir)
+    tmp = temporary_name(out_dir)
     os.makedirs(tmp)
     try:
         yield tmp
@@ -57,27 +79,27 @@ def _new_folder(out_dir: str):
         raise
 
 
-def write_fit_run(result: FitResult, info: CacheInfo, run_dir: str, command: str) -> str:
-    """Write the whole run folder; returns its path."""
+def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
+    """Write the whole run folder (sets result.run_dir); returns its path."""
     with _new_folder(run_dir) as tmp:
         joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
-        meta = {"provenance": provenance(info), "C": result.C, "settings": vars(result.settings), "command": command}
-        head, raw = head_mod.fold([s for _, s in result.pipeline.steps], result.classes, meta)
-        head_mod.save(head, raw, tmp)
-        metrics = metrics_doc(result, info, command)
+        result.head.meta["command"] = command
+        head_mod.save(result.head, tmp)
+        metrics = metrics_doc(result, command)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         plot_confusion(result, os.path.join(tmp, "confusion_matrix.png"))
         if result.sweep:
             plot_sweep(result, os.path.join(tmp, "c_sweep.png"))
         with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(report_markdown(metrics, bool(result.sweep)))
+            f.write(display_path(report_markdown(metrics, bool(result.sweep))))
+    result.run_dir = run_dir
     return run_dir
 
 
-def metrics_doc(result: FitResult, info: CacheInfo, command: str) -> dict:
+def metrics_doc(result: FitResult, command: str) -> dict:
     return {
-        "cache": os.path.abspath(info.path),
+        "cache": result.head.meta["provenance"]["cache"],
         "command": command,
         "classes": result.classes,
         "evaluated_on": result.evaluated_on,
@@ -95,7 +117,9 @@ def metrics_doc(result: FitResult, info: CacheInfo, command: str) -> dict:
         "settings": vars(result.settings),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "notes": result.notes,
-        "provenance": provenance(info),
+        "failed_images": {"count": len(result.cache.failed),
+                          "first": [{"path": p, "reason": r} for p, r in result.cache.failed[:20]]},
+        "provenance": result.head.meta["provenance"],
     }
 
 
@@ -106,9 +130,10 @@ def plot_confusion(result: FitResult, path: str) -> None:
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # colour = share of the true class
     ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
-    long_names = max(len(c) for c in result.classes) > 3
-    ax.set_xticks(range(k), result.classes, rotation=45 if long_names else 0, ha="right" if long_names else "center")
-    ax.set_yticks(range(k), result.classes)
+    names = [display_path(c) for c in result.classes]
+    long_names = max(len(c) for c in names) > 3
+    ax.set_xticks(range(k), names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_yticks(range(k), names)
     if k <= 30:
         for i in range(k):
             for j in range(k):
@@ -153,7 +178,7 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
     where = "test split" if m["evaluated_on"] == "test" else "validation split (it also chose C: optimistic)"
     top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
     lines = [
-        f"# Fit report: {os.path.basename(m['cache'])}",
+        f"# Fit report: {os.path.basename(m['cache'] or 'arrays in memory')}",
         "",
         f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
         f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
@@ -172,6 +197,7 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
         "",
         "Notes:",
         *[f"- {n}" for n in m["notes"]],
+        *_failed_lines(m["failed_images"]),
         "",
         "![confusion matrix](confusion_matrix.png)",
         "",
@@ -180,9 +206,22 @@ def report_markdown(m: dict, has_sweep: bool) -> str:
         lines += ["![validation accuracy vs C](c_sweep.png)", ""]
     lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, c in s["per_class"].items():
-        lines.append(f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+        lines.append(f"| {_cell(name)} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
     lines += ["", f"Reproduce: `{m['command']}`", ""]
     return "\n".join(lines)
+
+
+def _failed_lines(failed: dict) -> list[str]:
+    if not failed["count"]:
+        return []
+    shown = "; ".join(f"`{_cell(f['path'])}` ({_cell(f['reason'])})" for f in failed["first"][:5])
+    more = f"; ... {failed['count'] - 5} more in metrics.json and the cache" if failed["count"] > 5 else ""
+    return [f"- {failed['count']} images could not be used and are not in these scores: {shown}{more}"]
+
+
+def _cell(text: str) -> str:
+    """Any text as one markdown table cell: no line breaks, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 # --- experiments --------------------------------------------------------------------------------
@@ -209,13 +248,12 @@ def write_experiment(rows: list[dict], out_dir: str, command: str, backbones: di
         plot_accuracy_vs_C(rows, os.path.join(tmp, "accuracy_vs_C.png"))
         plot_learning_curve(curve, os.path.join(tmp, "learning_curve.png"))
         with open(os.path.join(tmp, "summary.md"), "w") as f:
-            f.write(experiment_markdown(rows, best, curve, command, backbones))
+            f.write(display_path(experiment_markdown(rows, best, curve, command, backbones)))
     return out_dir
 
 
-def _setting_label(row: dict, with_cache: bool) -> str:
-    parts = [os.path.basename(row["cache"])] if with_cache else []
-    parts.append(f"{row['normalize']}")
+def _setting_label(row: dict) -> str:
+    parts = [f"{row['normalize']}"]
     if row["pca"] != "none":
         parts.append(f"pca {row['pca']}")
     if row["class_weight"] != "none":
@@ -223,64 +261,103 @@ def _setting_label(row: dict, with_cache: bool) -> str:
     return ", ".join(parts)
 
 
-def plot_accuracy_vs_C(rows: list[dict], path: str) -> None:
-    """Validation top-1 against C: one line per setting (and cache); C=auto runs show their sweep."""
-    from .experiment import setting_key
+def cache_labels(paths) -> dict[str, str]:
+    """Each cache path -> its shortest trailing part that no other path shares (a/x.h5 vs b/x.h5)."""
+    parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
+    labels = {}
+    for p, mine in parts.items():
+        for k in range(1, len(mine) + 1):
+            tail = mine[-k:]
+            if all(other[-k:] != tail for q, other in parts.items() if q != p):
+                break
+        labels[p] = display_path(os.path.join(*tail))
+    return labels
 
-    several_caches = len({r["cache"] for r in rows}) > 1
-    top = max(r["train_fraction"] for r in rows)
-    fig, ax = plt.subplots(figsize=(10, 4.8))
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["train_fraction"] == top and r["repeat"] == 0:
-            groups.setdefault(setting_key(r), []).append(r)
-    for i, members in enumerate(groups.values()):
-        color = plt.cm.tab10(i % 10)
-        label = _setting_label(members[0], several_caches)
-        fixed = sorted((r for r in members if r["C"] != "auto"), key=lambda r: r["chosen_C"])
-        if fixed:
-            ax.semilogx([r["chosen_C"] for r in fixed], [r["val_top1"] for r in fixed], "o-", color=color,
-                        label=label)
-        for r in members:
-            if r["C"] == "auto":
-                ax.semilogx([s["C"] for s in r["_sweep"]], [s["val_top1"] for s in r["_sweep"]], ".--", color=color,
-                            alpha=0.8, label=f"{label} (auto sweep)" if not fixed else None)
-                ax.plot([r["chosen_C"]], [r["val_top1"]], "*", color=color, markersize=12)
-    ax.set_xlabel("C (inverse L2 regularisation strength)")
-    ax.set_ylabel("validation top-1")
-    ax.set_title("Validation accuracy against C (stars: C chosen by auto)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+
+def _styles(n: int) -> list[dict]:
+    """n distinct line styles: 20 colours, then the same colours dashed, dotted, ..."""
+    dashes = ["-", "--", ":", "-."]
+    return [{"color": plt.cm.tab20(i % 20), "linestyle": dashes[(i // 20) % 4]} for i in range(n)]
+
+
+def _facets(caches: list[str], legend_entries: int):
+    """One panel per cache, side by side, with room below for a legend of `legend_entries` lines."""
+    n = len(caches)
+    legend_rows = -(-legend_entries // 3)
+    height = 4.2 + 0.22 * legend_rows
+    fig, axes = plt.subplots(1, n, figsize=(max(7.5, 5.2 * n), height), sharey=True, squeeze=False)
+    return fig, list(axes[0]), 0.22 * legend_rows / height + 0.04
+
+
+def _finish_facets(fig, axes, bottom: float, title: str, path: str) -> None:
+    handles, labels = {}, []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy_vs_C(rows: list[dict], path: str) -> None:
+    """Validation top-1 against C, one panel per cache, one line per setting; C=auto runs show their sweep."""
+    top = max(r["train_fraction"] for r in rows)
+    caches = list(dict.fromkeys(r["cache"] for r in rows))
+    names = cache_labels(caches)
+    settings = list(dict.fromkeys(_setting_label(r) for r in rows))
+    style = dict(zip(settings, _styles(len(settings))))
+    autos = any(r["C"] == "auto" for r in rows)
+    fig, axes, bottom = _facets(caches, len(settings) * (2 if autos else 1))
+    for ax, cache in zip(axes, caches):
+        mine = [r for r in rows if r["cache"] == cache and r["train_fraction"] == top and r["repeat"] == 0]
+        for setting in settings:
+            members = [r for r in mine if _setting_label(r) == setting]
+            fixed = sorted((r for r in members if r["C"] != "auto"), key=lambda r: r["chosen_C"])
+            if fixed:
+                ax.semilogx([r["chosen_C"] for r in fixed], [r["val_top1"] for r in fixed], marker="o",
+                            label=setting, **style[setting])
+            for r in (r for r in members if r["C"] == "auto"):
+                ax.semilogx([s["C"] for s in r["_sweep"]], [s["val_top1"] for s in r["_sweep"]], marker=".",
+                            alpha=0.6, label=f"{setting} (auto sweep)", color=style[setting]["color"], linestyle=":")
+                ax.plot([r["chosen_C"]], [r["val_top1"]], "*", color=style[setting]["color"], markersize=13)
+        ax.set_title(names[cache], fontsize=10)
+        ax.set_xlabel("C (inverse L2 regularisation strength)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("validation top-1")
+    _finish_facets(fig, axes, bottom, "Validation accuracy against C (stars: the C chosen by auto)", path)
 
 
 def plot_learning_curve(curve: list[dict], path: str) -> None:
-    """Mean top-1 (error bars: std over repeats) against the number of training images."""
-    several_caches = len({c["cache"] for c in curve}) > 1
-    fig, ax = plt.subplots(figsize=(10, 4.8))
-    groups: dict[tuple, list[dict]] = {}
-    for c in curve:
-        groups.setdefault((c["cache"], c["class_weight"], c["normalize"], c["pca"], c["C"]), []).append(c)
-    for i, members in enumerate(groups.values()):
-        members.sort(key=lambda c: c["train_fraction"])
-        label = _setting_label(members[0], several_caches) + f", C={members[0]['C']}"
-        ax.errorbar([c["n_labelled"] for c in members], [c["top1_mean"] for c in members],
-                    yerr=[c["top1_std"] for c in members], fmt="o-", capsize=4, color=plt.cm.tab10(i % 10),
-                    label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled images used (the same stratified fraction of train and of val)")
-    ax.set_ylabel("top-1 (mean ± std over repeats)")
-    ax.set_title("Learning curve")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Mean top-1 (error bars: std over repeats) against labelled images, one panel per cache."""
+    caches = list(dict.fromkeys(c["cache"] for c in curve))
+    names = cache_labels(caches)
+    settings = list(dict.fromkeys(f"{_setting_label(c)}, C={c['C']}" for c in curve))
+    style = dict(zip(settings, _styles(len(settings))))
+    fig, axes, bottom = _facets(caches, len(settings))
+    for ax, cache in zip(axes, caches):
+        for setting in settings:
+            members = sorted((c for c in curve if c["cache"] == cache and f"{_setting_label(c)}, C={c['C']}" == setting),
+                             key=lambda c: c["train_fraction"])
+            if members:
+                ax.errorbar([c["n_labelled"] for c in members], [c["top1_mean"] for c in members],
+                            yerr=[c["top1_std"] for c in members], marker="o", capsize=4, label=setting,
+                            **style[setting])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_title(names[cache], fontsize=10)
+        ax.set_xlabel("labelled images (train + val, same stratified fraction)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("top-1 (mean ± std over repeats)")
+    _finish_facets(fig, axes, bottom, "Learning curve", path)
 
 
 def experiment_markdown(rows, best, curve, command, backbones) -> str:
+    names = cache_labels(dict.fromkeys(r["cache"] for r in rows))
     evaluated = {r["evaluated_on"] for r in rows}
     where = "test" if evaluated == {"test"} else "test (val where a cache has no test split)"
     lines = [
@@ -299,7 +376,7 @@ def experiment_markdown(rows, best, curve, command, backbones) -> str:
     ]
     for cache, r in best.items():
         c = f"{r['chosen_C']:.4g}" + (" (auto)" if r["C"] == "auto" else "")
-        lines.append(f"| {os.path.basename(cache)} | {backbones.get(cache, '?')} | {c} | {r['class_weight']} | "
+        lines.append(f"| {names[cache]} | {backbones.get(cache, '?')} | {c} | {r['class_weight']} | "
                      f"{r['normalize']} | {r['pca']} | {r['val_top1']:.4f} | {r['top1']:.4f} | "
                      f"{r['balanced_accuracy']:.4f} | {r['log_loss']:.4f} |")
     lines += ["", "Reproduce each as a full run (with its report and exported model):", ""]
@@ -310,7 +387,7 @@ def experiment_markdown(rows, best, curve, command, backbones) -> str:
               "|---|---|---|---|---|---|---|"]
     for c in sorted(curve, key=lambda c: (c["cache"], c["normalize"], str(c["pca"]), c["class_weight"], str(c["C"]),
                                            c["train_fraction"])):
-        lines.append(f"| {os.path.basename(c['cache'])} | {_setting_label(c, False)} | {c['C']} | "
+        lines.append(f"| {names[c['cache']]} | {_setting_label(c)} | {c['C']} | "
                      f"{c['train_fraction']:g} | {c['n_labelled']} | {c['top1_mean']:.4f} ± {c['top1_std']:.4f} | "
                      f"{c['repeats']} |")
     lines += ["", "![learning curve](learning_curve.png)", ""]

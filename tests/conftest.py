@@ -71,8 +71,9 @@ def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: in
     import cli
 
     out, err = io.StringIO(), io.StringIO()
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     os.environ.update(env or {})
+    sys.argv = [str(ROOT / "cli.py"), *args]  # as `python cli.py ARGS` would see it
     code = 0
     try:
         os.chdir(cwd or saved_cwd)
@@ -82,6 +83,7 @@ def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: in
         code = e.code if isinstance(e.code, int) else 1
     finally:
         os.chdir(saved_cwd)
+        sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
     return Result(code, out.getvalue(), err.getvalue())
@@ -109,23 +111,15 @@ def hymenoptera_lite0(tmp_path_factory) -> Path:
 
 
 def make_cache(path: Path, features: np.ndarray, labels: np.ndarray, classes: list[str],
-               splits: list[str] | None = None, failed_rows: dict[int, str] | None = None) -> Path:
-    """A finished cache holding the given features, written through the cache module's own API."""
-    from pipeline import cache
+               splits: list[str] | None = None) -> Path:
+    """A finished cache holding the given features, written with the public `write_cache`."""
+    from pipeline import write_cache
 
-    n, dim = features.shape
-    paths = [f"{'' if splits is None else splits[i] + '/'}{classes[labels[i]]}/{i:05d}.png" for i in range(n)]
-    meta = {"backbone": "synthetic", "weights": "none", "weights_sha256": "", "pretrained": False, "seed": 0,
-            "layer": "synthetic", "dim": dim, "preprocessing": {}, "precision": "fp32",
-            "listing_sha256": cache.listing_digest(classes, paths, labels, splits), "classes": classes,
-            "image_dir": str(path.parent / "images"), "command": f"transfer extract images --out {path}"}
-    part = cache.PartialCache.create(str(path) + ".partial", meta, np.arange(n), paths, labels, splits, dim)
-    failed = failed_rows or {}
-    ok = np.array([i for i in range(n) if i not in failed], dtype=np.int64)
-    with part:
-        part.commit(ok, features[ok].astype(np.float32), sorted(failed.items()))
-    cache.assemble([part.path], str(path), meta)
-    Path(part.path).unlink()
+    paths = [f"{'' if splits is None else splits[i] + '/'}{classes[labels[i]]}/{i:05d}.png" for i in range(len(labels))]
+    write_cache(path, features, labels, classes=classes, split=splits, paths=paths,
+                provenance={"backbone": "synthetic", "weights": "none", "layer": "synthetic", "precision": "fp32",
+                            "image_dir": str(path.parent / "images"),
+                            "command": f"transfer extract images --out {path}"})
     return path
 
 
@@ -140,26 +134,15 @@ def blobs(n_per_class: int, n_classes: int, dim: int, seed: int = 0, spread: flo
 
 def subset_cache(src: Path, dst: Path, rows: np.ndarray, keep_split: bool = False) -> Path:
     """A new finished cache with some rows of `src` (same provenance, paths and image folder)."""
-    import h5py
+    from pipeline import read_cache, write_cache
 
-    from pipeline import cache
-
-    info = cache.read_info(str(src))
-    with h5py.File(src, "r") as f:
-        raw = [f["path_bytes"][i] for i in rows]
-    paths = [os.fsdecode(p) for p in raw]
-    splits = [str(s) for s in info.splits[rows]] if keep_split and info.splits is not None else None
-    labels = info.labels[rows]
-    meta = {**info.meta, "listing_sha256": cache.listing_digest(info.classes, paths, labels, splits),
-            "num_listed": len(rows)}
-    for key in ("state", "num_images", "num_failed", "assembled", "format", "format_version"):
-        meta.pop(key, None)
-    part = cache.PartialCache.create(str(dst) + ".partial", meta, np.arange(len(rows)), paths, labels, splits,
-                                     info.dim)
-    with part:
-        part.commit(np.arange(len(rows)), info.read_features(rows), [])
-    cache.assemble([part.path], str(dst), meta)
-    Path(part.path).unlink()
+    source = read_cache(src)
+    kept = {k: v for k, v in source.provenance.items()
+            if k not in ("state", "num_images", "num_failed", "num_listed", "assembled", "format", "format_version",
+                         "listing_sha256", "classes", "dim")}
+    write_cache(dst, source.features(rows), source.labels[rows], classes=source.classes,
+                split=source.split[rows] if keep_split and source.split is not None else None,
+                paths=[os.fsdecode(source.path_bytes[i]) for i in rows], provenance=kept)
     return dst
 
 
@@ -186,3 +169,25 @@ def binary_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def three_run(tmp_path_factory) -> Path:
     return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three")
+
+
+# --- a small partial cache, for the tests of the cache modules ---------------------------------------
+
+CACHE_META = {"backbone": "toy", "weights": "random", "weights_sha256": "", "pretrained": False, "seed": 0,
+              "layer": "toy", "dim": 4, "preprocessing": {"resize": 8, "crop": 8}, "precision": "fp32",
+              "listing_sha256": "abc", "classes": ["a", "b"], "command": "transfer extract imgs --out x.h5"}
+CACHE_PATHS = ["train/a/0.png", "train/a/1.png", "train/b/2.png", "val/a/3.png", "val/b/4.png"]
+CACHE_LABELS = np.array([0, 0, 1, 0, 1])
+CACHE_SPLITS = ["train", "train", "train", "val", "val"]
+
+
+def make_partial(tmp_path: Path, n: int = 5):
+    from pipeline.cache import PartialCache
+
+    return PartialCache.create(str(tmp_path / "x.h5.partial"), CACHE_META, np.arange(n), CACHE_PATHS[:n],
+                               CACHE_LABELS[:n], CACHE_SPLITS[:n], dim=4)
+
+
+def rows_features(rows) -> np.ndarray:
+    """(len(rows), 4) float32: row r holds r + 0.5 everywhere."""
+    return np.stack([np.full(4, r + 0.5, dtype=np.float32) for r in rows])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pickle
 import urllib.error
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-from pipeline import backbones
+from pipeline import backbones, read_cache
 from pipeline.backbones import Embedder, load_backbone
 from pipeline.errors import TransferError
 from tests.conftest import needs_hymenoptera, run_cli, write_image
@@ -45,11 +44,12 @@ def test_vgg16_features_equal_torchvision_reference(tmp_path, vgg16_state_file):
     transform = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()
     with torch.no_grad():
         expected = reference(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).numpy()
-    with h5py.File(out, "r") as f:
-        assert list(f["paths"].asstr()[...]) == ["a/x.jpg", "a/y.png", "b/z.jpg"]
-        features = f["features"][...]
-        assert f.attrs["backbone"] == "vgg16" and f.attrs["layer"].startswith("classifier[:-1]")
-        assert f.attrs["weights"] == "vgg16-test.pth" and len(f.attrs["weights_sha256"]) == 64
+    cached = read_cache(out)
+    assert cached.paths == ["a/x.jpg", "a/y.png", "b/z.jpg"]
+    features = cached.features()
+    p = cached.provenance
+    assert p["backbone"] == "vgg16" and p["layer"].startswith("classifier[:-1]")
+    assert p["weights"] == "vgg16-test.pth" and len(p["weights_sha256"]) == 64
     assert features.shape == (3, 4096)
     assert np.abs(expected).max() > 0.01  # the comparison is not between two zero vectors
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
@@ -165,10 +165,10 @@ def test_lite0_weights_are_really_imagenet_pretrained(hymenoptera_lite0):
     """The full network (cached pooled features -> the dropped ImageNet classifier) calls most
     real val photos 'ant' (310) or 'bee' (309)."""
     b = load_backbone("efficientnet_lite0")
-    with h5py.File(hymenoptera_lite0, "r") as f:
-        val = f["split"].asstr()[...] == "val"
-        features = torch.from_numpy(f["features"][...][val])
-        labels = f["labels"][...][val]
+    cached = read_cache(hymenoptera_lite0)
+    val = np.flatnonzero(cached.split == "val")
+    features = torch.from_numpy(cached.features(val))
+    labels = cached.labels[val]
     with torch.inference_mode():
         predicted = b.last_layer(features).argmax(1).numpy()
     insect = np.isin(predicted, [309, 310]).mean()

@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 import pytest
 
-from pipeline import cache
-from pipeline.distributed import Dist, my_positions, shard_path_of
+from pipeline import cache, read_cache
+from pipeline.cache import shard_path_of
+from pipeline.distributed import Dist, my_positions
 from tests.conftest import ROOT, make_folder, run_cli
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -33,9 +33,8 @@ def torchrun(images: Path, out: Path) -> subprocess.Popen:
 
 
 def contents(path: Path):
-    with h5py.File(path, "r") as f:
-        return (list(f["path_bytes"][...]), f["labels"][...], f["features"][...], list(f["failed/path_bytes"][...]),
-                list(f["failed/reasons"].asstr()[...]), list(f["split"].asstr()[...]))
+    c = read_cache(path)
+    return (c.path_bytes, c.labels, c.features(), [p for p, _ in c.failed], [r for _, r in c.failed], list(c.split))
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +84,8 @@ def test_a_killed_rank_leaves_no_cache_and_a_rerun_finishes_the_job(images, sing
     rank1 = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if shard.exists():
-            with h5py.File(shard, "r", locking=False) as f:
-                if (f["status"][...] != cache.PENDING).sum() >= 4:
-                    break
+        if shard.exists() and cache.PartialCache(str(shard)).progress().finished >= 4:
+            break
         time.sleep(0.01)
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:

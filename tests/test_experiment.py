@@ -137,15 +137,18 @@ def test_caches_that_do_not_match_are_refused(caches, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (("--grid", "lr=0.1"), "unknown grid key 'lr'"),
     (("--grid", "C=0.1,abc"), "grid value 'abc' for C is neither a number nor 'auto'"),
-    (("--grid", "C=-1"), "must be a positive number"),
-    (("--grid", "pca=12.5"), "for pca is neither a positive whole number"),
-    (("--grid", "normalize=minmax"), "not one of standard, l2, none"),
+    (("--grid", "C=-1"), "C (--grid C=...) must be auto (None) or a number > 0; got -1.0"),
+    (("--grid", "pca=12.5"), "for pca is neither a whole number nor 'none'"),
+    (("--grid", "pca=0"), "pca (--grid pca=...) must be none (None) or a whole number >= 1; got 0"),
+    (("--grid", "normalize=minmax"), "must be one of standard, l2, none; got 'minmax'"),
     (("--grid", "C"), "--grid expects KEY=V1,V2"),
-    (("--train-fraction", "0,0.5"), "outside (0, 1]"),
-    (("--train-fraction", "1.5"), "outside (0, 1]"),
+    (("--train-fraction", "0,0.5"), "(--train-fraction) must be a number in (0, 1]; got 0.0"),
+    (("--train-fraction", "1.5"), "(--train-fraction) must be a number in (0, 1]; got 1.5"),
     (("--train-fraction", "half"), "is not a number"),
     (("--grid", "pca=4,17"), "PCA dimension 17 is larger than the feature dimension 16"),
-    (("--repeats", "0"), "--repeats must be at least 1"),
+    (("--repeats", "0"), "repeats (--repeats) must be a whole number >= 1; got 0"),
+    (("--jobs", "0"), "jobs (--jobs) must be a whole number >= 1; got 0"),
+    (("--jobs", "-2"), "jobs (--jobs) must be a whole number >= 1; got -2"),
     (("--grid", "pca=12", "--train-fraction", "0.2,1"), "PCA dimension 12 needs at least that many training images"),
 ])
 def test_bad_input_gets_one_clear_line(caches, tmp_path, args, fragment):
@@ -161,3 +164,66 @@ def test_parsers():
     with pytest.raises(TransferError):
         parse_grid(["normalize=standard,", ])
     assert np.isclose(parse_grid(["C=1e-3"])["C"][0], 1e-3)
+    assert parse_grid(["C=1", "C=2,1", "pca=4"])["C"] == [1.0, 2.0]  # a key given twice keeps both
+
+
+def test_an_interrupted_experiment_keeps_its_finished_runs_and_resumes(caches, tmp_path, monkeypatch):
+    from pipeline import experiment
+
+    a, _, _ = caches
+    args = ("experiment", a, "--grid", "C=0.01,0.1,1,10", "--jobs", "1", "--out", tmp_path / "exp")
+    real, calls = experiment.run_one, []
+
+    def interrupted_after_two(run):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(run.index)
+        return real(run)
+
+    monkeypatch.setattr(experiment, "run_one", interrupted_after_two)
+    stopped = run_cli(*args)
+    assert_one_line_error(stopped, "interrupted: 2 finished runs are saved in", "exp.partial", "resume with:")
+    assert stopped.code == 130 and not (tmp_path / "exp").exists()
+    monkeypatch.setattr(experiment, "run_one", lambda run: calls.append(run.index) or real(run))
+    resumed = run_cli(*args)
+    assert resumed.code == 0, resumed.err
+    assert "resumed: 2 runs were already saved" in resumed.out
+    assert calls == [0, 1, 2, 3]  # each run computed once in all
+    assert [r["C"] for r in read_rows(tmp_path / "exp" / "results.csv")] == ["0.01", "0.1", "1.0", "10.0"]
+    assert not (tmp_path / "exp.partial").exists()
+    other = run_cli("experiment", a, "--grid", "C=5", "--out", tmp_path / "exp2")
+    assert other.code == 0 and not list(tmp_path.glob("exp2.partial"))
+
+
+def test_runs_saved_for_another_experiment_are_not_mixed_in(caches, tmp_path):
+    a, _, _ = caches
+    (tmp_path / "exp.partial").mkdir()
+    (tmp_path / "exp.partial" / "request.json").write_text('{"caches": ["elsewhere.h5"]}')
+    assert_one_line_error(run_cli("experiment", a, "--out", tmp_path / "exp"), "holds the saved runs of another experiment")
+
+
+def test_an_existing_output_folder_is_refused_before_any_run(caches, tmp_path, monkeypatch):
+    from pipeline import experiment
+
+    a, _, _ = caches
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "mine.txt").write_text("keep")
+    monkeypatch.setattr(experiment, "run_one", lambda run: pytest.fail("a run started"))
+    assert_one_line_error(run_cli("experiment", a, "--out", tmp_path / "exp"), "already exists and is not empty")
+
+
+def test_caches_with_the_same_file_name_are_told_apart(tmp_path):
+    from pipeline.report import cache_labels
+
+    labels = cache_labels([str(tmp_path / "vgg" / "photos.h5"), str(tmp_path / "lite" / "photos.h5"),
+                           str(tmp_path / "lite" / "other.h5")])
+    assert list(labels.values()) == ["vgg/photos.h5", "lite/photos.h5", "other.h5"]
+    X, y, classes = blobs(20, 3, 8, seed=1, spread=3.0)
+    splits = split_names(y)
+    for name in ("vgg", "lite"):
+        make_cache(tmp_path / name / "photos.h5", X, y, classes, splits)
+    result = run_cli("experiment", tmp_path / "vgg" / "photos.h5", tmp_path / "lite" / "photos.h5", "--grid",
+                     "C=0.1,1", "--out", tmp_path / "exp")
+    assert result.code == 0, result.err
+    summary = (tmp_path / "exp" / "summary.md").read_text()
+    assert "| vgg/photos.h5 |" in summary and "| lite/photos.h5 |" in summary

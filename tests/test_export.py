@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from pipeline import head as head_mod
-from pipeline.cache import read_info
+from pipeline import read_cache
+from pipeline.errors import TransferError
 from pipeline.export import TransferModel
 from pipeline.images import decode_image
-from tests.conftest import (HYMENOPTERA, ROOT, assert_one_line_error, make_folder, needs_hymenoptera, run_cli,
+from tests.conftest import (HYMENOPTERA, ROOT, assert_one_line_error, needs_hymenoptera, run_cli,
                             subset_cache, write_image)
 
 @pytest.mark.parametrize("run_name", ["binary_run", "three_run"])
@@ -24,8 +26,45 @@ def test_parity_is_checked_and_recorded(request, run_name):
     run = request.getfixturevalue(run_name)
     parity = json.loads((run / "parity.json").read_text())
     cached, e2e = parity["cached_features"], parity["end_to_end"]
+    assert cached["rows"] == read_cache(json.loads((run / "head.json").read_text())["provenance"]["cache"]).n
     assert cached["max_abs_diff"] <= 1e-5 and cached["argmax_identical"]
     assert e2e["images"] > 0 and e2e["max_abs_diff"] <= e2e["tolerance"] and e2e["argmax_identical"]
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for name in ("model.pt", "head.pt", "parity.json"):
+        (copy / name).unlink()
+    return copy
+
+
+def test_a_head_that_disagrees_with_scikit_learn_is_not_exported(three_run, tmp_path):
+    run = _copy_run(three_run, tmp_path)
+    arrays = dict(np.load(run / "head.npz"))
+    arrays["weight"][0, 0] += 0.5  # the folded Linear no longer equals the unfolded scikit-learn arrays
+    np.savez(run / "head.npz", **arrays)
+    result = run_cli("export", run)
+    assert_one_line_error(result, "the torch Linear disagrees with scikit-learn")
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in three_run.iterdir()
+                                                           if p.name not in ("model.pt", "head.pt", "parity.json"))
+
+
+def test_a_model_pt_that_disagrees_end_to_end_is_not_exported(three_run, tmp_path, monkeypatch):
+    from pipeline import export as export_function
+    from pipeline.backbones import Preprocessing
+
+    run = _copy_run(three_run, tmp_path)
+    real = Preprocessing.from_dict
+
+    def wrong_mean(d):  # model.pt would normalize differently from the extraction
+        return dataclasses.replace(real(d), mean=(0.1, 0.2, 0.3))
+
+    monkeypatch.setattr(Preprocessing, "from_dict", staticmethod(wrong_mean))
+    with pytest.raises(TransferError, match="model.pt on .* original images disagrees with scikit-learn"):
+        export_function(run)
+    assert not (run / "model.pt").exists() and not (run / "parity.json").exists()
+    assert not list(run.glob("*.writing-*"))
 
 
 @pytest.mark.parametrize("run_name", ["binary_run", "three_run"])
@@ -34,9 +73,9 @@ def test_head_pt_is_a_linear_whose_softmax_is_predict_proba(request, run_name):
     state = torch.load(run / "head.pt", weights_only=True)
     linear = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
     linear.load_state_dict(state)
-    info = read_info(json.loads((run / "head.json").read_text())["provenance"]["cache"])
-    X = info.read_features(dtype=np.float64)
-    sklearn = head_mod.sklearn_from_arrays(str(run)).predict_proba(X)
+    info = read_cache(json.loads((run / "head.json").read_text())["provenance"]["cache"])
+    X = info.features(dtype=np.float64)
+    sklearn = head_mod.sklearn_from_arrays(head_mod.load(str(run))).predict_proba(X)
     with torch.inference_mode():
         p = torch.softmax(linear(torch.from_numpy(X).float()), 1).double().numpy()
     assert p.shape == sklearn.shape == (len(X), len(info.classes))
@@ -46,10 +85,10 @@ def test_head_pt_is_a_linear_whose_softmax_is_predict_proba(request, run_name):
 def test_arrays_rebuild_the_pickled_pipeline_exactly(three_run):
     import joblib
 
-    info = read_info(json.loads((three_run / "head.json").read_text())["provenance"]["cache"])
-    X = info.read_features(dtype=np.float64)
+    info = read_cache(json.loads((three_run / "head.json").read_text())["provenance"]["cache"])
+    X = info.features(dtype=np.float64)
     pickled = joblib.load(three_run / "model.joblib")  # the user's explicit choice, in this test only
-    np.testing.assert_array_equal(head_mod.sklearn_from_arrays(str(three_run)).predict_proba(X),
+    np.testing.assert_array_equal(head_mod.sklearn_from_arrays(head_mod.load(str(three_run))).predict_proba(X),
                                   pickled.predict_proba(X))
 
 
@@ -136,7 +175,9 @@ def test_export_bad_inputs(three_run, tmp_path):
     assert_one_line_error(run_cli("export", tmp_path / "nope"), "is not a folder")
     cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
     assert_one_line_error(run_cli("export", cache), "is not a folder")  # export on a cache
-    assert_one_line_error(run_cli("export", three_run, "--out", tmp_path / "no" / "m.pt"), "does not exist")
+    (tmp_path / "a-file").write_text("not a folder")
+    assert_one_line_error(run_cli("export", three_run, "--out", tmp_path / "a-file" / "m.pt"),
+                          "cannot create the output folder")
 
 
 def test_transfer_model_module_is_scriptable_with_any_head():
@@ -154,8 +195,8 @@ def test_transfer_model_module_is_scriptable_with_any_head():
 @needs_hymenoptera
 def test_real_photos_model_pt_on_raw_val_files(hymenoptera_lite0, tmp_path):
     """Fit on the train photos' features only, then run model.pt on the raw val files: top-1 >= 0.92."""
-    info = read_info(str(hymenoptera_lite0))
-    train_only = subset_cache(hymenoptera_lite0, tmp_path / "train.h5", np.flatnonzero(info.splits == "train"))
+    info = read_cache(hymenoptera_lite0)
+    train_only = subset_cache(hymenoptera_lite0, tmp_path / "train.h5", np.flatnonzero(info.split == "train"))
     run = tmp_path / "run"
     fitted = run_cli("fit", train_only, "--out", run)
     assert fitted.code == 0, fitted.err

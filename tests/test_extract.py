@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import read_cache
 from pipeline.backbones import load_backbone
 from tests.conftest import LITE, assert_one_line_error, make_folder, run_cli
 
 
 def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):
     images = make_folder(tmp_path / "images", {"apple": 2, "banana": 1}, splits=("train", "val"))
-    out = tmp_path / "fruit.h5"
+    out = tmp_path / "new" / "fruit.h5"  # a missing output folder is created, as by every command
     result = run_cli("extract", images, "--out", out, *LITE, "--batch-size", "4")
     assert result.code == 0, result.err
     assert "extracted 6 images" in result.out and "img/s" in result.out and "6 cached, 0 failed" in result.out
     assert f"cache: {out}" in result.out
-    with h5py.File(out, "r") as f:
+    with h5py.File(out, "r") as f:  # the format as documented: plain h5py reads it
         assert f["features"].shape == (6, 1280) and f["features"].dtype == np.float32
         assert f["labels"][...].tolist() == [0, 0, 1, 0, 0, 1]
         assert list(f["paths"].asstr()[...])[:3] == ["train/apple/img000.png", "train/apple/img001.png",
@@ -34,7 +35,7 @@ def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):
         assert a["precision"] == "fp32" and a["torch_version"] == torch.__version__
         assert a["format_version"] == 1 and a["created"] and a["layer"].startswith("global_pool")
         assert "torchvision_version" in a and a["num_images"] == 6 and a["num_failed"] == 0
-    assert not list(tmp_path.glob("fruit.h5.*"))  # no partial, lock or temporary left behind
+    assert not list(out.parent.glob("fruit.h5.*"))  # no partial, lock or temporary left behind
 
 
 def test_features_match_the_backbone_run_directly(tmp_path, tiny_folder):
@@ -46,8 +47,7 @@ def test_features_match_the_backbone_run_directly(tmp_path, tiny_folder):
     x = torch.stack([b.preprocessing.pil_transform()(decode_image(str(tiny_folder / "cat" / "img000.png")))])
     with torch.inference_mode():
         expected = b.network(b.preprocessing.normalize(x)).numpy()
-    with h5py.File(out, "r") as f:
-        np.testing.assert_allclose(f["features"][0:1], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read_cache(out).features([0]), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_rerunning_the_same_command_does_nothing(tmp_path, tiny_folder):
@@ -69,8 +69,7 @@ def test_a_cache_from_other_settings_is_refused_unless_overwrite(tmp_path, tiny_
     assert_one_line_error(refused, "precision fp32 vs bf16")
     replaced = run_cli("extract", tiny_folder, "--out", out, *LITE, "--precision", "bf16", "--overwrite")
     assert replaced.code == 0, replaced.err
-    with h5py.File(out, "r") as f:
-        assert f.attrs["precision"] == "bf16"
+    assert read_cache(out).provenance["precision"] == "bf16"
 
 
 def test_a_changed_image_folder_is_refused_unless_overwrite(tmp_path, tiny_folder):
@@ -85,7 +84,7 @@ def test_a_changed_image_folder_is_refused_unless_overwrite(tmp_path, tiny_folde
     ("empty", ("{tmp}/images", "--out", "{tmp}/c.h5"), ("has no class folders",)),
     ("empty_class", ("{tmp}/images", "--out", "{tmp}/c.h5"), ("has no images",)),
     ("ok", ("{tmp}/images", "--out", "{tmp}/c.h5", "--backbone", "vgg17"), ("unknown backbone 'vgg17'",)),
-    ("ok", ("{tmp}/images", "--out", "{tmp}/nowhere/c.h5"), ("output folder", "does not exist")),
+    ("ok", ("{tmp}/images", "--out", "{tmp}/lite.pth/c.h5"), ("cannot create the output folder",)),
     ("ok", ("{tmp}/images", "--out", "{tmp}/c.h5", "--backbone", "vgg11", "--weights", "{tmp}/lite.pth"),
      ("does not fit vgg11",)),
     ("ok", ("{tmp}/images", "--out", "{tmp}/c.h5", "--batch-size", "0"), ("--batch-size",)),
@@ -114,8 +113,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_an_unfinished_extraction_with_other_settings_is_not_discarded(tmp_path, tiny_folder):
     out = tmp_path / "c.h5"
-    from pipeline import cache
-    from pipeline.extract import ExtractRequest, run_extract
+    from pipeline import cache, extract
 
     class Stop(Exception):
         pass
@@ -128,8 +126,8 @@ def test_an_unfinished_extraction_with_other_settings_is_not_discarded(tmp_path,
             raise Stop()
 
     with pytest.raises(Stop):
-        run_extract(ExtractRequest(str(tiny_folder), str(out), "efficientnet_lite0", "random", batch_size=2,
-                                   workers=0, command="the-first-command"), StopAfterFirstBatch())
+        extract(tiny_folder, out, backbone="efficientnet_lite0", weights="random", batch_size=2, workers=0,
+                command="the-first-command", progress=StopAfterFirstBatch())
     assert cache.PartialCache(str(out) + ".partial").progress().finished == 2
     refused = run_cli("extract", tiny_folder, "--out", out, *LITE, "--seed", "5")
     assert_one_line_error(refused, "unfinished extraction with other settings", "the-first-command", "--overwrite")

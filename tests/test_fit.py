@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import cache
-from pipeline.cache import read_info
-from pipeline.errors import TransferError
-from pipeline.fit import COARSE_C, FitSettings, fit_head, make_splits
+from pipeline import fit, read_cache
+from pipeline.cache import Cache, PartialCache
+from pipeline.fit import COARSE_C, make_splits
 from tests.conftest import assert_one_line_error, blobs, make_cache, needs_hymenoptera, run_cli, write_image
 
 
@@ -36,7 +35,7 @@ def three_class(tmp_path) -> Path:
 
 
 def test_separable_three_classes_are_learned_and_scored_on_test(three_class):
-    result = fit_head(str(three_class), FitSettings())
+    result = fit(three_class)
     assert result.evaluated_on == "test"
     assert result.splits.sizes() == {"train": 60, "val": 30, "test": 30}
     assert result.scores["top1"] >= 0.9
@@ -52,7 +51,7 @@ def test_separable_three_classes_are_learned_and_scored_on_test(three_class):
 def test_binary_case(tmp_path):
     X, y, classes = blobs(50, 2, 8, seed=2, spread=2.5)
     path = make_cache(tmp_path / "two.h5", X, y, ["ants", "bees"], split_names(y))
-    result = fit_head(str(path), FitSettings())
+    result = fit(path)
     assert result.pipeline.steps[-1][1].coef_.shape == (1, 8)
     assert result.scores["top1"] >= 0.85
     assert np.array(result.scores["confusion_matrix"]).sum() == result.splits.sizes()["test"]
@@ -67,7 +66,7 @@ def test_the_choice_of_C_never_sees_test_labels(tmp_path):
     scrambled_y[test] = np.random.default_rng(0).permutation(3)[y[test]]  # every test label changed
     assert (scrambled_y[test] != y[test]).all()
     scrambled = make_cache(tmp_path / "b.h5", X, scrambled_y, classes, splits)
-    a, b = fit_head(str(honest), FitSettings()), fit_head(str(scrambled), FitSettings())
+    a, b = fit(honest), fit(scrambled)
     assert a.C == b.C and a.sweep == b.sweep  # the choice cannot depend on test labels...
     assert a.scores["top1"] != b.scores["top1"]  # ...which do change the reported score
 
@@ -75,16 +74,16 @@ def test_the_choice_of_C_never_sees_test_labels(tmp_path):
 def test_same_seed_same_result_and_a_new_seed_a_new_split(tmp_path):
     X, y, classes = blobs(30, 3, 10, seed=4, spread=3.0)
     path = make_cache(tmp_path / "nosplit.h5", X, y, classes)  # no split folders: seeded split
-    a, b = fit_head(str(path), FitSettings(seed=7)), fit_head(str(path), FitSettings(seed=7))
+    a, b = fit(path, seed=7), fit(path, seed=7)
     assert a.C == b.C and a.sweep == b.sweep and a.scores == b.scores
     assert np.array_equal(a.splits.test, b.splits.test)
-    c = fit_head(str(path), FitSettings(seed=8))
+    c = fit(path, seed=8)
     assert not np.array_equal(a.splits.test, c.splits.test)
 
 
 def test_without_split_folders_a_stratified_split_is_made_and_reported(tmp_path):
     X, y, classes = blobs(25, 2, 6, seed=5)
-    info = read_info(str(make_cache(tmp_path / "n.h5", X, y, classes)))
+    info = read_cache((make_cache(tmp_path / "n.h5", X, y, classes)))
     splits = make_splits(info, seed=0)
     assert splits.sizes() == {"train": 32, "val": 8, "test": 10}
     assert "stratified 64/16/20" in splits.source
@@ -96,7 +95,7 @@ def test_without_split_folders_a_stratified_split_is_made_and_reported(tmp_path)
 def test_train_and_val_only_reports_validation_and_says_so(tmp_path):
     X, y, classes = blobs(30, 2, 6, seed=6, spread=2.0)
     path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))
-    result = fit_head(str(path), FitSettings())
+    result = fit(path)
     assert result.evaluated_on == "val"
     assert any("no test split" in n and "optimistic" in n for n in result.notes)
 
@@ -104,13 +103,13 @@ def test_train_and_val_only_reports_validation_and_says_so(tmp_path):
 def test_a_cache_with_train_and_test_gets_validation_carved_from_train(tmp_path):
     X, y, classes = blobs(30, 2, 6, seed=6)
     path = make_cache(tmp_path / "tt.h5", X, y, classes, split_names(y, val=0.0, test=0.3))
-    splits = make_splits(read_info(str(path)), seed=0)
+    splits = make_splits(read_cache((path)), seed=0)
     assert splits.sizes()["val"] > 0 and "validation: stratified 20% of train" in splits.source
     assert not set(splits.val) & set(splits.test)
 
 
 def test_fixed_C_skips_the_sweep(three_class):
-    result = fit_head(str(three_class), FitSettings(C=0.5))
+    result = fit(three_class, C=0.5)
     assert result.C == 0.5 and result.sweep == []
 
 
@@ -163,12 +162,12 @@ def bad_caches(tmp_path):
     few_y[:] = 0
     few_y[:2] = 1
     few = make_cache(tmp_path / "few.h5", X, few_y, classes)
-    nan_X = X.copy()
-    nan_X[3, 1] = np.nan
-    nan = make_cache(tmp_path / "nan.h5", nan_X, y, classes)
+    nan = make_cache(tmp_path / "nan.h5", X, y, classes)
+    with h5py.File(nan, "r+") as f:  # damage, as a disk or another tool might
+        f["features"][3, 1] = np.nan
     ok = make_cache(tmp_path / "ok.h5", X, y, classes)
     tiny = make_cache(tmp_path / "tiny.h5", X[[0, 1, 2, 10, 11, 12]], np.array([0, 0, 0, 1, 1, 1]), classes)
-    part = cache.PartialCache.create(str(tmp_path / "half.h5.partial"), {"command": "transfer extract imgs --out half.h5"},
+    part = PartialCache.create(str(tmp_path / "half.h5.partial"), {"command": "transfer extract imgs --out half.h5"},
                                      np.arange(4), ["a/0", "a/1", "b/2", "b/3"], np.array([0, 0, 1, 1]), None, 4)
     with part:
         part.commit(np.array([0]), np.ones((1, 4), np.float32), [])
@@ -185,9 +184,11 @@ def bad_caches(tmp_path):
     ("few", (), ("class 'c1' has 2 images", "at least 3 per class")),
     ("tiny", (), ("too few images for a stratified train/val/test split", "at least 10 images")),
     ("nan", (), ("non-finite",)),
-    ("ok", ("--class-weight", "heavy"), ("unknown class weight 'heavy'",)),
-    ("ok", ("--C", "-1"), ("C must be a positive number",)),
-    ("ok", ("--C", "0"), ("C must be a positive number",)),
+    ("ok", ("--class-weight", "heavy"), ("class_weight (--class-weight) must be one of none, balanced; got 'heavy'",)),
+    ("ok", ("--C", "-1"), ("C (--C) must be auto (None) or a number > 0; got -1.0",)),
+    ("ok", ("--C", "0"), ("C (--C) must be auto (None) or a number > 0; got 0.0",)),
+    ("ok", ("--max-iter", "0"), ("max_iter (--max-iter) must be a whole number >= 1; got 0",)),
+    ("ok", ("--seed", "-5"), ("seed (--seed) must be a whole number in [0, 4294967295]; got -5",)),
     ("ok", ("--C", "lots"), ("neither 'auto' nor a number",)),
 ])
 def test_bad_input_gets_one_clear_line(bad_caches, tmp_path, which, extra, fragments):
@@ -207,7 +208,7 @@ def test_an_existing_run_folder_is_not_overwritten(three_class, tmp_path):
 @needs_hymenoptera
 def test_real_photos_reach_the_published_accuracy(hymenoptera_lite0, tmp_path):
     """EfficientNet-Lite0 features of the real ants/bees photos: val top-1 >= 0.92."""
-    result = fit_head(str(hymenoptera_lite0), FitSettings())
+    result = fit(hymenoptera_lite0)
     assert result.evaluated_on == "val"
     assert result.splits.sizes() == {"train": 245, "val": 153, "test": 0}
     assert result.scores["top1"] >= 0.92, result.scores["top1"]
@@ -215,14 +216,81 @@ def test_real_photos_reach_the_published_accuracy(hymenoptera_lite0, tmp_path):
 
 def test_fit_reads_features_straight_into_float64(three_class, monkeypatch):
     seen = []
-    real = cache.read_features
+    real = Cache.features
 
-    def spy(path, rows=None, dtype=np.float32, out=None):
+    def spy(self, rows=None, dtype=np.float32, out=None):
         seen.append((None if out is None else out.dtype, len(rows)))
-        return real(path, rows, dtype, out)
+        return real(self, rows, dtype, out)
 
-    monkeypatch.setattr(cache, "read_features", spy)
-    fit_head(str(three_class), FitSettings(C=1.0))
+    monkeypatch.setattr(Cache, "features", spy)
+    fit(three_class, C=1.0)
     assert seen and all(dtype == np.float64 for dtype, _ in seen)
-    with h5py.File(three_class, "r") as f:
-        assert f["features"].dtype == np.float32
+
+
+def test_default_run_folders_started_together_never_collide(tmp_path):
+    from pipeline.report import default_run_dir
+
+    made = [default_run_dir("cache/three.h5", root=str(tmp_path)) for _ in range(3)]
+    assert len(set(made)) == 3 and all(Path(m).is_dir() and not any(Path(m).iterdir()) for m in made)
+    assert Path(made[1]).name == Path(made[0]).name + "-2"
+
+
+def test_ctrl_c_or_sigterm_while_fitting_writes_nothing_and_says_so(three_class, tmp_path, monkeypatch):
+    import importlib
+    import os
+    import signal
+
+    fit_module = importlib.import_module("pipeline.fit")  # `pipeline.fit` itself is the function
+
+    real = fit_module.fit_head
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or torchrun would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit_head", terminated)
+    result = run_cli("fit", three_class, "--C", "1", cwd=tmp_path)
+    assert_one_line_error(result, "interrupted while fitting: nothing was written")
+    assert result.code == 130
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
+
+
+def test_ctrl_c_while_exporting_says_the_run_folder_is_complete(three_class, tmp_path, monkeypatch):
+    import importlib
+
+    export_module = importlib.import_module("pipeline.export")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_export", interrupted)
+    result = run_cli("fit", three_class, "--C", "1", "--out", tmp_path / "run")
+    assert_one_line_error(result, f"the run folder {tmp_path / 'run'} is complete",
+                          f"`transfer export {tmp_path / 'run'}` writes the model")
+    assert (tmp_path / "run" / "head.npz").is_file() and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_run_folder_left_half_written_by_a_killed_fit_is_cleaned_up(three_class, tmp_path):
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / f"run.writing-{dead}").mkdir()
+    (tmp_path / f"run.writing-{dead}" / "model.joblib").write_bytes(b"half")
+    assert run_cli("fit", three_class, "--C", "1", "--out", tmp_path / "run", "--no-export").code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
+
+
+def test_report_md_lists_failed_images_and_survives_odd_class_names(tmp_path):
+    from tests.conftest import LITE, make_folder
+
+    images = make_folder(tmp_path / "images", {"a|b": 2, "c d": 2}, splits=("train", "val", "test"))
+    (images / "train" / "a|b" / "broken.png").write_bytes(b"garbage")
+    assert run_cli("extract", images, "--out", tmp_path / "c.h5", *LITE).code == 0
+    assert run_cli("fit", tmp_path / "c.h5", "--C", "1", "--out", tmp_path / "run", "--no-export").code == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "1 images could not be used and are not in these scores: `train/a\\|b/broken.png`" in report
+    assert "| a\\|b | " in report  # the pipe is escaped: the table keeps its columns
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["failed_images"]["count"] == 1

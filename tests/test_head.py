@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
@@ -10,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from pipeline import head
-from pipeline.errors import TransferError
+from pipeline.errors import InputFileError, TransferError
 from tests.conftest import blobs
 
 
@@ -26,18 +28,18 @@ def test_folded_head_reproduces_predict_proba(n_classes, steps):
     X, y, classes = blobs(30, n_classes, 12, seed=n_classes, spread=3.0)
     X = X.astype(np.float64) * 5 + 3  # scale and offset so the scaler matters
     pipe = make_pipeline(*steps(), LogisticRegression(C=0.3, max_iter=2000)).fit(X, y)
-    folded, raw = head.fold([s for _, s in pipe.steps], classes, {})
+    folded = head.fold([s for _, s in pipe.steps], classes, {})
     assert folded.weight.shape == (n_classes, 12) and folded.bias.shape == (n_classes,)
     np.testing.assert_allclose(folded.proba(X), pipe.predict_proba(X), rtol=0, atol=1e-10)
     assert np.array_equal(folded.logits(X).argmax(1), pipe.predict(X))
-    assert raw["coef"].shape[0] == (1 if n_classes == 2 else n_classes)
+    assert folded.arrays["coef"].shape[0] == (1 if n_classes == 2 else n_classes)
 
 
 def test_binary_logits_are_zero_and_the_decision_function():
     X, y, _ = blobs(20, 2, 5, seed=1)
     X = X.astype(np.float64)  # sklearn would compute in float32 for float32 input
     pipe = make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
-    folded, _ = head.fold([s for _, s in pipe.steps], ["a", "b"], {})
+    folded = head.fold([s for _, s in pipe.steps], ["a", "b"], {})
     logits = folded.logits(X)
     np.testing.assert_allclose(logits[:, 0], 0, atol=1e-12)
     np.testing.assert_allclose(logits[:, 1], pipe.decision_function(X), rtol=1e-10, atol=1e-10)
@@ -46,8 +48,8 @@ def test_binary_logits_are_zero_and_the_decision_function():
 def test_save_and_load_round_trip_without_pickle(tmp_path):
     X, y, classes = blobs(20, 3, 6)
     pipe = make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
-    folded, raw = head.fold([s for _, s in pipe.steps], classes, {"provenance": {"backbone": "x"}})
-    head.save(folded, raw, str(tmp_path))
+    folded = head.fold([s for _, s in pipe.steps], classes, {"provenance": {"backbone": "x"}})
+    head.save(folded, str(tmp_path))
     loaded = head.load(str(tmp_path))
     assert loaded.classes == classes and loaded.meta["provenance"]["backbone"] == "x"
     np.testing.assert_array_equal(loaded.weight, folded.weight)
@@ -67,3 +69,14 @@ def test_a_normalizer_after_other_steps_cannot_be_folded():
     pipe = make_pipeline(StandardScaler(), Normalizer(), LogisticRegression()).fit(X, y)
     with pytest.raises(TransferError, match="first step"):
         head.fold([s for _, s in pipe.steps], classes, {})
+
+
+def test_a_head_json_that_does_not_match_its_arrays_is_refused(tmp_path):
+    X, y, classes = blobs(20, 2, 4)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
+    head.save(head.fold([s for _, s in pipe.steps], classes, {}), str(tmp_path))
+    doc = json.loads((tmp_path / "head.json").read_text())
+    doc["classes"] = ["a", "b", "c"]  # hand-edited: three names for a two-class head
+    (tmp_path / "head.json").write_text(json.dumps(doc))
+    with pytest.raises(InputFileError, match=r"head.npz does not match head.json \(3 classes, dim 4\)"):
+        head.load(str(tmp_path))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import TransferError
-from pipeline.images import ImageDataset, collate, decode_image, scan_image_folder
+from pipeline.images import DecodeError, ImageDataset, collate, decode_image, scan_image_folder
 from tests.conftest import make_folder, write_image
 
 
@@ -42,7 +42,7 @@ def test_extensions_are_case_insensitive_and_other_files_are_skipped(tmp_path):
     listing = scan_image_folder(root)
     assert listing.classes == ["k"]
     assert len(listing) == 8
-    assert listing.skipped == ["k/notes.txt"]
+    assert listing.skipped == [("k/notes.txt", "no image extension")]
 
 
 def test_nested_folders_inside_a_class_are_walked(tmp_path):
@@ -93,5 +93,39 @@ def test_decode_gives_rgb_with_the_files_pixels(tmp_path):
     path = write_image(tmp_path / "x.png", 3)
     from PIL import Image
 
-    assert np.array_equal(np.asarray(decode_image(str(path))), np.asarray(Image.open(path).convert("RGB")))
-    assert os.path.exists(path)
+    decoded = decode_image(str(path))
+    assert decoded.mode == "RGB" and decoded.size == (48, 36)
+    assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_a_symlink_loop_lists_each_photo_once_under_its_own_class(tmp_path):
+    root = make_folder(tmp_path / "photos", {"ants": 2, "bees": 3})
+    (root / "ants" / "up").symlink_to("..")  # photos/ants/up -> photos
+    outside = make_folder(tmp_path / "elsewhere", {"more": 1})
+    (root / "bees" / "extra").symlink_to(outside / "more")  # a symlinked folder outside the tree: followed
+    (outside / "more" / "back").symlink_to(root / "bees")  # ...whose link back in is not
+    listing = scan_image_folder(root)
+    assert listing.paths == ["ants/img000.png", "ants/img001.png", "bees/extra/img000.png", "bees/img000.png",
+                             "bees/img001.png", "bees/img002.png"]
+    assert listing.labels.tolist() == [0, 0, 1, 1, 1, 1]
+    assert [p for p, _ in listing.skipped] == ["ants/up", "bees/extra/back"]
+    assert all("already listed" in why for _, why in listing.skipped)
+
+
+def test_a_symlinked_class_folder_still_works(tmp_path):
+    real = make_folder(tmp_path / "real", {"cats": 2})
+    root = make_folder(tmp_path / "photos", {"dogs": 1})
+    (root / "cats").symlink_to(real / "cats")
+    assert scan_image_folder(root).paths == ["cats/img000.png", "cats/img001.png", "dogs/img000.png"]
+
+
+def test_fifos_are_skipped_and_never_opened(tmp_path):
+    root = make_folder(tmp_path / "photos", {"bees": 1, "ants": 1})
+    os.mkfifo(root / "bees" / "p.jpg")  # opening it for reading would block forever
+    (root / "lost").symlink_to(tmp_path / "nowhere")  # a dangling class-folder link
+    listing = scan_image_folder(root)
+    assert listing.paths == ["ants/img000.png", "bees/img000.png"]
+    assert listing.skipped == [("bees/p.jpg", "not a regular file (FIFO)"),
+                               ("lost", "dangling symlink where a class folder would be")]
+    with pytest.raises(DecodeError, match=r"not a regular file \(FIFO\)"):
+        decode_image(str(root / "bees" / "p.jpg"))

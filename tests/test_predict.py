@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def test_files_and_folders_with_errors_listed_and_run_continues(three_run, input
     result = run_cli("predict", three_run / "model.pt", single, folder, "--out", out, "--top-k", "2")
     assert result.code == 0, result.err
     rows = list(csv.DictReader(out.open()))
-    assert [r["path"].split("/")[-1] for r in rows] == ["single.png", "broken.png", "x.png", "y.jpg"]
+    # folders expand in the extraction's order: whole relative paths sorted as bytes (sub/y.jpg < x.png)
+    assert [r["path"].split("/")[-1] for r in rows] == ["single.png", "broken.png", "y.jpg", "x.png"]
     assert rows[1]["error"] == "not a recognised image format" and rows[1]["label_1"] == ""
     good = [r for r in rows if not r["error"]]
     for r in good:
@@ -55,7 +57,10 @@ def test_predict_bad_inputs(three_run, inputs, tmp_path):
     folder, single = inputs
     model = three_run / "model.pt"
     assert_one_line_error(run_cli("predict", model, tmp_path / "missing.png"), "does not exist")
-    assert_one_line_error(run_cli("predict", model, single, "--top-k", "4"), "--top-k 4 is outside 1..3")
+    assert_one_line_error(run_cli("predict", model, single, "--top-k", "4"), "(--top-k) 4 is more than the model's 3 classes")
+    for bad in ("0", "-1"):  # not silently the default
+        assert_one_line_error(run_cli("predict", model, single, "--top-k", bad), "top_k (--top-k) must be")
+    assert_one_line_error(run_cli("predict", model, single, "--batch-size", "0"), "batch_size (--batch-size) must be")
     assert_one_line_error(run_cli("predict", tmp_path / "none.pt", single), "does not exist")
     cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
     assert_one_line_error(run_cli("predict", cache, single), "is not a TorchScript model")  # predict on a cache
@@ -65,3 +70,42 @@ def test_predict_bad_inputs(three_run, inputs, tmp_path):
     assert_one_line_error(run_cli("predict", model, single, "--out", tmp_path / "p.txt"), "expected a .csv or .json")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("predict", model, tmp_path / "empty"), "no image files found")
+
+
+def test_folders_are_walked_like_extraction_walks_them(tmp_path):
+    """One walker: byte order of names (not text order) and no hidden files, as `extract` lists them."""
+    import os
+
+    from pipeline.images import scan_image_folder
+    from pipeline.predict import list_inputs
+
+    folder = tmp_path / "k"
+    for raw in (b"\xc3\xa9.png", b"\x80.png", b"z.png", b".hidden.png"):  # "é" sorts after b"\x80" as bytes
+        write_image(Path(os.fsdecode(os.fsencode(str(folder)) + b"/" + raw)), 1)
+    listed = [os.fsencode(p)[len(os.fsencode(str(folder))) + 1:] for p in list_inputs([str(folder)])]
+    assert listed == [b"z.png", b"\x80.png", b"\xc3\xa9.png"]
+    extracted = scan_image_folder(tmp_path).paths
+    assert [os.fsencode(p)[2:] for p in extracted] == listed
+
+
+def test_an_unwritable_destination_is_refused_before_any_image_is_read(three_run, inputs, tmp_path, monkeypatch):
+    import os
+
+    import importlib
+
+    predict_module = importlib.import_module("pipeline.predict")
+    folder, single = inputs
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
+    monkeypatch.setattr(predict_module, "decode_image", lambda p: pytest.fail("an image was read"))
+    (tmp_path / "ro").mkdir()
+    result = run_cli("predict", three_run / "model.pt", single, "--out", tmp_path / "ro" / "p.csv")
+    assert_one_line_error(result, "is not writable; choose another --out")
+
+
+def test_predict_fails_when_no_file_could_be_read(three_run, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    result = run_cli("predict", three_run / "model.pt", tmp_path)
+    assert_one_line_error(result, "none of the 2 files could be read as an image")
+    assert "error: not a recognised image format" in result.out  # each file's reason is still listed

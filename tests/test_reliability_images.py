@@ -12,7 +12,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 import pytest
@@ -20,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pipeline import read_cache
 from pipeline.images import DecodeError, decode_image
-from tests.conftest import ROOT, run_cli, write_image
+from tests.conftest import LITE, ROOT, make_folder, run_cli, write_image
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -131,10 +131,10 @@ def test_extraction_records_every_broken_file_and_keeps_going(tmp_path):
          "--backbone", "efficientnet_lite0", "--weights", "random", "--workers", "1"],
         capture_output=True, text=True, cwd=tmp_path, preexec_fn=_honour_permissions)
     assert proc.returncode == 0, proc.stderr
-    with h5py.File(out, "r") as f:
-        assert sorted(f["paths"].asstr()[...]) == ["bad/fine.png", "good/a.png", "good/b.jpg"]
-        assert f["features"].shape[0] == 3
-        failed = dict(zip(f["failed/paths"].asstr()[...], f["failed/reasons"].asstr()[...]))
+    cached = read_cache(out)
+    assert sorted(cached.paths) == ["bad/fine.png", "good/a.png", "good/b.jpg"]
+    assert cached.features().shape[0] == 3
+    failed = dict(cached.failed)
     assert set(failed) == {f"bad/{name}" for name in expected}
     for name, fragment in expected.items():
         assert fragment in failed[f"bad/{name}"], (name, failed[f"bad/{name}"])
@@ -236,10 +236,8 @@ def test_non_utf8_file_name_is_stored_losslessly_and_found_again(tmp_path):
     out = tmp_path / "c.h5"
     result = run_cli("extract", images, "--out", out, "--backbone", "efficientnet_lite0", "--weights", "random")
     assert result.code == 0, result.err
-    with h5py.File(out, "r") as f:
-        stored = list(f["path_bytes"][...])
-        shown = list(f["paths"].asstr()[...])
-        image_dir = f.attrs["image_dir"]
+    cached = read_cache(out)
+    stored, shown, image_dir = cached.path_bytes, cached.paths, cached.image_dir
     assert b"k/" + raw_name in stored
     assert "k/caf\\xe9-\\xff.png" in shown
     found = os.path.join(os.fsencode(image_dir), b"k/" + raw_name)
@@ -263,3 +261,39 @@ def test_random_bytes_only_ever_raise_decode_error(tmp_path, prefix, body):
         assert e.reason and "\n" not in e.reason
     else:
         assert image.mode == "RGB"
+
+
+def test_a_folder_whose_own_name_is_not_utf8_extracts_fits_and_predicts(tmp_path):
+    """`/data/caf\\xe9/`: the folder's path is stored losslessly and every stage works from it."""
+    folder = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"))
+    images = make_folder(folder / "photos", {"a": 2, "b": 2}, splits=("train", "val", "test"))
+    out = folder / "cache" / "c.h5"
+    extracted = run_cli("extract", images, "--out", out, *LITE)
+    assert extracted.code == 0, extracted.err
+    cached = read_cache(out)
+    assert os.fsencode(cached.image_dir) == os.fsencode(str(images))
+    assert cached.provenance["image_dir"].endswith("caf\\xe9/photos")  # readable text beside the bytes
+    fitted = run_cli("fit", out, "--C", "0.1", "--out", folder / "run")
+    assert fitted.code == 0, fitted.err
+    assert "parity: model.pt on 12 original images" in fitted.out
+    predicted = run_cli("predict", folder / "run" / "model.pt", images / "test", "--out", folder / "p.csv")
+    assert predicted.code == 0, predicted.err
+    assert (folder / "p.csv").read_bytes().count(b".png") == 4
+
+
+@pytest.mark.timeout(120)
+def test_fifos_and_symlink_loops_neither_hang_nor_duplicate_extract_and_predict(tmp_path, three_run):
+    images = make_folder(tmp_path / "photos", {"ants": 2, "bees": 2})
+    os.mkfifo(images / "bees" / "p.jpg")
+    (images / "ants" / "up").symlink_to("..")
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", *LITE)
+    assert result.code == 0, result.err
+    assert read_cache(tmp_path / "c.h5").paths == ["ants/img000.png", "ants/img001.png", "bees/img000.png",
+                                                   "bees/img001.png"]
+    assert "skipped (not a regular file (FIFO)): bees/p.jpg" in result.out
+    assert "skipped (symlink to a folder that is already listed" in result.out and "ants/up" in result.out
+    predicted = run_cli("predict", three_run / "model.pt", images, images / "bees" / "p.jpg", "--out",
+                        tmp_path / "p.csv")
+    assert predicted.code == 0, predicted.err
+    rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5 and rows[-1].endswith("not a regular file (FIFO)")  # 4 photos once each, the FIFO refused

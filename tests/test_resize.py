@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize, pillow_pass_order
+from pipeline.resize import HORIZONTAL_FIRST, VERTICAL_FIRST_IF_TALLER_CUT, pil_resize, pillow_pass_order
 from tests.conftest import HYMENOPTERA
 
 RULE = pillow_pass_order() == VERTICAL_FIRST_IF_TALLER_CUT  # whatever this Pillow does
@@ -77,5 +77,16 @@ def test_both_pass_orders_are_separable_resizes_in_the_stated_order():
                        _vertical(_resample_last(x, 30, False), 80, False).to(torch.uint8))
 
 
-def test_the_pass_order_is_detected_from_pillow():
-    assert pillow_pass_order() in ("horizontal-first", VERTICAL_FIRST_IF_TALLER_CUT)
+@pytest.mark.parametrize("rule, expected", [(True, VERTICAL_FIRST_IF_TALLER_CUT), (False, HORIZONTAL_FIRST)])
+def test_the_pass_order_is_detected_from_pillow(monkeypatch, rule, expected):
+    """A Pillow that resizes in either order is recognised as such; one that does neither is refused."""
+
+    def pillow_like(self, size, resample=None):
+        x = torch.from_numpy(np.asarray(self).copy())
+        return Image.fromarray(pil_resize(x, size[1], size[0], resample == Image.BICUBIC, rule).numpy())
+
+    monkeypatch.setattr(Image.Image, "resize", pillow_like)
+    assert pillow_pass_order.__wrapped__() == expected
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, resample=None: Image.new("L", size))
+    with pytest.raises(RuntimeError, match="resizes in a way transfer does not know"):
+        pillow_pass_order.__wrapped__()

@@ -1,0 +1,143 @@
+"""What a cache file is: its format constants, attributes, names and the identity of an extraction.
+
+docs/cache-format.md is the reference for everything named here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import hashlib
+import json
+import os
+import sys
+
+import h5py
+import numpy as np
+
+from ..files import display_path
+
+FORMAT = "transfer.features"
+FORMAT_VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+REASON_BYTES = 200
+COPY_ROWS = 2048  # rows per block when streaming features between files
+# Settings that make two extractions interchangeable; any difference refuses a resume or a reuse.
+IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "pretrained", "seed", "layer", "dim",
+                 "preprocessing", "precision", "listing_sha256")
+
+STR = h5py.string_dtype("utf-8")
+BYTES = h5py.string_dtype("ascii")  # h5py stores these bytes as they are: lossless file names
+
+
+def partial_path(out: str) -> str:
+    return out + ".partial"
+
+
+def listing_digest(classes: list[str], paths: list[str], labels: np.ndarray, splits: list[str] | None) -> str:
+    """sha256 over everything that fixes the rows of a cache: their order, files and labels."""
+    digest = ListingDigest(classes)
+    digest.update(paths, labels, splits)
+    return digest.hexdigest()
+
+
+class ListingDigest:
+    """`listing_digest`, fed block by block (for caches written from a stream of blocks)."""
+
+    def __init__(self, classes: list[str]):
+        self._sha = hashlib.sha256(json.dumps(classes).encode())
+
+    def update(self, paths: list[str], labels: np.ndarray, splits: list[str] | None) -> None:
+        for i, p in enumerate(paths):
+            self._sha.update(os.fsencode(p) + b"\0" + str(int(labels[i])).encode() + b"\0")
+            self._sha.update((splits[i] if splits is not None else "").encode() + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def identity(meta: dict) -> dict:
+    """The settings that decide the features, in a form comparable across a file round trip."""
+    return json.loads(json.dumps({k: meta.get(k) for k in IDENTITY_KEYS}))
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    old, new = identity(old), identity(new)
+    shown = []
+    for k in (k for k in IDENTITY_KEYS if old.get(k) != new.get(k)):
+        if k == "listing_sha256":
+            shown.append("the image folder's files or labels")
+        else:
+            shown.append(f"{k} {_brief(old.get(k))} vs {_brief(new.get(k))}")
+    return "; ".join(shown)
+
+
+def _brief(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def write_attrs(obj, meta: dict) -> None:
+    """Attributes as HDF5 can hold them: JSON for containers, "" for None, raw bytes kept as bytes."""
+    for key, value in meta.items():
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value)
+        elif value is None:
+            value = ""
+        elif isinstance(value, bytes):
+            value = np.void(value)  # opaque: stored byte for byte, whatever the encoding
+        elif isinstance(value, str):
+            value = display_path(value)  # plain UTF-8 str (also drops subclasses such as TorchVersion)
+        obj.attrs[key] = value
+
+
+def read_attrs(obj) -> dict:
+    meta = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, np.void):
+            value = value.tobytes()
+        elif isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        meta[key] = value
+    return meta
+
+
+def objects(items) -> np.ndarray:
+    """A 1-D object array: what h5py needs to write variable-length strings."""
+    items = list(items)
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def os_reason(e: Exception) -> str:
+    """A failed write's cause in a few words (HDF5 hides errno inside its message text)."""
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(e) or "errno = 28" in str(e):
+        return "no space left on device"
+    if code == errno.EFBIG or "File too large" in str(e):
+        return "file too large for this file system or limit"
+    if code == errno.EROFS or "Read-only file system" in str(e):
+        return "read-only file system"
+    return getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+
+
+@contextlib.contextmanager
+def quiet_h5py_teardown():
+    """When a write fails, h5py also reports each object it can no longer close through
+    sys.unraisablehook (a traceback on stderr); the failure itself is raised and reported once."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous

@@ -1,0 +1,90 @@
+"""pipeline/__init__.py: the public API - every stage one call, as the README shows it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline.errors import SettingError
+from tests.conftest import ROOT, blobs, make_cache, make_folder, run_cli
+
+
+def test_importing_the_package_is_light_and_names_are_the_functions():
+    code = ("import sys, pipeline; from pipeline import read_cache, write_cache; "
+            "heavy = [m for m in ('torch', 'sklearn', 'torchvision') if m in sys.modules]; "
+            "import pipeline.fit, pipeline.extract; "
+            "print(heavy, callable(pipeline.fit), callable(pipeline.extract), pipeline.fit.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "True", "True", "pipeline.fit"]
+    assert set(pipeline.__all__) >= {"extract", "read_cache", "write_cache", "fit", "export", "load_model", "predict"}
+
+
+def test_python_and_cli_fits_give_identical_heads(tmp_path):
+    X, y, classes = blobs(30, 3, 8, seed=3, spread=2.5)
+    split = (["train", "train", "val", "test"] * 30)[:90]
+    path = make_cache(tmp_path / "c.h5", X, y, classes, split)
+    assert run_cli("fit", path, "--out", tmp_path / "cli", "--no-export").code == 0
+    result = pipeline.fit(path, tmp_path / "py")
+    cli, py = np.load(tmp_path / "cli" / "head.npz"), np.load(tmp_path / "py" / "head.npz")
+    assert sorted(cli.files) == sorted(py.files)
+    for name in cli.files:
+        np.testing.assert_array_equal(cli[name], py[name], err_msg=name)
+    np.testing.assert_array_equal(result.head.weight, cli["weight"])
+    assert json.loads((tmp_path / "py" / "head.json").read_text())["command"].startswith("pipeline.fit(")
+
+
+def test_fit_on_arrays_writes_nothing_and_cannot_be_exported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    X, y, classes = blobs(20, 2, 5, spread=0.5)
+    split = np.where(np.arange(40) % 4 == 0, "val", "train")
+    result = pipeline.fit((X, y, classes, split), C=1.0)
+    assert result.scores["top1"] == 1.0 and result.evaluated_on == "val" and result.run_dir is None
+    assert result.head.weight.shape == (2, 5) and list(tmp_path.iterdir()) == []
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(result.head.proba(X64), result.pipeline.predict_proba(X64), atol=1e-12)
+    with pytest.raises(SettingError, match="fitted on arrays in memory"):
+        pipeline.export(result, tmp_path / "model")
+    with pytest.raises(SettingError, match="unknown fit setting 'c'"):
+        pipeline.fit((X, y, classes, split), c=1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fit_result_exports_and_predicts_without_a_run_folder(three_run, tmp_path):
+    cache = json.loads((three_run / "head.json").read_text())["provenance"]["cache"]
+    result = pipeline.fit(cache, C=0.1)
+    exported = pipeline.export(result, tmp_path / "shipped")
+    assert Path(exported.model_path) == tmp_path / "shipped" / "model.pt"
+    assert {p.name for p in (tmp_path / "shipped").iterdir()} == {"model.pt", "head.pt", "parity.json", "head.npz",
+                                                                   "head.json"}
+    model = pipeline.load_model(exported.model_path)
+    images = three_run.parent / "three-images" / "test"
+    predictions = pipeline.predict(model, [images], top_k=2)
+    assert len(predictions) == 9 and all(len(p.labels) == 2 and p.error is None for p in predictions)
+    cli = pipeline.predict(pipeline.load_model(three_run / "model.pt"), [images], top_k=2)
+    assert [p.labels for p in predictions] == [p.labels for p in cli]  # same fit, same decisions
+
+
+def _readme_python() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## From Python"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_python_section_runs_as_written(tmp_path):
+    make_folder(tmp_path / "photos", {"ants": 3, "bees": 3}, splits=("train", "val", "test"), ext=".jpg")
+    (tmp_path / "new_photos").mkdir()
+    for f in sorted((tmp_path / "photos" / "test" / "bees").iterdir())[:2]:
+        (tmp_path / "new_photos" / f.name).write_bytes(f.read_bytes())
+    out = subprocess.run([sys.executable, "-c", _readme_python()], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "models" / "photos" / "model.pt").is_file()
+    assert "new_photos/" in out.stdout and "top-1" in out.stdout
