@@ -28,17 +28,19 @@ spending 3-5x the evaluations (passes over the data) for nothing.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from scipy import optimize
+from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from .errors import TransferError
+from .errors import SettingError, TransferError
 
 BLOCK_BYTES = 32 << 20  # float32 features per block: 8,192 rows at D = 1,024; 2,048 at D = 4,096
 HOLD_CPU_BYTES = 256 << 20  # on the CPU, standardized features up to this size are kept in memory
@@ -91,29 +93,23 @@ class ArrayBlocks:
 
 
 class CacheBlocks:
-    """Rows `rows` (default all) of a finished feature cache, read block by block through the cache
-    module: never more than block_rows x D features in memory."""
+    """Rows `rows` (default all) of a feature cache (a path or a `Cache`), read block by block with
+    `Cache.blocks`: never more than block_rows x D features in memory."""
 
     def __init__(self, cache, rows: np.ndarray | None = None, block_rows: int | None = None):
-        if isinstance(cache, str):
-            from .cache import read_info
+        if not hasattr(cache, "blocks"):
+            from .cache import read_cache
 
-            cache = read_info(cache)
+            cache = read_cache(cache)
         self.cache = cache
-        n_all = len(cache.labels)
-        self.rows = np.arange(n_all) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.rows = np.arange(cache.n) if rows is None else np.asarray(rows, dtype=np.int64)
         self.n, self.dim = len(self.rows), int(cache.dim)
         self.labels = np.asarray(cache.labels, dtype=np.int64)[self.rows]
         self.block_rows = block_rows or default_block_rows(self.dim)
 
     def blocks(self):
-        if hasattr(self.cache, "blocks"):  # the Cache of pipeline.read_cache
-            for idx, X in self.cache.blocks(self.rows, self.block_rows):
-                yield np.asarray(X, dtype=np.float32), self.labels[idx], np.asarray(idx)
-            return
-        for lo in range(0, self.n, self.block_rows):  # CacheInfo: read_features per block
-            idx = np.arange(lo, min(lo + self.block_rows, self.n))
-            yield self.cache.read_features(self.rows[idx]), self.labels[idx], idx
+        for idx, X in self.cache.blocks(self.rows, self.block_rows):
+            yield np.asarray(X, dtype=np.float32), self.labels[idx], np.asarray(idx)
 
     def shard(self, rank: int, world: int) -> "CacheBlocks":
         return CacheBlocks(self.cache, self.rows[_slice(self.n, rank, world)], self.block_rows)
@@ -123,6 +119,17 @@ class CacheBlocks:
 
 def _world() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def world_size() -> int:
+    """Processes in this torchrun job (1 without torchrun)."""
+    return _world()
+
+
+def my_shard(source: BlockSource) -> BlockSource:
+    """This rank's contiguous slice of `source` (all of it in one process)."""
+    world = _world()
+    return source if world == 1 else source.shard(tdist.get_rank(), world)
 
 
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -197,8 +204,16 @@ class Solution:
     def record(self) -> dict:
         return {"C": self.C, "iterations": self.iterations, "evaluations": self.evaluations,
                 "float64_evaluations": self.precise_evaluations,
-                "converged": self.converged, "warm_start": self.warm, "message": self.message,
-                "seconds": round(self.seconds, 3)}
+                "converged": self.converged, "warm_start": self.warm, "message": self.message}
+
+
+def _prepare(X: torch.Tensor, mean, scale, l2: bool) -> torch.Tensor:
+    """A block as the model sees it, in place: (X - mean) / scale, or X / ||X|| per row (l2)."""
+    if l2:
+        X = X.div_(torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_(min=1e-12))  # head.py's rule
+    if mean is not None:
+        X = X.sub_(mean).div_(scale)
+    return X
 
 
 @dataclass
@@ -211,7 +226,8 @@ class _Block:
 class Objective:
     """scikit-learn's logistic-regression objective over the rows of `source` (this rank's shard).
 
-    mean, scale (D,): the standardization applied to every block (None: raw features). The class
+    mean, scale (D,): the standardization applied to every block (None: raw features); l2: divide
+    each row by its L2 norm instead (scikit-learn's Normalizer). The class
     weights and the weight total are taken over all ranks' rows. hold: keep the standardized
     blocks on the device between evaluations (None: when they fit in HOLD_CPU_BYTES, or half the
     GPU's free memory); otherwise every evaluation streams them from the source again.
@@ -219,7 +235,7 @@ class Objective:
 
     def __init__(self, source: BlockSource, n_classes: int, mean: np.ndarray | None = None,
                  scale: np.ndarray | None = None, class_weight: str | None = None, device: str = "cpu",
-                 hold: bool | None = None):
+                 hold: bool | None = None, l2: bool = False):
         if n_classes < 2:
             raise TransferError(f"a classifier needs at least two classes, got {n_classes}")
         if class_weight not in (None, "none", "balanced"):
@@ -241,6 +257,7 @@ class Objective:
         self._cw = None if self.class_weights is None else torch.from_numpy(self.class_weights).to(self.device)
         self._mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self._scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32, device=self.device)
+        self._l2 = l2
         self.held: list[_Block] | None = None
         if hold is None:
             hold = source.n * source.dim * 4 <= self._hold_budget()
@@ -256,9 +273,7 @@ class Objective:
 
     def _stream(self) -> Iterator[_Block]:
         for X, y, _ in self.source.blocks():
-            Xt = torch.from_numpy(X).to(self.device)
-            if self._mean is not None:
-                Xt = Xt.sub_(self._mean).div_(self._scale)
+            Xt = _prepare(torch.from_numpy(X).to(self.device), self._mean, self._scale, self._l2)
             yt = torch.from_numpy(y).to(self.device)
             yield _Block(Xt, yt, None if self._cw is None else self._cw[yt])
 
@@ -330,8 +345,10 @@ class Objective:
         f = loss / s + 0.5 * float(np.dot(theta[:coef.size], theta[:coef.size])) / (C * s)
         return f, np.concatenate([(dW / s + coef / (C * s)).ravel(), db / s])
 
-    def solve(self, C: float, start: Solution | None = None, tol: float = 1e-4, max_iter: int = 1000) -> Solution:
-        """Minimize at C from zero, or warm-started from `start` (e.g. the solution at a smaller C).
+    def solve(self, C: float, start: Solution | None = None, tol: float = 1e-4, max_iter: int = 1000,
+              callback: Callable[[], None] | None = None) -> Solution:
+        """Minimize at C from zero, or warm-started from `start` (e.g. the solution at a smaller C);
+        callback() after every iteration.
 
         float32 matmuls until the gradient is within `tol` or the float32 loss stops resolving
         progress; in that case float64 matmuls finish the job, with scikit-learn's own options."""
@@ -339,13 +356,14 @@ class Objective:
             raise TransferError(f"C must be a positive number, got {C}")
         theta = np.zeros(self.size) if start is None else self.pack(start.coef, start.intercept)
         started, before, before_precise = time.perf_counter(), self.evaluations, self.precise_evaluations
-        res = optimize.minimize(self._scaled, theta, args=(C, False), jac=True, method="L-BFGS-B",
+        each = None if callback is None else (lambda xk: callback())
+        res = optimize.minimize(self._scaled, theta, args=(C, False), jac=True, method="L-BFGS-B", callback=each,
                                 options={"maxiter": max_iter, "maxls": FAST_MAX_LINE_SEARCH, "gtol": tol,
                                          "ftol": FAST_FTOL})
         iterations = int(res.nit)
         if res.status != 1 and np.abs(res.jac).max() > tol and iterations < max_iter:
             res = optimize.minimize(self._scaled, res.x, args=(C, True), jac=True, method="L-BFGS-B",
-                                    options={"maxiter": max_iter - iterations, "maxls": 50, "gtol": tol,
+                                    callback=each, options={"maxiter": max_iter - iterations, "maxls": 50, "gtol": tol,
                                              "ftol": 64 * np.finfo(float).eps})
             iterations += int(res.nit)
         coef, intercept = self.unpack(res.x)
@@ -365,7 +383,7 @@ class Objective:
 
 @torch.no_grad()
 def predict_proba(source: BlockSource, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray | None = None,
-                  scale: np.ndarray | None = None, device: str = "cpu") -> np.ndarray:
+                  scale: np.ndarray | None = None, device: str = "cpu", l2: bool = False) -> np.ndarray:
     """Probabilities (n, K) float64 of the rows of `source`, streamed; R = 1 gives [1 - p, p] like
     LogisticRegression.predict_proba."""
     R = len(intercept)
@@ -376,10 +394,32 @@ def predict_proba(source: BlockSource, coef: np.ndarray, intercept: np.ndarray, 
     m = None if mean is None else torch.as_tensor(mean, dtype=torch.float64, device=dev)
     s = None if scale is None else torch.as_tensor(scale, dtype=torch.float64, device=dev)
     for X, _, idx in source.blocks():
-        Xt = torch.from_numpy(X).to(dev, torch.float64)
-        if m is not None:
-            Xt = (Xt - m) / s
+        Xt = _prepare(torch.from_numpy(X).to(dev, torch.float64), m, s, l2)
         Z = Xt @ W.T + b
         P = torch.cat([1 - torch.sigmoid(Z), torch.sigmoid(Z)], 1) if R == 1 else torch.softmax(Z, 1)
         out[idx] = P.cpu().numpy()
     return out
+
+
+def as_logistic_regression(coef: np.ndarray, intercept: np.ndarray, n_classes: int, iterations: int,
+                           **params) -> LogisticRegression:
+    """A fitted scikit-learn LogisticRegression holding this solution (classes 0..K-1, as a fit on
+    the cache's labels has), so predict_proba, joblib and the export work unchanged."""
+    model = LogisticRegression(**params)
+    model.classes_ = np.arange(n_classes)
+    model.coef_, model.intercept_ = np.array(coef, dtype=np.float64), np.array(intercept, dtype=np.float64)
+    model.n_features_in_ = coef.shape[1]
+    model.n_iter_ = np.array([iterations], dtype=np.int32)
+    return model
+
+
+def resolve_device(device: str) -> str:
+    """auto: the GPU when there is one (cuda:LOCAL_RANK under torchrun), else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingError(f"device {device!r} was asked for but torch sees no GPU; use --device cpu")
+        if device == "cuda" and _world() > 1:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device

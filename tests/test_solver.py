@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipeline import solver
-from pipeline.cache import read_info
+from pipeline import read_cache
 from pipeline.errors import TransferError
 from tests.conftest import ROOT, make_cache
 
@@ -91,10 +91,10 @@ def test_objective_is_sklearns_number():
 
 
 def test_hymenoptera_features_reach_sklearns_objective(hymenoptera_lite0):
-    info = read_info(str(hymenoptera_lite0))
-    train = np.flatnonzero(info.splits == "train")
-    X, y = info.read_features(train), info.labels[train]
-    source = solver.CacheBlocks(info, train, block_rows=100)
+    cache = read_cache(hymenoptera_lite0)
+    train = np.flatnonzero(cache.split == "train")
+    X, y = cache.features(train), cache.labels[train]
+    source = solver.CacheBlocks(cache, train, block_rows=100)
     for C in (0.0013, 0.1):  # 0.0013: what --C auto chooses on these features (README)
         assert_reaches_sklearn(source, X, y, 2, C, None)
 
