@@ -256,9 +256,9 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
         ("chosen C", chosen),
         (f"scores on {where}", f"top-1 {s['top1']:.4f}{top5}  balanced {s['balanced_accuracy']:.4f}  "
                                f"log-loss {s['log_loss']:.4f}"),
-        ("solver", f"{result.solver['name']} on {result.solver['device']}"
-                   + (f", {result.solver['world_size']} ranks" if result.solver["world_size"] > 1 else "")
-                   + (f" (auto: {result.solver['reason']})" if solver == "auto" else "")),
+        ("solver", (f"{result.solver['name']} on {result.solver['device']}"
+                    + (f", {result.solver['world_size']} ranks" if result.solver["world_size"] > 1 else "")
+                    + (f" (auto: {result.solver['reason']})" if solver == "auto" else ""))),
         ("fit time", f"{result.timings['total_s']:.1f} s"),
         ("run folder", run_dir),
     ]

@@ -13,9 +13,10 @@ import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from numbers import Integral, Real
-from typing import Callable, ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -315,7 +316,7 @@ def sweep_C(fit_at: FitAt, yval: np.ndarray, n_classes: int,
         tried[C] = {**record, "C": C, "val_top1": top1, "val_log_loss": loss}
         if best is None or (top1, -loss, -C) > best[0]:
             best = ((top1, -loss, -C), C, state, proba)
-        progress.advance(1, f"C={C:.3g} val top-1 {top1:.3f}")
+        progress.advance(1, f"C={C:.3g} val top-1 {top1:.3f} (best: C={best[1]:.3g}, {best[0][0]:.3f})")
         return state
 
     previous = None

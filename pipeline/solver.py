@@ -15,23 +15,26 @@ L-BFGS steps.
 
 The optimizer is SciPy's L-BFGS-B, which scikit-learn itself calls, driven by the streamed
 loss/gradient on the objective scaled as scikit-learn scales it, so `tol` (the gradient tolerance)
-and `max_iter` mean what they mean for LogisticRegression. Measured against torch.optim.LBFGS (strong Wolfe, same loss/gradient) on
-binary, 3- and 50-class problems at C = 1e-3, 0.1 and 10: L-BFGS-B reached scikit-learn's
-objective to 1e-5 in as many or fewer evaluations in all nine cases (e.g. 19 vs 21, 32 vs 34 at
-50 classes), and an evaluation (a pass over the data) is what costs; the optimizer's own work on
-K x D parameters is negligible, on a GPU too. Two options differ from scikit-learn's (ftol 64 eps,
-maxls 50), both because the loss comes from float32 logits: its rounding is about 1e-9 of the
-objective (measured: scikit-learn's objective is reached to 1e-8..3e-7), so smaller relative
-reductions are noise; with scikit-learn's values the line search then failed over and over,
-spending 3-5x the evaluations (passes over the data) for nothing.
+and `max_iter` mean what they mean for LogisticRegression. Measured against torch.optim.LBFGS
+(strong Wolfe, same loss/gradient) on binary, 3- and 50-class problems at C = 1e-3, 0.1 and 10:
+L-BFGS-B reached scikit-learn's objective to 1e-5 in as many or fewer evaluations in all nine
+cases (e.g. 19 vs 21 and 32 vs 34 at 50 classes), and an evaluation (a pass over the data) is
+what costs; the optimizer's own work on K x D parameters is negligible, on a GPU too.
+
+Precision: float32 logits round the loss at about 1e-9 of its value, so near the optimum a line
+search can no longer tell a step's gain from rounding; with scikit-learn's options (ftol 64 eps,
+maxls 50) it then spent 3-5x the evaluations failing. So the float32 phase stops early at that
+point (ftol 1e-10, maxls 5) and, when the gradient is not yet within `tol`, float64 matmuls finish
+with scikit-learn's options. At tol 1e-4 (the default) that handover is rare.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -66,11 +69,15 @@ class BlockSource(Protocol):
         """Yield (X (b, dim) float32, y (b,) int64, idx (b,) positions 0..n-1 of these rows)."""
 
     def shard(self, rank: int, world: int) -> "BlockSource":
-        """The contiguous slice [n * rank / world, n * (rank + 1) / world) of these rows."""
+        """A contiguous slice of these rows, one per rank, cut between blocks (see _slice)."""
 
 
-def _slice(n: int, rank: int, world: int) -> slice:
-    return slice(n * rank // world, n * (rank + 1) // world)
+def _slice(n: int, rank: int, world: int, block_rows: int) -> slice:
+    """Rank `rank`'s contiguous share of n rows: whole blocks, so that every block, and its float32
+    sums, is the one a single process computes; the ranks then differ from one process only in the
+    order of float64 additions."""
+    blocks = -(-n // block_rows)
+    return slice(min(n, blocks * rank // world * block_rows), min(n, blocks * (rank + 1) // world * block_rows))
 
 
 class ArrayBlocks:
@@ -89,7 +96,7 @@ class ArrayBlocks:
             yield np.asarray(self.X[self.rows[idx]], dtype=np.float32), self.labels[idx], idx
 
     def shard(self, rank: int, world: int) -> "ArrayBlocks":
-        return ArrayBlocks(self.X, self._y, self.rows[_slice(self.n, rank, world)], self.block_rows)
+        return ArrayBlocks(self.X, self._y, self.rows[_slice(self.n, rank, world, self.block_rows)], self.block_rows)
 
 
 class CacheBlocks:
@@ -112,7 +119,7 @@ class CacheBlocks:
             yield np.asarray(X, dtype=np.float32), self.labels[idx], np.asarray(idx)
 
     def shard(self, rank: int, world: int) -> "CacheBlocks":
-        return CacheBlocks(self.cache, self.rows[_slice(self.n, rank, world)], self.block_rows)
+        return CacheBlocks(self.cache, self.rows[_slice(self.n, rank, world, self.block_rows)], self.block_rows)
 
 
 # --- across ranks ----------------------------------------------------------------------------------
