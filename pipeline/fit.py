@@ -587,19 +587,20 @@ def _fit_streamed(cache: Cache, settings: FitSettings, splits: Splits, timings: 
         moments = (scaler.mean_, scaler.scale_) if scaler is not None else (None, None)
         return scaler, moments, streamed.Objective(source, n_classes, *moments, class_weight, device, l2=l2)
 
-    def proba(rows: np.ndarray, s: streamed.Solution, moments) -> np.ndarray:
-        return streamed.predict_proba(streamed.CacheBlocks(cache, rows), s.coef, s.intercept, *moments, device, l2)
+    def rows_as_seen(rows: np.ndarray, moments) -> streamed.Prepared:  # val/test, kept when small
+        return streamed.Prepared(streamed.CacheBlocks(cache, rows), *moments, l2, device)
 
     t = time.perf_counter()
     scaler, moments, objective = prepare(splits.train)
+    val = rows_as_seen(splits.val, moments)
 
     def fit_at(C: float, start):
         s = objective.solve(C, start, TOL, settings.max_iter)
-        return s, proba(splits.val, s, moments), s.record()
+        return s, streamed.predict_proba(val, s.coef, s.intercept), s.record()
 
     C, sweep, val_proba, chosen = _choose_C(settings, fit_at, cache.labels[splits.val], n_classes, progress)
     timings["sweep_s"] = time.perf_counter() - t
-    del objective
+    del objective, val
 
     t = time.perf_counter()
     rows = np.concatenate([splits.train, splits.val])
@@ -610,7 +611,8 @@ def _fit_streamed(cache: Cache, settings: FitSettings, splits: Splits, timings: 
     progress.phase("refit on train+val", None, "iteration")
     final = objective.solve(C, chosen, TOL, settings.max_iter, callback=lambda: progress.advance(1))
     timings["refit_s"] = time.perf_counter() - t
-    test_proba = proba(splits.test, final, new_moments) if len(splits.test) else None
+    test_proba = (streamed.predict_proba(rows_as_seen(splits.test, new_moments), final.coef, final.intercept)
+                  if len(splits.test) else None)
     steps = ([new_scaler] if new_scaler is not None else
              [Normalizer().fit(np.zeros((1, dim)))] if l2 else [])
     model = streamed.as_logistic_regression(final.coef, final.intercept, n_classes, final.iterations, C=C,

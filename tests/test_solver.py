@@ -69,7 +69,7 @@ def assert_reaches_sklearn(source, X, y, k, C, class_weight, **solve):
     theirs = objective.value(model.coef_, model.intercept_, C)
     assert objective.value(s.coef, s.intercept, C) <= theirs * (1 + 1e-5)
     assert s.coef.shape == model.coef_.shape and s.intercept.shape == model.intercept_.shape
-    proba = solver.predict_proba(source, s.coef, s.intercept, mine.mean_, mine.scale_)
+    proba = solver.predict_proba(solver.Prepared(source, mine.mean_, mine.scale_), s.coef, s.intercept)
     assert np.abs(proba - model.predict_proba(Z)).max() <= 1e-3
     return s
 
