@@ -56,6 +56,34 @@ class _Bar:
             self.bar.close()
 
 
+class _PhaseBars:
+    """One tqdm bar per fit phase (C sweep, refit) behind the library's FitProgress interface."""
+
+    def __init__(self):
+        self.bar = None
+
+    def phase(self, name: str, total: int | None, unit: str) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, desc=name, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self, n: int, status: str = "") -> None:
+        if status:
+            self.bar.set_postfix_str(status, refresh=False)
+        self.bar.update(n)
+
+    def note(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors (works anywhere on the line).")
 def cli(debug: bool) -> None:
@@ -209,6 +237,11 @@ def _fit_options(f):
         click.option("--C-selection", "C_selection", default="auto", show_default=True,
                      help="How --C auto is chosen: validation (the val split), cv (k-fold on train+val), or auto "
                           "(cv when the val split has fewer than 20 images of some class)."),
+        click.option("--solver", default="auto", show_default=True,
+                     help="sklearn (in memory), streamed (L-BFGS over blocks read from the cache: any size, GPU, "
+                          "torchrun) or auto (sklearn where its float64 features fit comfortably in memory)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="Where the streamed solver computes: auto (a GPU when there is one), cpu or cuda."),
     ]):
         f = option(f)
     return f
@@ -226,29 +259,39 @@ def _fit_options(f):
 @click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
               type=click.Choice(["torchscript", "onnx", "pt2", "all"]), help="Model format(s) to export; repeatable.")
 def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
-        export, formats):
+        solver, device, export, formats):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
-    the model is refit on train+val and scored on test when there is one.
+    the model is refit on train+val and scored on test when there is one. Under torchrun
+    (--solver streamed or auto) the ranks share the rows and rank 0 writes the run folder.
     """
     from pipeline.fit import fit as run
     from pipeline.report import check_new_folder, default_run_dir, release_if_empty
 
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes and reports
     if run_dir:
         check_new_folder(run_dir)  # before any work
-    run_dir = run_dir or default_run_dir(cache_file)
+    run_dir = (run_dir or default_run_dir(cache_file)) if rank0 else None
+    bars = _PhaseBars()
     try:
-        result = run(cache_file, run_dir, command=_command_line(), C=C, class_weight=class_weight,
+        result = run(cache_file, run_dir, command=_command_line(), progress=bars, C=C, class_weight=class_weight,
                      max_iter=max_iter, seed=seed, normalize=normalize, pca=pca, train_fraction=train_fraction,
-                     repeat=repeat, C_selection=C_selection)
+                     repeat=repeat, C_selection=C_selection, solver=solver, device=device)
+        bars.close()
     except KeyboardInterrupt:
-        release_if_empty(run_dir)
+        bars.close()
+        if run_dir:
+            release_if_empty(run_dir)
         raise _Exit("interrupted while fitting: nothing was written (a run folder appears only when complete)",
                     130) from None
     except BaseException:
-        release_if_empty(run_dir)
+        bars.close()
+        if run_dir:
+            release_if_empty(run_dir)
         raise
+    if not rank0:
+        return
     s, sizes = result.scores, result.splits.sizes()
     where = {"test": "test", "val": "val (also chose C: optimistic)",
              "cv": "cross-validation (also chose C: optimistic)"}[result.evaluated_on]
@@ -260,6 +303,9 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
         ("chosen C", chosen),
         (f"scores on {where}", f"top-1 {s['top1']:.4f}{top5}  balanced {s['balanced_accuracy']:.4f}  "
                                f"log-loss {s['log_loss']:.4f}"),
+        ("solver", (f"{result.solver['name']} on {result.solver['device']}"
+                    + (f", {result.solver['world_size']} ranks" if result.solver["world_size"] > 1 else "")
+                    + (f" (auto: {result.solver['reason']})" if solver == "auto" else ""))),
         ("fit time", f"{result.timings['total_s']:.1f} s"),
         ("run folder", run_dir),
     ]
@@ -398,9 +444,10 @@ def demo(ctx, workdir, per_class):
 @click.option("--jobs", type=int, default=None, help="Parallel runs [default: CPU cores, at most 4].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-iter", type=int, default=1000, show_default=True)
+@click.option("--solver", default="auto", show_default=True, help="sklearn, streamed or auto (as in `fit`).")
 @click.option("--out", "out_dir", type=click.Path(path_type=str), default=None,
               help="Folder to write [default: reports/experiments-<timestamp>].")
-def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max_iter, out_dir):
+def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max_iter, solver, out_dir):
     """Try many heads and settings on cached features only: the network is never run.
 
     Several caches of the same images (other backbones or layers) are compared in one table.
@@ -411,7 +458,7 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
     request = ExperimentRequest(caches=list(caches), grid=parse_grid(list(grid), normalize, pca),
                                 fractions=parse_fractions(fractions), repeats=repeats, seed=seed,
                                 jobs=min(4, os.cpu_count() or 1) if jobs is None else jobs, max_iter=max_iter,
-                                out=out_dir, command=_command_line())
+                                solver=solver, out=out_dir, command=_command_line())
     if out_dir:
         check_new_folder(out_dir)  # before any work
     request.out = out_dir or default_out()

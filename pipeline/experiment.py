@@ -36,6 +36,7 @@ class ExperimentRequest:
     seed: int = 0
     jobs: int = 1
     max_iter: int = 1000
+    solver: str = "auto"  # fit's solver setting: auto, sklearn or streamed
     out: str | None = None  # the folder to write; runs are saved as they finish, in OUT.partial
     command: str = ""  # recorded in summary.md
 
@@ -138,6 +139,7 @@ def plan(req: ExperimentRequest, dim: int) -> list[Run]:
             raise SettingError(f"PCA dimension {pca} is larger than the feature dimension {dim}")
     validate("repeats", req.repeats, [Interval(Integral, 1, None)], "--repeats")
     validate("jobs", req.jobs, [Interval(Integral, 1, None)], "--jobs")
+    validate("solver", req.solver, FitSettings.CONSTRAINTS["solver"], "--solver")
     runs = []
     combos = list(itertools.product(*(req.grid[k] for k in GRID_KEYS)))
     for cache in req.caches:
@@ -145,7 +147,8 @@ def plan(req: ExperimentRequest, dim: int) -> list[Run]:
             for fraction in req.fractions:
                 for repeat in range(req.repeats if fraction < 1 else 1):  # the whole train split is one sample
                     settings = FitSettings(C=C, class_weight=class_weight, max_iter=req.max_iter, seed=req.seed,
-                                           normalize=normalize, pca=pca, train_fraction=fraction, repeat=repeat)
+                                           normalize=normalize, pca=pca, train_fraction=fraction, repeat=repeat,
+                                           solver=req.solver)
                     runs.append(Run(len(runs), cache, settings))
     return runs
 
@@ -156,6 +159,8 @@ def fit_command(cache: str, s: FitSettings) -> str:
             "--normalize", s.normalize, "--seed", str(s.seed), "--max-iter", str(s.max_iter)]
     if s.pca is not None:
         args += ["--pca", str(s.pca)]
+    if s.solver != "auto":
+        args += ["--solver", s.solver]
     if s.train_fraction < 1:
         args += ["--train-fraction", repr(s.train_fraction), "--repeat", str(s.repeat)]
     if s.C_selection != "auto":

@@ -118,6 +118,7 @@ def metrics_doc(result: FitResult, command: str) -> dict:
             "sweep": result.sweep,
         },
         "convergence": {**result.convergence, "max_iter": result.settings.max_iter},
+        "solver": result.solver,
         "splits": result.splits.sizes(),
         "split_source": result.splits.source,
         "settings": vars(result.settings),
