@@ -15,6 +15,7 @@ the same libjpeg-turbo (they do here: benchmarks/extract_throughput.py checks it
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 import queue
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from .devices import Choice
-from .images import MAX_PIXELS, DecodeError, ImageBatch, ImageDataset, collate, decode_image
+from .images import HASH_NAME, MAX_PIXELS, DecodeError, ImageBatch, ImageDataset, collate, decode_image
 from .resize import VERTICAL_FIRST_IF_TALLER_CUT, coefficients
 
 DECODE_CHOICES = ("auto", "pil", "torch")
@@ -53,11 +54,13 @@ def resolve_decode(requested: str, device: torch.device, earlier: str | None = N
 
 @dataclass
 class Encoded:
-    """One JPEG file, read but not decoded: data (n,) uint8; orientation: its EXIF orientation (1-8)."""
+    """One JPEG file, read but not decoded: data (n,) uint8; orientation: its EXIF orientation (1-8);
+    digest: the sha256 of its bytes (the cache's content hash)."""
 
     path: str
     data: torch.Tensor
     orientation: int
+    digest: str = ""
 
 
 def read_jpeg(path: str) -> Encoded | None:
@@ -81,17 +84,17 @@ def read_jpeg(path: str) -> Encoded | None:
     except Exception:  # noqa: BLE001 - whatever goes wrong here, the Pillow path reports it properly
         return None
     return Encoded(path, torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                   orientation if orientation in range(1, 9) else 1)
+                   orientation if orientation in range(1, 9) else 1, hashlib.new(HASH_NAME, data).hexdigest())
 
 
 class EncodedDataset(ImageDataset):
-    """Listing positions `order[i]` -> (position, Encoded, None) for plain JPEGs; otherwise what
-    ImageDataset gives: (position, crop, None) or (position, None, reason)."""
+    """Listing positions `order[i]` -> (position, Encoded, None, digest) for plain JPEGs; otherwise
+    what ImageDataset gives: (position, crop, None, digest) or (position, None, reason, digest)."""
 
     def __getitem__(self, i: int):
         position = self.order[i]
         encoded = read_jpeg(os.path.join(self.root, self.paths[position]))
-        return (position, encoded, None) if encoded is not None else super().__getitem__(i)
+        return (position, encoded, None, encoded.digest) if encoded is not None else super().__getitem__(i)
 
 
 @dataclass
@@ -99,12 +102,14 @@ class EncodedBatch:
     encoded: list[tuple[int, Encoded]]  # (listing position, file) to decode on the device
     crops: list[tuple[int, torch.Tensor]]  # (listing position, (3, S, S) uint8) from the Pillow path
     failed: list[tuple[int, str]]
+    hashes: dict[int, str]  # listing position -> content hash, for every file of the batch
 
 
 def collate_encoded(samples: list) -> EncodedBatch:
-    return EncodedBatch([(i, x) for i, x, _ in samples if isinstance(x, Encoded)],
-                        [(i, x) for i, x, _ in samples if isinstance(x, torch.Tensor)],
-                        [(i, reason) for i, x, reason in samples if x is None])
+    return EncodedBatch([(i, x) for i, x, _, _ in samples if isinstance(x, Encoded)],
+                        [(i, x) for i, x, _, _ in samples if isinstance(x, torch.Tensor)],
+                        [(i, reason) for i, x, reason, _ in samples if x is None],
+                        {i: digest for i, _, _, digest in samples})
 
 
 class DeviceDecoder:
@@ -131,7 +136,7 @@ class DeviceDecoder:
             crops[position] = crop
         order = sorted(crops)
         images = torch.stack([crops[i] for i in order]) if order else torch.empty((0, 3, 1, 1), dtype=torch.uint8)
-        return ImageBatch(torch.tensor(order, dtype=torch.int64), images, sorted(failed))
+        return ImageBatch(torch.tensor(order, dtype=torch.int64), images, sorted(failed), batch.hashes)
 
 
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

@@ -198,18 +198,22 @@ def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
 
 def build_model(head: head_mod.LinearHead) -> TransferModel:
     """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this head."""
+    return _build(head)[0]
+
+
+def _build(head: head_mod.LinearHead) -> tuple[TransferModel, Backbone]:
     provenance = head.meta["provenance"]
     backbone = rebuild_backbone(provenance)
     # The preprocessing recorded at extraction, not today's: Pillow's resize order may have changed since.
     prep = Preprocessing.from_dict(provenance["preprocessing"])
     model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
                           head.l2_normalize, prep, head.classes, model_metadata(head))
-    return model.eval()
+    return model.eval(), backbone
 
 
 def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str) -> ExportResult:
     parity = {"cached_features": _feature_parity(head, reference, cache)}
-    model = build_model(head)
+    model, backbone = _build(head)
     # Every file is written under a temporary name and checked as loaded back from it; only when all
     # agree with scikit-learn are they renamed into place.
     for fmt, path in paths.items():  # model.pt's head is the torch Linear checked above
@@ -224,7 +228,7 @@ def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str,
             written[fmt] = tmp = f"{path}.writing-{os.getpid()}"
             formats_mod.write(fmt, model, tmp, program)
             runner, _ = formats_mod.load(tmp, torch.device("cpu"), fmt)
-            e2e = _end_to_end_parity(runner.images, reference, cache, name, model, memo)
+            e2e = _end_to_end_parity(runner.images, reference, cache, name, backbone, memo)
             (parity if fmt == "torchscript" else parity[fmt])["end_to_end"] = e2e  # model.pt's: top level, as before
         head_path = os.path.join(folder, "head.pt")
         write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
@@ -303,13 +307,13 @@ def _sample_rows(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64))
 
 
-def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt", network: TransferModel | None = None,
+def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt", backbone: Backbone | None = None,
                        memo: dict | None = None) -> dict:
     """model: uint8 images (1, 3, H, W) -> probabilities (1, K), run on a sample of the original images.
-    A bf16/fp16 cache is compared with the extraction repeated in fp32 by `network`'s backbone and
-    preprocessing (memo: row -> those features, shared by the formats checked in one export)."""
+    A bf16/fp16 cache is compared with the extraction repeated in fp32 by `backbone` with its own
+    (Pillow) preprocessing (memo: row -> those features, shared by the formats checked in one export)."""
     precision = cache.provenance.get("precision")
-    reduced = precision in ("bf16", "fp16") and network is not None
+    reduced = precision in ("bf16", "fp16") and backbone is not None
     tolerance = END_TO_END_TOLERANCE["fp32"] if reduced else END_TO_END_TOLERANCE.get(precision, 1e-1)
     memo = {} if memo is None else memo
     rows = _sample_rows(cache.n, PARITY_IMAGES)
@@ -328,8 +332,8 @@ def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt", 
             got = np.asarray(model(tensor), dtype=np.float64)[0]
             if reduced:  # the extraction once more, in fp32, with its own (Pillow) preprocessing
                 if int(rows[i]) not in memo:
-                    prep = Preprocessing.from_dict(cache.provenance["preprocessing"])
-                    memo[int(rows[i])] = network.backbone(
+                    prep = backbone.preprocessing
+                    memo[int(rows[i])] = backbone.network(
                         prep.normalize(prep.pil_transform()(image).unsqueeze(0))).double().numpy()
                 again = memo[int(rows[i])]
                 cosines.append(float(again[0] @ features[i] / (np.linalg.norm(again) * np.linalg.norm(features[i]))))

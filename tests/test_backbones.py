@@ -251,7 +251,8 @@ def odd_images(tmp_path_factory):
 def test_features_equal_the_sources_reference_forward_and_preprocessing(tmp_path, odd_images, name):
     root, _ = odd_images
     out = tmp_path / "c.h5"
-    result = run_cli("extract", root, "--out", out, "--backbone", name, "--weights", "random", "--batch-size", "2")
+    result = run_cli("extract", root, "--out", out, "--backbone", name, "--weights", "random", "--batch-size", "2",
+                     "--precision", "fp32")  # compared with the source's fp32 forward at 1e-4
     assert result.code == 0, result.err
     info = read_cache(out)
     features = info.features()
