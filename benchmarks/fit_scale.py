@@ -280,8 +280,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096, help="scale: feature dimension")
     parser.add_argument("--classes", type=int, default=100, help="scale: classes")
     parser.add_argument("--iterations", type=int, default=3, help="scale: L-BFGS iterations")
-    parser.add_argument("--sweep-evals", type=int, default=400,
-                        help="scale: evaluations a whole --C auto fit takes, for the extrapolation")
+    parser.add_argument("--sweep-evals", type=int, default=81,
+                        help="scale: evaluations a whole --C auto fit takes, for the extrapolation "
+                             "(default: what `speed` printed on 2026-11-28)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fit_scale-"))
     work.mkdir(parents=True, exist_ok=True)
