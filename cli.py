@@ -124,9 +124,12 @@ def cli(debug: bool) -> None:
 @click.option("--check-content", is_flag=True,
               help="When updating a cache, tell unchanged files by their content hash (reads every file) "
                    "instead of their size and modification time.")
+@click.option("--retry-failed", is_flag=True,
+              help="Run the images the cache lists as failed through the network again (after fixing them), "
+                   "even if their size and modification time did not change.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
 def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, decode, workers,
-            overwrite, check_content, seed):
+            overwrite, check_content, retry_failed, seed):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -166,7 +169,7 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
         summary = run(image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta,
                       batch_size=batch_size, device=device,
                       precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
-                      manifest=manifest, check_content=check_content, progress=bar, on_ready=ready)
+                      manifest=manifest, check_content=check_content, retry_failed=retry_failed, progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
         raise _Exit(f"interrupted: {committed_so_far(out)}rerun the same command to resume", 130) from None

@@ -50,6 +50,7 @@ class ExtractRequest:
     command: str = ""  # the command line, named in "resume with" messages
     manifest: str | None = None  # a .csv/.jsonl of path,label[,split] instead of image_dir
     check_content: bool = False  # an update compares files by content hash, not size and mtime
+    retry_failed: bool = False  # images that failed in the cache go through the network again
 
     CONSTRAINTS = {
         "batch_size": [None, Interval(Integral, 1, None)],
@@ -109,7 +110,7 @@ def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
     updates a cache of the same settings whose images changed, running the network only on new and
     changed files. options: backbone, weights, layer, tta, batch_size, device, precision,
-    decode, workers, overwrite, seed, manifest, check_content (the `transfer extract` options). `on_ready(info)` is called once
+    decode, workers, overwrite, seed, manifest, check_content, retry_failed (the `transfer extract` options). `on_ready(info)` is called once
     before the work starts; for an update, info["update"] holds its account (reused, new,
     changed, removed, relabelled).
 
@@ -294,15 +295,17 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
     if req.check_content and (previous or interrupted):
         hashes = content_hashes(listing.root, listing.paths)
     if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"]:
-        # The same files under the same names: done, unless a file's size/mtime (or content) changed.
-        if (not previous.has_stats and not req.check_content) or plan_update(
-                listing, [previous], req.check_content, hashes).unchanged:
+        # The same files under the same names: done, unless a file's size/mtime (or content) changed
+        # or failed images are to be tried again.
+        retry = req.retry_failed and bool((previous.feature_rows < 0).any())
+        if not retry and ((not previous.has_stats and not req.check_content) or plan_update(
+                listing, [previous], req.check_content, hashes).unchanged):
             if interrupted is not None:
                 os.remove(target)  # an abandoned run of another listing: nothing in it is needed now
             return None
     # --overwrite recomputes every image (a cache holding exactly this extraction was kept above).
     sources = [s for s in (interrupted, None if req.overwrite else previous) if s is not None]
-    plan = plan_update(listing, sources, req.check_content, hashes)
+    plan = plan_update(listing, sources, req.check_content, hashes, req.retry_failed)
     prefill = plan.prefill(listing, sources, positions)
     extra = {"prefilled": prefill.rows, "reused": prefill.rows - sum(p in listing.failures for p in positions.tolist())}
     if sources:

@@ -85,11 +85,12 @@ class UpdatePlan:
 
 
 def plan_update(listing: ImageListing, sources: list[Entries], check_content: bool = False,
-                hashes: np.ndarray | None = None) -> UpdatePlan:
+                hashes: np.ndarray | None = None, retry_failed: bool = False) -> UpdatePlan:
     """Decide, for every row of `listing`, which previous result (if any) it reuses.
 
     sources: previous results, the preferred first; hashes: (N,) sha256 of every listed file,
-    required with check_content (see `images.content_hashes`).
+    required with check_content (see `images.content_hashes`); retry_failed: a file that failed
+    before goes through the network again even when unchanged (it counts as changed).
     """
     if check_content and hashes is None:
         raise ValueError("check_content needs the listed files' content hashes")
@@ -107,6 +108,8 @@ def plan_update(listing: ImageListing, sources: list[Entries], check_content: bo
 
     def unchanged(p: int, s: int, j: int) -> bool:
         src = sources[s]
+        if retry_failed and src.feature_rows[j] < 0:
+            return False
         if check_content:
             return src.has_hashes and bool(src.hashes[j]) and src.hashes[j] == hashes[p]
         return src.has_stats and src.sizes[j] >= 0 and (src.sizes[j], src.mtime_ns[j]) == (

@@ -296,3 +296,35 @@ def test_the_plan_keys_rows_by_path_and_finds_moved_and_copied_files_by_name_siz
     plan = plan_update(listing, [old], check_content=True, hashes=hashes)
     assert plan.source.tolist() == [0, 0, 0, 0, -1] and plan.entry[2] == 1
     assert vars(plan.counts) == dict(reused=4, new=1, changed=0, removed=0, relabelled=2)
+
+
+def test_retry_failed_runs_only_the_failed_images_again_and_keeps_the_rest(tmp_path, monkeypatch, network_calls):
+    """A transient read error fails one image; the file itself never changes (same size and
+    mtime), so only --retry-failed gets it into the cache, without recomputing the others."""
+    import pipeline.images as images_mod
+
+    root = make_folder(tmp_path / "images", {"a": 2, "b": 2}, splits=("train",))
+    out = tmp_path / "c.h5"
+    real = images_mod.decode_image
+
+    def flaky(path):
+        if path.endswith(os.path.join("train", "a", "img001.png")):
+            raise images_mod.DecodeError("input/output error")
+        return real(path)
+
+    monkeypatch.setattr(images_mod, "decode_image", flaky)
+    assert pipeline.extract(root, out, **OPTIONS).failures == [("train/a/img001.png", "input/output error")]
+    monkeypatch.setattr(images_mod, "decode_image", real)
+    before = contents(out)
+    network_calls.clear()
+    assert pipeline.extract(root, out, **OPTIONS).state is pipeline.ExtractState.ALREADY_COMPLETE
+    summary = pipeline.extract(root, out, retry_failed=True, **OPTIONS)
+    assert summary.failures == [] and summary.processed == 1 and network_calls == [1]
+    assert summary.update == dict(reused=3, new=0, changed=1, removed=0, relabelled=0)
+    after = contents(out)
+    assert [p for p in after["paths"] if p not in before["paths"]] == [b"train/a/img001.png"]
+    kept = [after["paths"].index(p) for p in before["paths"]]
+    np.testing.assert_array_equal(after["features"][kept], before["features"])  # bit for bit
+    result = run_cli("extract", root, "--out", out, "--backbone", "efficientnet_lite0", "--weights", "random",
+                     "--retry-failed")
+    assert result.code == 0 and "already holds this extraction" in result.out  # nothing failed any more
