@@ -62,8 +62,8 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0, layer: s
         prep = override_preprocessing(preprocessing, loaded.preprocessing)
         rule = f"--preprocessing {_spec_text(preprocessing)} over {rule}"
     if layer and any(k.rpartition(".")[0] == layer for k in loaded.dropped_head):
-        raise TransferError(f"--layer {layer} is the classifier the weights file replaces with one of another shape "
-                            f"({loaded.weights}: {json.dumps(loaded.dropped_head)}); choose an earlier layer")
+        raise TransferError(f"--layer {layer} is the classifier the cut drops, and {loaded.weights}'s has another "
+                            f"shape than {loaded.name}'s ({json.dumps(loaded.dropped_head)}); choose an earlier layer")
     cut_at = layer or (torchvision_zoo.default_layer(loaded.model_name) if source == "torchvision" else None)
     if cut_at:
         info = _layer_info(loaded.name, weights, cut_at)
