@@ -118,6 +118,9 @@ def test_a_file_whose_dropped_classifier_has_other_classes_loads_and_gives_the_s
 def test_weights_with_the_right_keys_but_wrong_shapes_elsewhere_are_refused(tmp_path):
     torch.manual_seed(5)
     state = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).state_dict()
+    torch.save(state, tmp_path / "ten.pth")
+    with pytest.raises(TransferError, match="--layer classifier.3 is the classifier the cut drops"):
+        load_backbone("mobilenet_v3_small", str(tmp_path / "ten.pth"), layer="classifier.3")  # its 10 outputs
     state["classifier.0.weight"] = torch.zeros(1024, 500)  # a layer the features go through
     torch.save(state, tmp_path / "bad.pth")
     images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
