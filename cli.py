@@ -128,8 +128,12 @@ def cli(debug: bool) -> None:
               help="Run the images the cache lists as failed through the network again (after fixing them), "
                    "even if their size and modification time did not change.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
+@click.option("--preprocessing", default=None, metavar="KEY=VALUE,...",
+              help="Replace (some of) the backbone's preprocessing, e.g. resize=256,crop=224,interpolation=bilinear,"
+                   "mean=0.485/0.456/0.406,std=0.229/0.224/0.225 (also resize_mode=shorter|squash) "
+                   "[default: the weights' own; for a file, the published checkpoint it matches].")
 def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, decode, workers,
-            overwrite, check_content, retry_failed, seed):
+            overwrite, check_content, retry_failed, seed, preprocessing):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -169,7 +173,8 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
         summary = run(image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta,
                       batch_size=batch_size, device=device,
                       precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
-                      manifest=manifest, check_content=check_content, retry_failed=retry_failed, progress=bar, on_ready=ready)
+                      manifest=manifest, check_content=check_content, retry_failed=retry_failed,
+                      preprocessing=preprocessing, progress=bar, on_ready=ready)
     except KeyboardInterrupt:
         bar.close()
         raise _Exit(f"interrupted: {committed_so_far(out)}rerun the same command to resume", 130) from None
@@ -337,17 +342,20 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
 @click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
               type=click.Choice(["torchscript", "onnx", "pt2", "all"]),
               help="model.pt (TorchScript), model.onnx (onnxruntime), model.pt2 (torch.export), or all; repeatable.")
-def export_cmd(run_dir, model_path, formats):
+@click.option("--weights", default=None, type=click.Path(path_type=str), metavar="FILE",
+              help="The backbone's weights file, where the one recorded at extraction has moved to "
+                   "(it must have the recorded sha256).")
+def export_cmd(run_dir, model_path, formats, weights):
     """Write RUN_DIR/head.pt (a torch.nn.Linear state_dict) and the model (preprocessing + frozen
     backbone + new head + softmax) as model.pt, model.onnx and/or model.pt2, each checked against
     scikit-learn before it is renamed into place."""
-    _export_and_report(run_dir, model_path, formats)
+    _export_and_report(run_dir, model_path, formats, weights)
 
 
-def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",)) -> None:
+def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None) -> None:
     from pipeline.export import export
 
-    result = export(run_dir, model_path, formats=list(formats))
+    result = export(run_dir, model_path, formats=list(formats), weights=weights)
     f = result.parity["cached_features"]
     _echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
                f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")

@@ -18,8 +18,9 @@ from torch import nn
 from . import formats as formats_mod
 from . import head as head_mod
 from .backbones import Backbone, Preprocessing, load_arguments, load_backbone
+from .backbones.weights import looks_like_path
 from .cache import Cache, read_cache
-from .errors import SettingError, TransferError
+from .errors import InputFileError, SettingError, TransferError
 from .files import make_folder_for, remove_quietly, write_atomically
 from .images import DecodeError, decode_image, image_tensor
 from .resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize
@@ -135,9 +136,16 @@ def torch_proba(head: head_mod.LinearHead, features: np.ndarray) -> np.ndarray:
         return torch.softmax(linear(x), dim=1).double().numpy()
 
 
-def rebuild_backbone(provenance: dict) -> Backbone:
-    """The extraction's backbone, from the cache's provenance; the weights must be the same file."""
+def rebuild_backbone(provenance: dict, weights: str | None = None) -> Backbone:
+    """The extraction's backbone, from the cache's provenance; the weights must be the same file.
+    weights: the weights file where it is now, if it moved (checked against the recorded sha256)."""
     arguments = load_arguments(provenance)  # the same weights, layer and flip averaging
+    if weights is not None:
+        arguments["weights"] = os.fspath(weights)
+    elif looks_like_path(arguments["weights"] or "") and not os.path.isfile(arguments["weights"]):
+        raise InputFileError(f"the weights file {arguments['weights']} the features were extracted with is gone; "
+                             "`transfer export RUN_DIR --weights FILE` (export(..., weights=FILE)) takes it from "
+                             f"where it is now (sha256 {provenance.get('weights_sha256')})")
     source = arguments["weights"]
     backbone = load_backbone(**arguments)
     if backbone.weights_sha256 != (provenance.get("weights_sha256") or ""):
@@ -149,14 +157,16 @@ def rebuild_backbone(provenance: dict) -> Backbone:
     return backbone
 
 
-def export(source, out: str | os.PathLike | None = None, formats="torchscript") -> ExportResult:
+def export(source, out: str | os.PathLike | None = None, formats="torchscript",
+           weights: str | os.PathLike | None = None) -> ExportResult:
     """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
 
     source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
     write into (default: the run folder), or the model file's path (*.pt, *.onnx or *.pt2, one
     format). formats: "torchscript" (model.pt), "onnx" (model.onnx), "pt2" (model.pt2), a list
     of them, or "all". A FitResult that was never written needs `out`; its head files (head.npz,
-    head.json) are written there too.
+    head.json) are written there too. weights: the backbone's weights file, when the one recorded
+    at extraction has moved (it must have the recorded sha256).
 
     >>> exported = export(fit("cache/photos.h5"), "models/photos", formats="all")
     >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
@@ -182,7 +192,7 @@ def export(source, out: str | os.PathLike | None = None, formats="torchscript") 
     make_folder_for(os.path.join(folder, "head.pt"))
     if isinstance(source, FitResult) and os.path.abspath(folder) != os.path.abspath(run_dir or ""):
         head_mod.save(head, folder)  # so the folder describes its model on its own
-    return _export(head, reference, cache, paths, folder)
+    return _export(head, reference, cache, paths, folder, weights)
 
 
 def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
@@ -196,14 +206,15 @@ def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
     return {named[0]: out}
 
 
-def build_model(head: head_mod.LinearHead) -> TransferModel:
-    """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this head."""
-    return _build(head)[0]
+def build_model(head: head_mod.LinearHead, weights: str | None = None) -> TransferModel:
+    """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this
+    head. weights: see rebuild_backbone."""
+    return _build(head, weights)[0]
 
 
-def _build(head: head_mod.LinearHead) -> tuple[TransferModel, Backbone]:
+def _build(head: head_mod.LinearHead, weights: str | None = None) -> tuple[TransferModel, Backbone]:
     provenance = head.meta["provenance"]
-    backbone = rebuild_backbone(provenance)
+    backbone = rebuild_backbone(provenance, weights)
     # The preprocessing recorded at extraction, not today's: Pillow's resize order may have changed since.
     prep = Preprocessing.from_dict(provenance["preprocessing"])
     model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
@@ -211,9 +222,10 @@ def _build(head: head_mod.LinearHead) -> tuple[TransferModel, Backbone]:
     return model.eval(), backbone
 
 
-def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str) -> ExportResult:
+def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str,
+            weights: str | None = None) -> ExportResult:
     parity = {"cached_features": _feature_parity(head, reference, cache)}
-    model, backbone = _build(head)
+    model, backbone = _build(head, weights)
     # Every file is written under a temporary name and checked as loaded back from it; only when all
     # agree with scikit-learn are they renamed into place.
     for fmt, path in paths.items():  # model.pt's head is the torch Linear checked above

@@ -22,6 +22,7 @@ import torchvision
 
 from . import cache, decoding, devices, distributed
 from .backbones import TTA_MODES, Embedder, check_backbone_name, load_backbone, resolve_device
+from .backbones.base import preprocessing_values
 from .errors import SettingError, TransferError
 from .files import make_folder_for
 from .images import ImageListing, content_hashes, scan_image_folder
@@ -51,6 +52,7 @@ class ExtractRequest:
     manifest: str | None = None  # a .csv/.jsonl of path,label[,split] instead of image_dir
     check_content: bool = False  # an update compares files by content hash, not size and mtime
     retry_failed: bool = False  # images that failed in the cache go through the network again
+    preprocessing: str | dict | None = None  # replaces (some of) the backbone's: "resize=256,crop=224,..."
 
     CONSTRAINTS = {
         "batch_size": [None, Interval(Integral, 1, None)],
@@ -110,9 +112,9 @@ def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
     updates a cache of the same settings whose images changed, running the network only on new and
     changed files. options: backbone, weights, layer, tta, batch_size, device, precision,
-    decode, workers, overwrite, seed, manifest, check_content, retry_failed (the `transfer extract` options). `on_ready(info)` is called once
-    before the work starts; for an update, info["update"] holds its account (reused, new,
-    changed, removed, relabelled).
+    decode, workers, overwrite, seed, manifest, check_content, retry_failed, preprocessing (the
+    `transfer extract` options). `on_ready(info)` is called once before the work starts; for an
+    update, info["update"] holds its account (reused, new, changed, removed, relabelled).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
     >>> summary.done, summary.failures                        # images cached, (path, reason) of the rest
@@ -148,7 +150,8 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
         target = distributed.shard_path(req.out, dist)
         with cache.WriterLock(target if sharded else req.out):
             cache.remove_stale_temporaries(target, "creating")
-            backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta)
+            backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta,
+                                     preprocessing=req.preprocessing)
             meta = {**_metadata(req, backbone, listing, None), "world_size": dist.world_size}
             earlier = _earlier_run(req, target, meta)
             precision = _agreed(dist, devices.resolve_precision(req.precision, device, earlier.get("precision")))
@@ -221,6 +224,8 @@ def _check_request(req: ExtractRequest) -> None:
         raise SettingError("give either an image folder (IMAGE_DIR) or a manifest (--manifest FILE.csv|.jsonl)"
                            + (", not both" if req.manifest is not None else ""))
     check_backbone_name(req.backbone)
+    if req.preprocessing is not None:
+        preprocessing_values(req.preprocessing)
     make_folder_for(req.out)
     if os.path.isdir(req.out):
         raise TransferError(f"--out {cache.display_path(req.out)} is a folder; expected a file name such as "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pickle
 import urllib.error
 
@@ -99,11 +100,36 @@ def test_weights_file_for_another_architecture_is_refused(tmp_path):
         load_backbone("vgg11", str(path))
 
 
-def test_weights_with_the_right_keys_but_wrong_shapes_are_refused(tmp_path):
-    state = torchvision.models.vgg11(weights=None, num_classes=10).state_dict()
+def test_a_file_whose_dropped_classifier_has_other_classes_loads_and_gives_the_same_features(tmp_path):
+    """A VGG fine-tuned to 10 classes: its last layer is the one cut off, so only it may differ."""
+    torch.manual_seed(5)
+    tuned = torchvision.models.vgg11(weights=None).eval()
+    tuned.classifier[6] = torch.nn.Linear(4096, 10)
+    torch.save(tuned.state_dict(), tmp_path / "ten.pth")
+    b = load_backbone("vgg11", str(tmp_path / "ten.pth"))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():  # the 1000-class vgg11 with the same other weights: classifier[:-1]
+        expected = tuned.classifier[:-1](torch.flatten(tuned.avgpool(tuned.features(x)), 1))
+        assert torch.equal(b.network(x), expected) and expected.shape == (2, 4096)
+    assert b.provenance()["weights_dropped_head"] == {"classifier.6.weight": [10, 4096], "classifier.6.bias": [10]}
+    assert torch.equal(b.last_layer.weight, tuned.classifier[6].weight)  # the file's own head, dropped
+
+
+def test_weights_with_the_right_keys_but_wrong_shapes_elsewhere_are_refused(tmp_path):
+    torch.manual_seed(5)
+    state = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).state_dict()
     torch.save(state, tmp_path / "ten.pth")
-    with pytest.raises(TransferError, match=r"shape mismatches \(e.g. classifier.6.weight"):
-        load_backbone("vgg11", str(tmp_path / "ten.pth"))
+    with pytest.raises(TransferError, match="--layer classifier.3 is the classifier the cut drops"):
+        load_backbone("mobilenet_v3_small", str(tmp_path / "ten.pth"), layer="classifier.3")  # its 10 outputs
+    state["classifier.0.weight"] = torch.zeros(1024, 500)  # a layer the features go through
+    torch.save(state, tmp_path / "bad.pth")
+    images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", "--backbone", "mobilenet_v3_small", "--weights",
+                     tmp_path / "bad.pth")
+    assert_one_line_error(result, "does not fit mobilenet_v3_small", "1 shape mismatches",
+                          "classifier.0.weight: expected (1024, 576), found (1024, 500)")
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "good.pth")
+    assert "weights_dropped_head" not in load_backbone("mobilenet_v3_small", str(tmp_path / "good.pth")).provenance()
 
 
 class Payload:
@@ -479,3 +505,119 @@ def test_model_pt_and_predict_agree_with_sklearn_for_other_backbones(tmp_path, a
         p = {x["label"]: x["probability"] for x in row["predictions"]}
         want = expected[by_path[row["path"]]]
         assert max(abs(p[c] - want[k]) for k, c in enumerate(info.classes)) <= 1e-5
+
+
+# --- which preprocessing a weights file gets --------------------------------------------------------
+
+V1 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1  # resize 256; the DEFAULT (V2) resizes to 232
+
+
+@pytest.fixture(scope="module")
+def mobilenet_state(tmp_path_factory):
+    """A mobilenet_v2 state_dict (random init) and two images."""
+    root = tmp_path_factory.mktemp("mnv2")
+    torch.manual_seed(9)
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), root / "state.pth")
+    return root / "state.pth", make_folder(root / "images", {"a": 1, "b": 1})
+
+
+def _extract_with(tmp_path, weights, *args):
+    """The cache of mobilenet_v2 with `weights` (a file in the fixture's folder) on the fixture's two images."""
+    out = tmp_path / f"c{len(list(tmp_path.glob('*.h5')))}.h5"
+    result = run_cli("extract", weights.parent / "images", "--out", out,
+                     "--backbone", "mobilenet_v2", "--weights", weights, "--precision", "fp32", "--batch-size", "2",
+                     *args)
+    assert result.code == 0, result.err
+    return read_cache(out)
+
+
+def test_a_file_named_like_a_published_checkpoint_gets_that_checkpoints_preprocessing(tmp_path, mobilenet_state):
+    state, _ = mobilenet_state
+    published = os.path.basename(V1.url)  # mobilenet_v2-b0353104.pth
+    named = state.parent / published
+    if not named.exists():
+        os.link(state, named)
+    meta = _extract_with(tmp_path, named).provenance
+    assert meta["preprocessing"]["resize"] == 256 == V1.transforms().resize_size[0]
+    assert meta["preprocessing_rule"] == "weights enum MobileNet_V2_Weights.IMAGENET1K_V1 matched by file name"
+    unknown = _extract_with(tmp_path, state).provenance
+    default = torchvision.models.MobileNet_V2_Weights.DEFAULT.transforms()
+    assert unknown["preprocessing"]["resize"] == 232 == default.resize_size[0]
+    assert unknown["preprocessing_rule"] == "default weights' MobileNet_V2_Weights.IMAGENET1K_V2 (unknown file)"
+
+
+def test_the_sha256_prefix_of_a_published_file_name_wins_over_its_name(tmp_path, monkeypatch, mobilenet_state):
+    """torchvision names its files <arch>-<sha256 prefix>.pth: a file whose hash matches one entry is
+    that checkpoint, whatever it is called (here: called like the other entry's file)."""
+    from torchvision.models._api import Weights, WeightsEnum
+
+    from pipeline.backbones import weights as wfile
+
+    state, _ = mobilenet_state
+    digest = wfile.sha256(str(state))
+    called = tmp_path / "mobilenet_v2-7ebf99e0.pth"  # the V2 file name
+    called.write_bytes(state.read_bytes())
+    V2 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2
+
+    class MobileNet_V2_Weights(WeightsEnum):  # the real entries, with the test file's hash in V1's URL
+        IMAGENET1K_V1 = Weights(url=f"https://example.org/mobilenet_v2-{digest[:8]}.pth", transforms=V1.transforms,
+                                meta=V1.meta)
+        IMAGENET1K_V2 = Weights(url=V2.url, transforms=V2.transforms, meta=V2.meta)
+        DEFAULT = IMAGENET1K_V2
+
+    real = torchvision.models.get_model_weights
+    monkeypatch.setattr(torchvision.models, "get_model_weights",
+                        lambda name: MobileNet_V2_Weights if name == "mobilenet_v2" else real(name))
+    b = load_backbone("mobilenet_v2", str(called))
+    assert b.preprocessing.resize == 256
+    assert b.preprocessing_rule == "weights enum MobileNet_V2_Weights.IMAGENET1K_V1 matched by sha256"
+    other = state.parent / "other" / called.name  # the same name, other bytes: by its name, V2
+    other.parent.mkdir(exist_ok=True)
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in torch.load(state, weights_only=True).items()}
+    torch.save(changed, other)
+    b = load_backbone("mobilenet_v2", str(other))
+    assert b.preprocessing.resize == 232
+    assert b.preprocessing_rule == "weights enum MobileNet_V2_Weights.IMAGENET1K_V2 matched by file name"
+
+
+def test_preprocessing_given_on_the_command_line_is_used_and_recorded(tmp_path, mobilenet_state):
+    state, images = mobilenet_state
+    spec = "resize=200,crop=160,interpolation=bicubic,mean=0.5/0.5/0.5,std=0.25/0.25/0.25"
+    cached = _extract_with(tmp_path, state, "--preprocessing", spec)
+    meta = cached.provenance
+    prep = meta["preprocessing"]
+    assert (prep["resize"], prep["crop"], prep["interpolation"]) == (200, 160, "bicubic")
+    assert prep["mean"] == [0.5] * 3 and prep["std"] == [0.25] * 3
+    assert meta["preprocessing_rule"].startswith(f"--preprocessing {spec} over default weights'")
+    # The features are the network's on exactly that preprocessing.
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    reference.load_state_dict(torch.load(state, weights_only=True))
+    reference.classifier = reference.classifier[:-1]
+    transform = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(200, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
+        torchvision.transforms.CenterCrop(160), torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize([0.5] * 3, [0.25] * 3)])
+    with torch.no_grad():
+        expected = reference.eval()(torch.stack([transform(Image.open(images / p).convert("RGB"))
+                                                 for p in cached.paths])).numpy()
+    np.testing.assert_allclose(cached.features(), expected, rtol=1e-4, atol=1e-5)
+    partial = _extract_with(tmp_path, state, "--preprocessing", "resize=256").provenance  # only what is given changes
+    assert (partial["preprocessing"]["resize"], partial["preprocessing"]["crop"]) == (256, 224)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("resize=256,crop", "expected KEY=VALUE pairs"),
+    ("size=256", "unknown key 'size'"),
+    ("resize=-3", "resize must be a positive whole number"),
+    ("crop=22.5", "crop must be a positive whole number"),
+    ("interpolation=nearest", "interpolation must be one of bilinear, bicubic"),
+    ("mean=0.5/0.5", "mean must be three numbers"),
+    ("std=0.2/0/0.2", "std must be three positive numbers"),
+    ("resize=200,crop=224", "crop 224 is larger than resize 200"),
+])
+def test_a_bad_preprocessing_gets_one_line(tmp_path, spec, fragment):
+    images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", "--backbone", "mobilenet_v2", "--weights",
+                     "random", "--preprocessing", spec)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "c.h5").exists()

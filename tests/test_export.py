@@ -236,3 +236,37 @@ def test_cpp_example_loads_model_pt_with_libtorch_alone(three_run, tmp_path):
         p = torch.jit.load(three_run / "model.pt")(image)[0]
     assert label == ["a", "b", "c"][int(p.argmax())]
     assert float(probability) == pytest.approx(float(p.max()), abs=1e-5)
+
+
+def test_export_takes_a_moved_weights_file_with_weights_and_refuses_another(tmp_path):
+    """The backbone is rebuilt from the weights file recorded at extraction: moved, export says how to
+    go on; --weights NEWPATH must be the same file (sha256); the recorded preprocessing is shipped."""
+    import torchvision
+
+    from tests.conftest import make_folder
+
+    torch.manual_seed(2)
+    state = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
+    torch.save(state, tmp_path / "mnv3.pth")
+    images = make_folder(tmp_path / "images", {"a": 2, "b": 2}, splits=("train", "val", "test"))
+    cache, run = tmp_path / "c.h5", tmp_path / "run"
+    assert run_cli("extract", images, "--out", cache, "--backbone", "mobilenet_v3_small", "--weights",
+                   tmp_path / "mnv3.pth", "--precision", "fp32", "--batch-size", "12",
+                   "--preprocessing", "resize=180,crop=160").code == 0
+    result = run_cli("fit", cache, "--out", run, "--C", "0.1", "--no-export")
+    assert result.code == 0, result.err
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "mnv3.pth", tmp_path / "moved" / "mnv3.pth")
+
+    assert_one_line_error(run_cli("export", run), f"the weights file {tmp_path / 'mnv3.pth'}", "is gone",
+                          "--weights FILE")
+    torch.save({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "other.pth")
+    assert_one_line_error(run_cli("export", run, "--weights", tmp_path / "other.pth"),
+                          "are not the ones the features were extracted with")
+    assert not (run / "model.pt").exists()
+    result = run_cli("export", run, "--weights", tmp_path / "moved" / "mnv3.pth")
+    assert result.code == 0, result.err
+    assert json.loads((run / "parity.json").read_text())["end_to_end"]["images"] == 12
+    model = torch.jit.load(run / "model.pt")
+    assert (model.resize_to, model.crop) == (180, 160)
+    assert json.loads(model.metadata)["preprocessing"]["resize"] == 180

@@ -7,6 +7,7 @@ penultimate layer, or `--layer`), wraps it for test-time augmentation and freeze
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ..errors import TransferError
+from ..errors import SettingError, TransferError
 from ..resize import pillow_pass_order
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # what resize.pil_resize reproduces bit for bit
@@ -70,6 +71,67 @@ class Preprocessing:
         return images.float().div_(255).sub_(mean).div_(std)
 
 
+PREPROCESSING_KEYS = ("resize", "crop", "interpolation", "mean", "std", "resize_mode")
+
+
+def override_preprocessing(spec, base: Preprocessing) -> Preprocessing:
+    """`base` with the values of `spec` (see preprocessing_values) put in."""
+    values = {**base.to_dict(), **preprocessing_values(spec)}
+    if values["crop"] > values["resize"]:
+        raise SettingError(f"--preprocessing: crop {values['crop']} is larger than resize {values['resize']}; "
+                           "the centre crop must fit in the resized image")
+    return Preprocessing.from_dict(values)
+
+
+def preprocessing_values(spec) -> dict:
+    """{key: checked value} from a Preprocessing, a dict, or text such as
+    "resize=256,crop=224,interpolation=bilinear,mean=0.485/0.456/0.406,std=0.229/0.224/0.225"
+    (any subset of PREPROCESSING_KEYS; mean, std: three numbers separated by '/'). One-line
+    SettingError naming the key on a bad one."""
+    if isinstance(spec, Preprocessing):
+        return spec.to_dict()
+    if isinstance(spec, str):
+        pairs = [item.partition("=") for item in spec.split(",")]
+        for key, eq, value in pairs:
+            if not (eq and key.strip() and value.strip()):
+                raise SettingError(f"--preprocessing {spec!r}: expected KEY=VALUE pairs separated by commas (keys: "
+                                   f"{', '.join(PREPROCESSING_KEYS)}), found {key + eq + value!r}")
+        spec = {key.strip(): value.strip() for key, _, value in pairs}
+    values = {}
+    for key, value in dict(spec).items():
+        if key not in PREPROCESSING_KEYS:
+            raise SettingError(f"--preprocessing: unknown key {key!r}; expected any of {', '.join(PREPROCESSING_KEYS)}")
+        values[key] = _preprocessing_value(key, value)
+    return values
+
+
+def _preprocessing_value(key: str, value):
+    """One --preprocessing value, checked: positive int, a known mode, or three numbers."""
+    if key in ("resize", "crop"):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1 or str(number) != str(value).strip():
+            raise SettingError(f"--preprocessing: {key} must be a positive whole number of pixels, found {value!r}")
+        return number
+    if key in ("interpolation", "resize_mode"):
+        allowed = INTERPOLATIONS if key == "interpolation" else RESIZE_MODES
+        if value not in allowed:
+            raise SettingError(f"--preprocessing: {key} must be one of {', '.join(allowed)}, found {value!r}")
+        return value
+    parts = value.split("/") if isinstance(value, str) else list(value)
+    try:
+        numbers = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers) or (key == "std" and min(numbers) <= 0):
+        kind = "three positive numbers" if key == "std" else "three numbers"
+        raise SettingError(f"--preprocessing: {key} must be {kind} (R/G/B), e.g. {key}=0.485/0.456/0.406; "
+                           f"found {value!r}")
+    return numbers
+
+
 @dataclass(frozen=True)
 class LayerHints:
     """How the model lays out and pools its activations, for `--layer` (see layers.pooling_for).
@@ -102,6 +164,8 @@ class Loaded:
     weights_source: str  # what to pass as `weights` to load this backbone again
     versions: dict
     hints: LayerHints
+    preprocessing_rule: str = ""  # how `preprocessing` was chosen (recorded in the cache)
+    dropped_head: dict = field(default_factory=dict)  # {parameter: file shape} of a removed classifier of another shape
 
 
 @dataclass
@@ -130,8 +194,11 @@ class Backbone:
     pooling: str = ""  # how the layer's activations become one vector
     tta: str = "none"
     versions: dict = field(default_factory=dict)
+    preprocessing_rule: str = ""
+    weights_dropped_head: dict = field(default_factory=dict)
 
     def provenance(self) -> dict:
+        dropped = {"weights_dropped_head": dict(self.weights_dropped_head)} if self.weights_dropped_head else {}
         return {
             "backbone": self.name,
             "source": self.source,
@@ -148,6 +215,8 @@ class Backbone:
             "tta": self.tta,
             "dim": self.dim,
             "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing_rule": self.preprocessing_rule,
+            **dropped,
         }
 
 

@@ -34,6 +34,7 @@ def load(model_name: str, weights: str | None, seed: int) -> Loaded:
 
     torch.manual_seed(seed)
     model = timm.create_model(TIMM_NAME, pretrained=False)
+    dropped = {}
     if weights == "random":
         weights_id, sha, pretrained, source = "random", "", False, "random"
     else:
@@ -50,12 +51,13 @@ def load(model_name: str, weights: str | None, seed: int) -> Loaded:
         state = wfile.load_state_file(path)
         if "_conv_stem.weight" in state:
             state = _lite0_to_timm(state, model)
-        wfile.load_strict(model, state, NAME, path)
+        dropped = wfile.load_strict(model, state, NAME, path, drop=("classifier",))
         sha, pretrained = wfile.sha256(path), True
     prep = timm_zoo.preprocessing(resolve_data_config(model=model), NAME)  # resize 256, crop 224, bicubic
     return Loaded(name=NAME, source=SOURCE, model_name=TIMM_NAME, model=model.eval(), preprocessing=prep,
                   weights=weights_id, weights_sha256=sha, pretrained=pretrained, seed=seed, weights_source=source,
-                  versions=timm_zoo.versions(), hints=timm_zoo.hints(model))
+                  versions=timm_zoo.versions(), hints=timm_zoo.hints(model),
+                  preprocessing_rule="timm's data config of tf_efficientnet_lite0", dropped_head=dropped)
 
 
 def penultimate(name: str, model: nn.Module) -> tuple[nn.Module, nn.Module, int, str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import TransferError
 from . import builtin, layers, timm_zoo, torchvision_zoo
-from .base import TTA_MODES, Backbone, FlipAveraged, Loaded, freeze
+from .base import (TTA_MODES, Backbone, FlipAveraged, Loaded, Preprocessing, freeze, override_preprocessing,
+                   preprocessing_values)
 
 SOURCES = {"builtin": builtin, "torchvision": torchvision_zoo, "timm": timm_zoo}
 DIMS_TABLE = Path(__file__).with_name("dims.json")
@@ -44,15 +45,25 @@ def check_backbone_name(name: str) -> None:
 
 
 def load_backbone(name: str, weights: str | None = None, seed: int = 0, layer: str | None = None,
-                  tta: str = "none") -> Backbone:
+                  tta: str = "none", preprocessing=None) -> Backbone:
     """Build backbone `name` with `weights` (a weights name of its source, a state_dict file, or
     "random"), frozen and in eval mode, cut at its penultimate layer or at module `layer`
-    (globally pooled), its embedding averaged with the horizontal flip's when tta="flip"."""
+    (globally pooled), its embedding averaged with the horizontal flip's when tta="flip".
+    preprocessing: replaces (some of) the source's, see base.override_preprocessing."""
     source, model_name = parse(name)
     if tta not in TTA_MODES:
         raise TransferError(f"unknown --tta {tta!r}; expected one of {', '.join(TTA_MODES)}")
     zoo = SOURCES[source]
+    if preprocessing is not None:
+        preprocessing_values(preprocessing)  # refused before the network is built
     loaded: Loaded = zoo.load(model_name, weights, seed)
+    prep, rule = loaded.preprocessing, loaded.preprocessing_rule
+    if preprocessing is not None:
+        prep = override_preprocessing(preprocessing, loaded.preprocessing)
+        rule = f"--preprocessing {_spec_text(preprocessing)} over {rule}"
+    if layer and any(k.rpartition(".")[0] == layer for k in loaded.dropped_head):
+        raise TransferError(f"--layer {layer} is the classifier the cut drops, and {loaded.weights}'s has another "
+                            f"shape than {loaded.name}'s ({json.dumps(loaded.dropped_head)}); choose an earlier layer")
     cut_at = layer or (torchvision_zoo.default_layer(loaded.model_name) if source == "torchvision" else None)
     if cut_at:
         info = _layer_info(loaded.name, weights, cut_at)
@@ -70,10 +81,18 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0, layer: s
     if last is not None:
         freeze(last)
     return Backbone(name=loaded.name, network=network, last_layer=last, dim=dim, layer=description,
-                    preprocessing=loaded.preprocessing, weights=loaded.weights,
+                    preprocessing=prep, weights=loaded.weights,
                     weights_sha256=loaded.weights_sha256, pretrained=loaded.pretrained, seed=seed,
                     weights_source=loaded.weights_source, source=loaded.source, model_name=loaded.model_name,
-                    layer_module=layer or "", pooling=pooling, tta=tta, versions=loaded.versions)
+                    layer_module=layer or "", pooling=pooling, tta=tta, versions=loaded.versions,
+                    preprocessing_rule=rule, weights_dropped_head=loaded.dropped_head)
+
+
+def _spec_text(spec) -> str:
+    if isinstance(spec, str):
+        return spec
+    return ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in (spec.to_dict() if isinstance(spec, Preprocessing) else dict(spec)).items())
 
 
 def load_arguments(provenance: dict) -> dict:
@@ -82,7 +101,12 @@ def load_arguments(provenance: dict) -> dict:
             "weights": provenance.get("weights_source") or provenance.get("weights"),
             "seed": int(provenance.get("seed") or 0),
             "layer": provenance.get("layer_module") or None,
-            "tta": provenance.get("tta") or "none"}
+            "tta": provenance.get("tta") or "none",
+            # A --preprocessing given at extraction is given again: the rebuilt backbone then
+            # preprocesses as the extraction did (export's fp32 reference of a bf16 cache uses it).
+            "preprocessing": (Preprocessing.from_dict(provenance["preprocessing"])
+                              if str(provenance.get("preprocessing_rule", "")).startswith("--preprocessing")
+                              else None)}
 
 
 # --- layers -------------------------------------------------------------------------------------

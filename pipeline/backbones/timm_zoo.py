@@ -177,11 +177,13 @@ def load(model_name: str, weights: str | None, seed: int) -> Loaded:
     else:
         raise TransferError(f"unknown weights {weights!r} for {name}; expected 'pretrained' (the default), a "
                             "state_dict file or 'random' (a pretrained tag goes in the name: timm:<model>.<tag>)")
+    rule = f"timm's pretrained_cfg of {tagged}"
     if prep is None:
-        prep = preprocessing(resolve_data_config(model=model), name)
+        prep, rule = preprocessing(resolve_data_config(model=model), name), f"timm's data config of {tagged}"
     return Loaded(name=name, source=SOURCE, model_name=tagged, model=model.eval(), preprocessing=prep,
                   weights=weights_id, weights_sha256=sha, pretrained=weights != "random", seed=seed,
-                  weights_source=source, versions=versions(), hints=hints(model))
+                  weights_source=source, versions=versions(), hints=hints(model),
+                  preprocessing_rule=rule)
 
 
 def penultimate(name: str, model: nn.Module) -> tuple[nn.Module, None, int, str]:

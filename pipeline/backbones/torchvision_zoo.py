@@ -1,8 +1,9 @@
 """torchvision's classification models, by their own names (`resnet18`, `vit_b_16`, `convnext_tiny`).
 
 Weights: a torchvision weights name (`IMAGENET1K_V2`, default: the model's DEFAULT), a state_dict
-file, or `random`. Preprocessing: the weights' own `transforms()` (the DEFAULT weights' for a file
-or `random`). Features: the input of the model's last Linear (its ImageNet classifier).
+file, or `random`. Preprocessing: the weights' own `transforms()`; for a file, those of the published
+checkpoint it is (by sha256 prefix or file name), else the DEFAULT weights' (also for `random`).
+Features: the input of the model's last Linear (its ImageNet classifier).
 """
 
 from __future__ import annotations
@@ -31,18 +32,52 @@ def versions() -> dict:
 
 
 def preset_for(name: str, weights: str | None):
-    """The weights enum member `weights` names (DEFAULT for None, a file or `random`)."""
+    """The weights enum member `weights` names (DEFAULT for None or `random`; for a file, the
+    published checkpoint it is, see match_file)."""
+    return preset_and_rule(name, weights)[0]
+
+
+def preset_and_rule(name: str, weights: str | None, digest: str | None = None) -> tuple:
+    """(weights enum member, how it was chosen): the one `weights` names, or for a file the one
+    it matches, else DEFAULT. digest: the file's sha256 when already known."""
     enum = torchvision.models.get_model_weights(name)
-    if weights is None or weights == "random" or wfile.looks_like_path(weights):
-        return enum.DEFAULT
+    default = f"{enum.__name__}.{enum.DEFAULT.name}"
+    if weights is None:
+        return enum.DEFAULT, f"weights enum {default} (the default weights)"
+    if weights == "random":
+        return enum.DEFAULT, f"default weights' {default} (random weights)"
+    if wfile.looks_like_path(weights):
+        return match_file(enum, weights, digest)
     try:
-        return enum[weights.split(".")[-1]]
+        preset = enum[weights.split(".")[-1]]
     except KeyError:
         names_ = ", ".join(w.name for w in enum)
         raise TransferError(
             f"unknown weights {weights!r} for {name}; expected one of {names_}, "
             "a path to a state_dict file, or 'random'"
         ) from None
+    return preset, f"weights enum {enum.__name__}.{preset.name}"
+
+
+def match_file(enum, path: str, digest: str | None = None) -> tuple:
+    """The published checkpoint of `enum` that the file at `path` is: torchvision names its files
+    <arch>-<first hex digits of their sha256>.pth (torch.hub.HASH_REGEX; what download_url_to_file
+    checks), so first by that hash prefix, then by the file name itself; else DEFAULT."""
+    unknown = enum.DEFAULT, f"default weights' {enum.__name__}.{enum.DEFAULT.name} (unknown file)"
+    if not os.path.isfile(path):
+        return unknown  # loading it then says that it does not exist
+    digest = digest or wfile.sha256(path)
+    for rule in ("sha256", "file name"):
+        for preset in enum:
+            published = os.path.basename(preset.url)
+            if rule == "sha256":
+                prefix = torch.hub.HASH_REGEX.search(published)
+                hit = bool(prefix and prefix.group(1)) and digest.startswith(prefix.group(1))
+            else:
+                hit = published == os.path.basename(path)
+            if hit:
+                return preset, f"weights enum {enum.__name__}.{preset.name} matched by {rule}"
+    return unknown
 
 
 def preprocessing(preset) -> Preprocessing:
@@ -94,15 +129,19 @@ def hints(model: nn.Module) -> LayerHints:
 
 
 def load(name: str, weights: str | None, seed: int) -> Loaded:
-    preset = preset_for(name, weights)
+    is_file = weights is not None and weights != "random" and wfile.looks_like_path(weights)
+    digest = wfile.sha256(weights) if is_file and os.path.isfile(weights) else None
+    preset, rule = preset_and_rule(name, weights, digest)
     loading = weights != "random"
     torch.manual_seed(seed)  # makes `random` weights reproducible; harmless otherwise
     model = build(name, preset, loading)
+    drop = tuple(p for p in (classifier_path(model),) if p)  # the Linear the penultimate cut removes
+    dropped = {}
     if weights == "random":
         weights_id, sha, source = "random", "", "random"
-    elif weights is not None and wfile.looks_like_path(weights):
-        wfile.load_strict(model, wfile.load_state_file(weights), name, weights)
-        weights_id, sha, source = os.path.basename(weights), wfile.sha256(weights), os.path.abspath(weights)
+    elif is_file:
+        dropped = wfile.load_strict(model, wfile.load_state_file(weights), name, weights, drop)
+        weights_id, sha, source = os.path.basename(weights), digest, os.path.abspath(weights)
     else:
         path = wfile.fetch_url(preset.url)
         wfile.load_strict(model, wfile.load_state_file(path), name, path)
@@ -111,7 +150,7 @@ def load(name: str, weights: str | None, seed: int) -> Loaded:
     drop_auxiliary_heads(model)
     return Loaded(name=name, source=SOURCE, model_name=name, model=model.eval(), preprocessing=preprocessing(preset),
                   weights=weights_id, weights_sha256=sha, pretrained=loading, seed=seed, weights_source=source,
-                  versions=versions(), hints=hints(model))
+                  versions=versions(), hints=hints(model), preprocessing_rule=rule, dropped_head=dropped)
 
 
 def classifier_path(model: nn.Module) -> str | None:

@@ -39,8 +39,23 @@ def load_state_file(path: str) -> dict:
     return state
 
 
-def load_strict(model: nn.Module, state: dict, name: str, path: str) -> None:
-    """model.load_state_dict(state), or one line saying which keys or shapes do not fit."""
+def load_strict(model: nn.Module, state: dict, name: str, path: str, drop: tuple[str, ...] = ()) -> dict:
+    """model.load_state_dict(state), or one line saying which keys or shapes do not fit.
+
+    drop: paths of the Linear layers the cut removes (the classifier): the file's may have any
+    number of classes (a fine-tuned checkpoint); such a layer is rebuilt to the file's shape.
+    Returns {parameter: file shape} of the dropped layers whose shape differed ({} if none)."""
+    dropped = {}
+    for module in drop:
+        weight, bias = state.get(f"{module}.weight"), state.get(f"{module}.bias")
+        own = model.state_dict().get(f"{module}.weight")
+        if weight is None or own is None or weight.dim() != 2 or weight.shape == own.shape:
+            continue
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            continue  # not a Linear's parameters: refused below like any other mismatch
+        model.set_submodule(module, nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None))
+        dropped.update({f"{module}.{p}": list(t.shape) for p, t in (("weight", weight), ("bias", bias))
+                        if t is not None})
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -53,10 +68,11 @@ def load_strict(model: nn.Module, state: dict, name: str, path: str) -> None:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
-                         f"{name} {tuple(expected[k].shape)})")
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: expected {tuple(expected[k].shape)}, "
+                         f"found {tuple(state[k].shape)})")
         raise TransferError(f"weights file {path} does not fit {name}: {'; '.join(parts)}")
     model.load_state_dict(state)
+    return dropped
 
 
 def sha256(path: str) -> str:
