@@ -676,7 +676,7 @@ def _fit_streamed(cache: Cache, settings: FitSettings, splits: Splits, timings: 
 
     C, sweep, val_proba, chosen = _choose_C(settings, fit_at, cache.labels[splits.val], n_classes, progress)
     timings["sweep_s"] = time.perf_counter() - t
-    del objective, val
+    objective = val = None  # released before the refit reads train+val
 
     t = time.perf_counter()
     rows = np.concatenate([splits.train, splits.val])
