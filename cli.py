@@ -266,8 +266,11 @@ def _fit_options(f):
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
 @click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
               type=click.Choice(["torchscript", "onnx", "pt2", "all"]), help="Model format(s) to export; repeatable.")
+@click.option("--skip-image-parity", is_flag=True,
+              help="Skip the export's check of the model on original images (for photos edited since extraction); "
+                   "the checks on cached features still run.")
 def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
-        solver, device, export, formats):
+        solver, device, export, formats, skip_image_parity):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
@@ -329,7 +332,7 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
                    "raise --max-iter", err=True)
     if export:
         try:
-            _export_and_report(run_dir, None, formats)
+            _export_and_report(run_dir, None, formats, skip_image_parity=skip_image_parity)
         except KeyboardInterrupt:
             raise _Exit(f"interrupted while exporting: the run folder {run_dir} is complete; "
                         f"`transfer export {run_dir}` writes the model", 130) from None
@@ -345,17 +348,21 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
 @click.option("--weights", default=None, type=click.Path(path_type=str), metavar="FILE",
               help="The backbone's weights file, where the one recorded at extraction has moved to "
                    "(it must have the recorded sha256).")
-def export_cmd(run_dir, model_path, formats, weights):
+@click.option("--skip-image-parity", is_flag=True,
+              help="Skip the export's check of the model on original images (for photos edited since extraction); "
+                   "the checks on cached features still run.")
+def export_cmd(run_dir, model_path, formats, weights, skip_image_parity):
     """Write RUN_DIR/head.pt (a torch.nn.Linear state_dict) and the model (preprocessing + frozen
     backbone + new head + softmax) as model.pt, model.onnx and/or model.pt2, each checked against
     scikit-learn before it is renamed into place."""
-    _export_and_report(run_dir, model_path, formats, weights)
+    _export_and_report(run_dir, model_path, formats, weights, skip_image_parity)
 
 
-def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None) -> None:
+def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None,
+                       skip_image_parity: bool = False) -> None:
     from pipeline.export import export
 
-    result = export(run_dir, model_path, formats=list(formats), weights=weights)
+    result = export(run_dir, model_path, formats=list(formats), weights=weights, skip_image_parity=skip_image_parity)
     f = result.parity["cached_features"]
     _echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
                f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")

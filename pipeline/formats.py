@@ -19,6 +19,7 @@ just the head (Linear + softmax) in a format's own runtime, for the parity check
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -35,6 +36,9 @@ from .resize import resize_crop_exportable
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # format -> file suffix
 METADATA_KEY = "transfer.json"
+# transfer.json's sha256 of the file's own tensors (name, dtype, bytes, in name order), checked on load:
+# a damaged weight loads without complaint in every runtime (zip members' CRCs are not verified).
+DIGEST_KEY = "tensors_sha256"
 ONNX_OPSET = 18  # onnxruntime >= 1.14 runs it
 ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
 
@@ -108,7 +112,7 @@ def _onnx_bytes(program: torch.export.ExportedProgram, metadata: str | None) -> 
     proto = onnx_program.model_proto
     _name_axes(proto)
     if metadata is not None:
-        onnx.helper.set_model_props(proto, {METADATA_KEY: metadata})
+        onnx.helper.set_model_props(proto, {METADATA_KEY: _with_digest(metadata, _onnx_digest(proto))})
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
@@ -133,17 +137,58 @@ def write(fmt: str, model: nn.Module, path: str, program: torch.export.ExportedP
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices
             scripted = torch.jit.script(model)
+            metadata = _with_digest(model.metadata, _torch_digest(scripted.state_dict().items()))
             with open(path, "wb") as f:  # a file object: torch's path argument cannot hold non-UTF-8 names
-                torch.jit.save(scripted, f, _extra_files={METADATA_KEY: model.metadata})
+                torch.jit.save(scripted, f, _extra_files={METADATA_KEY: metadata})
     elif fmt == "pt2":
+        program = program or image_program(model)
+        metadata = _with_digest(model.metadata, _program_digest(program))
         with open(path, "wb") as f:
-            torch.export.save(program or image_program(model), f, extra_files={METADATA_KEY: model.metadata})
+            torch.export.save(program, f, extra_files={METADATA_KEY: metadata})
     elif fmt == "onnx":
         data = _onnx_bytes(program or image_program(model), model.metadata)
         with open(path, "wb") as f:
             f.write(data)
     else:
         raise SettingError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _digest(named: dict, as_bytes) -> str:
+    """sha256 over each entry's name, dtype, size and bytes, in name order; as_bytes(value) ->
+    (dtype name, flat uint8 array), called one entry at a time."""
+    h = hashlib.sha256()
+    for name in sorted(named):
+        dtype, data = as_bytes(named[name])
+        h.update(f"{name}|{dtype}|{data.size}|".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[str, np.ndarray]:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return str(t.dtype), t.view(torch.uint8).numpy()
+
+
+def _torch_digest(named) -> str:
+    return _digest({k: v for k, v in named if isinstance(v, torch.Tensor)}, _tensor_bytes)
+
+
+def _program_digest(program: torch.export.ExportedProgram) -> str:
+    return _torch_digest([*program.state_dict.items(), *program.constants.items()])
+
+
+def _onnx_digest(proto) -> str:
+    from onnx import numpy_helper
+
+    def as_bytes(init) -> tuple[str, np.ndarray]:
+        a = np.ascontiguousarray(numpy_helper.to_array(init)).reshape(-1)
+        return str(a.dtype), a.view(np.uint8)
+
+    return _digest({init.name: init for init in proto.graph.initializer}, as_bytes)
+
+
+def _with_digest(metadata: str, digest: str) -> str:
+    return json.dumps({**json.loads(metadata), DIGEST_KEY: digest})
 
 
 def head_probabilities(fmt: str, model: nn.Module, features: np.ndarray) -> np.ndarray:
@@ -234,6 +279,12 @@ class OnnxRunner(Runner):
         return self.session.run(None, {ONNX_INPUT: x.cpu().contiguous().numpy()})[0]
 
 
+def _onnx_proto(data: bytes):
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
 def _onnx_session(data: bytes, device: torch.device):
     try:
         import onnxruntime as ort
@@ -268,13 +319,16 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
     try:
         if fmt == "onnx":
             with open(path, "rb") as f:  # bytes: onnxruntime's path argument cannot hold non-UTF-8 names
-                session = _onnx_session(f.read(), device)
+                data = f.read()
+            session = _onnx_session(data, device)
             runner, metadata = OnnxRunner(session), session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+            tensors = lambda: _onnx_digest(_onnx_proto(data))  # noqa: E731
         elif fmt == "pt2":
             extra = {METADATA_KEY: ""}
             with open(path, "rb") as f, _quiet("torch.export"):  # it logs a traceback before raising
                 program = torch.export.load(f, extra_files=extra)
             runner, metadata = ProgramRunner(program, device), extra[METADATA_KEY]
+            tensors = lambda: _program_digest(program)  # noqa: E731
         else:
             extra = {METADATA_KEY: ""}
             with warnings.catch_warnings():
@@ -282,12 +336,20 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
                 with open(path, "rb") as f:
                     module = torch.jit.load(f, map_location=device, _extra_files=extra)
             runner, metadata = TorchScriptRunner(module.eval(), device), extra[METADATA_KEY]
+            tensors = lambda: _torch_digest(module.state_dict().items())  # noqa: E731
     except TransferError:
         raise
     except Exception as e:  # noqa: BLE001 - each runtime raises its own types for "not this format"
         raise InputFileError(f"{os.fsdecode(path)} is not {DESCRIPTIONS[fmt]} written by `transfer export` "
                              f"({type(e).__name__})") from None
     try:
-        return runner, json.loads(metadata or "{}")
+        meta = json.loads(metadata or "{}")
     except json.JSONDecodeError:
         return runner, {}
+    expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    if expected:  # models exported before the digest existed are loaded unchecked
+        found = tensors()
+        if found != expected:
+            raise InputFileError(f"{os.fsdecode(path)} is damaged: its weights are not the ones written at export "
+                                 f"(sha256 of its tensors {found[:12]}, recorded {expected[:12]}); export it again")
+    return runner, meta

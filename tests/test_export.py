@@ -270,3 +270,77 @@ def test_export_takes_a_moved_weights_file_with_weights_and_refuses_another(tmp_
     model = torch.jit.load(run / "model.pt")
     assert (model.resize_to, model.crop) == (180, 160)
     assert json.loads(model.metadata)["preprocessing"]["resize"] == 180
+
+
+def _damage(path: Path) -> None:
+    """Zero 1,000 bytes in the middle of the largest tensor stored in a zip archive (model.pt,
+    model.pt2: members are stored uncompressed), keeping the archive itself valid."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert member.compress_type == zipfile.ZIP_STORED and member.file_size > 4000
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+        f.seek(member.header_offset + 30 + name_len + extra_len + member.file_size // 2)
+        f.write(bytes(1000))
+
+
+def test_a_damaged_model_file_is_refused_when_loaded(binary_run, tmp_path):
+    import pipeline
+    from pipeline.errors import InputFileError
+
+    model = tmp_path / "model.pt"
+    shutil.copy(binary_run / "model.pt", model)
+    assert pipeline.load_model(model, "cpu").classes == ["ants", "bees"]  # intact: checked and loaded
+    _damage(model)
+    assert torch.jit.load(str(model)) is not None  # torch itself notices nothing
+    with pytest.raises(InputFileError, match="model.pt is damaged: its weights are not the ones written at export"):
+        pipeline.load_model(model, "cpu")
+    image = tmp_path / "x.png"
+    write_image(image, 1)
+    assert_one_line_error(run_cli("predict", model, image), "is damaged", "export it again")
+
+
+def test_no_room_for_the_model_is_refused_before_anything_is_written(binary_run, tmp_path, monkeypatch):
+    run = _copy_run(binary_run, tmp_path)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5 * 2**20))
+    assert_one_line_error(run_cli("export", run), "not enough free space in", "model.pt", "MiB needed, 5 MiB free")
+    assert not (run / "model.pt").exists() and not list(run.glob("*.writing-*"))
+
+
+def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(binary_run, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import formats
+
+    run = _copy_run(binary_run, tmp_path)
+
+    def full_disk(fmt, model, path, program=None):
+        Path(path).write_bytes(b"PK" * 1000)  # part of a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(formats, "write", full_disk)
+    assert_one_line_error(run_cli("export", run), "writing model.pt into", "failed: No space left on device")
+    assert not (run / "model.pt").exists() and not (run / "head.pt").exists() and not list(run.glob("*.writing-*"))
+
+
+def test_photos_edited_after_extraction_are_named_and_can_be_skipped(tmp_path):
+    from tests.conftest import fitted_run
+
+    run = _copy_run(fitted_run(tmp_path, {"ants": 2, "bees": 2}, "edited", "fp32"), tmp_path / "copy")
+    for photo in sorted((tmp_path / "edited-images").rglob("*.png")):
+        write_image(photo, 1000 + len(str(photo)), size=(97, 61))  # other pixels, another size
+    result = run_cli("export", run)
+    assert_one_line_error(result, "disagrees with scikit-learn", "changed since extraction (size or mtime), e.g. ",
+                          "--skip-image-parity")
+    assert not (run / "model.pt").exists()
+    result = run_cli("export", run, "--skip-image-parity")
+    assert result.code == 0, result.err
+    assert "model.pt end to end not checked: asked for (--skip-image-parity)" in result.out
+    parity = json.loads((run / "parity.json").read_text())
+    assert parity["end_to_end"] == {"skipped": "asked for (--skip-image-parity)"}
+    assert parity["cached_features"]["max_abs_diff"] <= 1e-5  # the cached-feature check still ran

@@ -251,9 +251,32 @@ def test_fit_passes_its_format_option_to_export(tmp_path, monkeypatch):
     X, y, classes = blobs(10, 2, 4)
     cache = make_cache(tmp_path / "c.h5", X, y, classes)
 
-    def recorder(run_dir, out=None, formats="torchscript"):
+    def recorder(run_dir, out=None, formats="torchscript", **options):
         raise TransferError(f"export asked for {formats}")
 
     monkeypatch.setattr(export_module, "export", recorder)
     result = run_cli("fit", cache, "--out", tmp_path / "run", "--C", "1", "--format", "onnx", "--format", "pt2")
     assert_one_line_error(result, "export asked for ['onnx', 'pt2']")
+
+
+def test_damaged_onnx_and_pt2_files_are_refused_when_loaded(shipped, tmp_path):
+    """The same weights digest as model.pt's (tests/test_export.py), for the two other formats."""
+    import onnx
+
+    import pipeline
+    from pipeline.errors import InputFileError
+    from tests.test_export import _damage
+
+    onnx_copy, pt2_copy = tmp_path / "model.onnx", tmp_path / "model.pt2"
+    shutil.copy(shipped / "model.onnx", onnx_copy)
+    shutil.copy(shipped / "model.pt2", pt2_copy)
+    raw = max((i.raw_data for i in onnx.load(str(onnx_copy)).graph.initializer), key=len)
+    data = bytearray(onnx_copy.read_bytes())
+    at = data.find(raw) + len(raw) // 2
+    assert len(raw) > 4000 and data.find(raw) > 0
+    data[at:at + 1000] = bytes(1000)
+    onnx_copy.write_bytes(bytes(data))
+    _damage(pt2_copy)
+    for path in (onnx_copy, pt2_copy):
+        with pytest.raises(InputFileError, match="is damaged: its weights are not the ones written at export"):
+            pipeline.load_model(path, "cpu")
