@@ -493,7 +493,8 @@ def choose_solver(settings: FitSettings, n_rows: int, dim: int, n_classes: int) 
     import psutil
 
     need, available = sklearn_bytes(n_rows, dim, n_classes), psutil.virtual_memory().available
-    gib = f"{need / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB available"
+    needed = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.0f} MiB"
+    gib = f"{needed} of the {available / 2**30:.1f} GiB available"
     if need <= MEMORY_SHARE * available:
         return "sklearn", f"scikit-learn's float64 features need about {gib}"
     return "streamed", f"scikit-learn would need about {gib}"
