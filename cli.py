@@ -183,8 +183,9 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
     if summary.state is ExtractState.SHARD_WRITTEN:
         return
     if summary.state is ExtractState.ALREADY_COMPLETE:
+        retry = "; --retry-failed runs the failed images again" if summary.failed else ""
         _echo(f"{out} already holds this extraction ({summary.done} images, {summary.failed} failed); "
-                   "nothing to do (delete it to extract again)")
+              f"nothing to do (delete it to extract again{retry})")
         return
     done_before = [f"resumed after {summary.resumed_from}"] if summary.resumed_from else []
     done_before += [f"reused {summary.reused}"] if summary.reused else []

@@ -246,7 +246,7 @@ def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str,
             except (OSError, RuntimeError) as e:  # a full disk, a vanished folder, the writer's own failure
                 reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
                 raise TransferError(f"writing {name} into {display_path(folder)} failed: "
-                                    f"{(reason or [type(e).__name__])[0][:200]}; nothing was written") from None
+                                    f"{(reason or [type(e).__name__])[0][:200]}; no model file was written") from None
             runner, _ = formats_mod.load(tmp, torch.device("cpu"), fmt)
             e2e = ({"skipped": "asked for (--skip-image-parity)"} if skip_image_parity else
                    _end_to_end_parity(runner.images, reference, cache, name, backbone, memo))
@@ -283,7 +283,7 @@ def _check_free_space(model: nn.Module, paths: dict[str, str], folder: str) -> N
     if free < need:
         names = ", ".join(os.path.basename(p) for p in paths.values())
         raise TransferError(f"not enough free space in {display_path(folder)} for {names}: about "
-                            f"{need / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free; nothing was written")
+                            f"{need / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free; no model file was written")
 
 
 def _write_json(doc: dict, path: str) -> None:
@@ -351,7 +351,9 @@ def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt", 
     A bf16/fp16 cache is compared with the extraction repeated in fp32 by `backbone` with its own
     (Pillow) preprocessing (memo: row -> those features, shared by the formats checked in one export)."""
     precision = cache.provenance.get("precision")
-    reduced = precision in ("bf16", "fp16") and backbone is not None
+    # bf16/fp16 features, or crops decoded by nvJPEG (--decode torch on a GPU), are not what model.pt
+    # computes on the CPU: the reference is then the extraction repeated in fp32 with Pillow.
+    reduced = (precision in ("bf16", "fp16") or cache.provenance.get("decode") == "torch") and backbone is not None
     tolerance = END_TO_END_TOLERANCE["fp32"] if reduced else END_TO_END_TOLERANCE.get(precision, 1e-1)
     memo = {} if memo is None else memo
     rows = _sample_rows(cache.n, PARITY_IMAGES)
@@ -370,7 +372,7 @@ def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt", 
             got = np.asarray(model(tensor), dtype=np.float64)[0]
             if reduced:  # the extraction once more, in fp32, with its own (Pillow) preprocessing
                 if int(rows[i]) not in memo:
-                    prep = backbone.preprocessing
+                    prep = Preprocessing.from_dict(cache.provenance["preprocessing"])  # as recorded, like model.pt
                     memo[int(rows[i])] = backbone.network(
                         prep.normalize(prep.pil_transform()(image).unsqueeze(0))).double().numpy()
                 again = memo[int(rows[i])]
@@ -383,7 +385,8 @@ def _end_to_end_parity(model, reference, cache: Cache, label: str = "model.pt", 
               "argmax_rule": "compared where the top two differ by more than 2 x tolerance",
               "precision": precision}
     if reduced:
-        result["reference"] = f"the extraction repeated in fp32 (the cache is {precision})"
+        torch_decoded = ", decoded by --decode torch" if cache.provenance.get("decode") == "torch" else ""
+        result["reference"] = f"the extraction repeated in fp32 (the cache is {precision}{torch_decoded})"
         result["cached_feature_cosine_min"] = min(cosines, default=1.0)
     if not checked:
         result["skipped"] = f"none of the sampled images could be read under {os.fsdecode(image_dir)}"

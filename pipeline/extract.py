@@ -161,12 +161,13 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
             embedder = Embedder(backbone, device, precision.value)
             chosen: list[devices.Choice] = []
 
-            def settle() -> dict:
-                # Only when a partial file is created or resumed: a finished cache costs no batch probe.
+            def settle(pending: int) -> dict:
+                # Only when a partial file is created or resumed: a finished cache costs no batch probe,
+                # nor does an update with few images to run (pending: those this process computes).
                 chosen.append(devices.choose_batch_size(
                     req.batch_size, device,
                     f"{backbone.name}; {backbone.layer}; {precision.value}; {backbone.preprocessing.crop}px",
-                    len(positions), _synthetic_forward(embedder, backbone.preprocessing.crop),
+                    pending, _synthetic_forward(embedder, backbone.preprocessing.crop),
                     earlier.get("batch_size"), probe_allowed=not sharded))
                 return {"batch_size": chosen[0].value, "batch_choice": chosen[0].why}
 
@@ -174,7 +175,7 @@ def run_extract(req: ExtractRequest, progress: ProgressSink | None = None,
             if shard is None:
                 return _finished(summary, ExtractState.ALREADY_COMPLETE, cache.read_cache(req.out), started)
             if not chosen:  # resumed: `earlier` is its partial file, whose batch size is kept
-                settle()
+                settle(len(shard.pending_rows()))
             batch = chosen[0]
             shard_meta = cache.PartialCache.read_meta(target)
             meta.update(batch_size=batch.value, batch_choice=batch.why)
@@ -288,7 +289,7 @@ def _metadata(req: ExtractRequest, backbone, listing: ImageListing, precision: s
 
 
 def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: np.ndarray, dim: int,
-             target: str, dist, settle: Callable[[], dict]) -> cache.PartialCache | None:
+             target: str, dist, settle: Callable[[int], dict]) -> cache.PartialCache | None:
     """The partial file this process fills: resumed, or created with every result it can reuse
     from the previous cache at req.out and from an interrupted run of another listing. None when
     req.out already holds this very extraction of these very files."""
@@ -302,7 +303,9 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
     if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"]:
         # The same files under the same names: done, unless a file's size/mtime (or content) changed
         # or failed images are to be tried again.
-        retry = req.retry_failed and bool((previous.feature_rows < 0).any())
+        unlisted = {os.fsencode(listing.paths[p]) for p in listing.failures}  # not files: nothing to retry
+        retry = req.retry_failed and any(row < 0 and key not in unlisted
+                                         for key, row in zip(previous.keys, previous.feature_rows.tolist()))
         if not retry and ((not previous.has_stats and not req.check_content) or plan_update(
                 listing, [previous], req.check_content, hashes).unchanged):
             if interrupted is not None:
@@ -317,7 +320,7 @@ def _prepare(req: ExtractRequest, meta: dict, listing: ImageListing, positions: 
         extra.update(update=vars(plan.counts), update_notes=plan.notes)
         cache.check_space_for_update(req.out, len(listing) * dim * 4)
     return cache.PartialCache.create(
-        target, {**meta, **settle(), **extra}, positions, [listing.paths[p] for p in positions], listing.labels[positions],
+        target, {**meta, **settle(len(positions) - prefill.rows), **extra}, positions, [listing.paths[p] for p in positions], listing.labels[positions],
         None if listing.splits is None else [listing.splits[p] for p in positions], dim,
         sizes=listing.sizes[positions], mtime_ns=listing.mtime_ns[positions],
         extras={k: [v[p] for p in positions] for k, v in listing.extras.items()}, prefill=prefill)
@@ -425,15 +428,19 @@ def _earlier_run(req: ExtractRequest, partial: str, meta: dict) -> dict:
     def settings(m: dict) -> dict:  # an update of a changed folder keeps the precision too
         return {k: v for k, v in cache.identity(m).items() if k not in ("precision", "listing_sha256")}
 
+    found = {}
     for path, unfinished in ((partial, True), (req.out, False)):
         try:
             old = cache.PartialCache.read_meta(path) if unfinished else cache.check_cache(path)
         except (OSError, KeyError, TransferError):
             continue
         if settings(old) == settings(meta):
-            resumed = unfinished and old.get("listing_sha256") == meta["listing_sha256"]
-            return old if resumed else {k: v for k, v in old.items() if k != "batch_size"}
-    return {}
+            found[unfinished] = old
+    if True in found and found[True].get("listing_sha256") == meta["listing_sha256"]:
+        return found[True]  # the run this one resumes
+    # Else the finished cache this run updates (an abandoned run of another listing only if none).
+    old = found.get(False, found.get(True, {}))
+    return {k: v for k, v in old.items() if k != "batch_size"}
 
 
 def _agreed(dist: distributed.Dist, choice: devices.Choice) -> devices.Choice:

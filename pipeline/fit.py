@@ -537,7 +537,10 @@ def fit_head(cache: Cache, settings: FitSettings, progress: FitProgress | None =
     validation = {"top1": val_scores["top1"], "log_loss": val_scores["log_loss"]}
     notes = [f"splits: {splits.source}", *fitted.notes]
     evaluated_on = "test" if len(splits.test) else "cv" if fitted.selection == "cv" else "val"
-    if evaluated_on == "val":
+    if evaluated_on == "val" and settings.C is not None:
+        notes.append("no test split: scores are on the validation split of the model fitted on train; "
+                     "the saved model is refit on train+val")
+    elif evaluated_on == "val":
         notes.append("no test split: scores are on the validation split that also chose C "
                      "(optimistic); the saved model is refit on train+val")
     elif evaluated_on == "cv":

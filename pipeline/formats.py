@@ -348,7 +348,10 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
         return runner, {}
     expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
     if expected:  # models exported before the digest existed are loaded unchecked
-        found = tensors()
+        try:
+            found = tensors()
+        except Exception as e:  # noqa: BLE001 - unreadable tensors are damage too
+            found = f"unreadable ({type(e).__name__})"
         if found != expected:
             raise InputFileError(f"{os.fsdecode(path)} is damaged: its weights are not the ones written at export "
                                  f"(sha256 of its tensors {found[:12]}, recorded {expected[:12]}); export it again")

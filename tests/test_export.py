@@ -55,15 +55,14 @@ def test_a_head_that_disagrees_with_scikit_learn_is_not_exported(three_run, tmp_
 
 def test_a_model_pt_that_disagrees_end_to_end_is_not_exported(three_run, tmp_path, monkeypatch):
     from pipeline import export as export_function
-    from pipeline.backbones import Preprocessing
 
     run = _copy_run(three_run, tmp_path)
-    real = Preprocessing.from_dict
+    real = TransferModel.__init__
 
-    def wrong_mean(d):  # model.pt would normalize differently from the extraction
-        return dataclasses.replace(real(d), mean=(0.1, 0.2, 0.3))
+    def wrong_mean(self, backbone, weight, bias, l2, prep, *rest):  # model.pt alone normalizes differently
+        real(self, backbone, weight, bias, l2, dataclasses.replace(prep, mean=(0.1, 0.2, 0.3)), *rest)
 
-    monkeypatch.setattr(Preprocessing, "from_dict", staticmethod(wrong_mean))
+    monkeypatch.setattr(TransferModel, "__init__", wrong_mean)
     with pytest.raises(TransferError, match="model.pt on .* original images disagrees with scikit-learn"):
         export_function(run)
     assert not (run / "model.pt").exists() and not (run / "parity.json").exists()
