@@ -161,6 +161,20 @@ def fitted_run(tmp_path: Path, classes: dict, name: str, precision: str) -> Path
     return run
 
 
+class Stop(Exception):
+    """Raised by StopAfterFirstBatch: an extraction interrupted after its first committed batch."""
+
+
+class StopAfterFirstBatch:
+    """A progress sink that stops the extraction once the first batch is committed."""
+
+    def start(self, total, already):
+        pass
+
+    def advance(self, n):
+        raise Stop()
+
+
 @pytest.fixture(scope="session")
 def binary_run(tmp_path_factory) -> Path:
     return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin", "fp32")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import devices, extract, read_cache
-from tests.conftest import make_folder
+from tests.conftest import Stop, StopAfterFirstBatch, make_folder
 
 BF16_CPU = {"avx512_f": True, "avx512_bf16": True, "amx_bf16": False, "cpu_name": "Test CPU"}
 PLAIN_CPU = {"avx512_f": True, "avx2": True, "avx512_bf16": False, "amx_bf16": False, "cpu_name": "Test CPU"}
@@ -156,16 +156,6 @@ def test_a_resume_keeps_the_batch_size_it_started_with(tmp_path, monkeypatch):
     run's bit for bit - in bf16 too - even when the probe would now choose another batch size."""
     images = make_folder(tmp_path / "images", {"a": 4, "b": 3})
     options = dict(backbone="efficientnet_lite0", weights="random", device="cpu", workers=0)
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterFirstBatch:
-        def start(self, total, already):
-            pass
-
-        def advance(self, n):
-            raise Stop()
 
     with pytest.raises(Stop):
         extract(images, tmp_path / "c.h5", batch_size=3, progress=StopAfterFirstBatch(), **options)

@@ -13,7 +13,7 @@ import torch
 from pipeline import read_cache
 from pipeline.backbones import load_backbone
 from pipeline.devices import resolve_precision
-from tests.conftest import LITE, assert_one_line_error, make_folder, run_cli
+from tests.conftest import LITE, Stop, StopAfterFirstBatch, assert_one_line_error, make_folder, run_cli
 
 
 def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):
@@ -114,16 +114,6 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_an_unfinished_extraction_with_other_settings_is_not_discarded(tmp_path, tiny_folder):
     out = tmp_path / "c.h5"
     from pipeline import cache, extract
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterFirstBatch:
-        def start(self, total, already):
-            pass
-
-        def advance(self, n):
-            raise Stop()
 
     with pytest.raises(Stop):
         extract(tiny_folder, out, backbone="efficientnet_lite0", weights="random", batch_size=2, workers=0,

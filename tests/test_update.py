@@ -16,7 +16,7 @@ import pytest
 import pipeline
 from pipeline.backbones import Embedder
 from pipeline.images import scan_image_folder
-from tests.conftest import LITE, make_folder, run_cli, write_image
+from tests.conftest import LITE, Stop, StopAfterFirstBatch, make_folder, run_cli, write_image
 
 OPTIONS = {"backbone": "efficientnet_lite0", "weights": "random", "batch_size": 4, "workers": 0}
 
@@ -238,16 +238,6 @@ def test_an_interrupted_extraction_of_an_older_folder_gives_its_committed_rows(s
     shutil.copytree(small[0], images)
     write_image(images / "b" / "more.png", 9)
     out = tmp_path / "c.h5"
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterFirstBatch:
-        def start(self, total, already):
-            pass
-
-        def advance(self, n):
-            raise Stop()
 
     with pytest.raises(Stop):
         pipeline.extract(images, out, progress=StopAfterFirstBatch(), **{**OPTIONS, "batch_size": 2})
