@@ -10,11 +10,11 @@ Stage 1b of images -> backbone -> cache -> head -> model. A `Backbone` maps norm
 """
 
 from .base import TTA_MODES, Backbone, LayerHints, Preprocessing
-from .embedder import PRECISIONS, Embedder, default_precision, resolve_device
+from .embedder import PRECISIONS, Embedder, resolve_device
 from .layers import LayerInfo
 from .registry import (SOURCES, BackboneEntry, check_backbone_name, list_backbones, list_layers,
                        load_arguments, load_backbone, parse)
 
 __all__ = ["PRECISIONS", "SOURCES", "TTA_MODES", "Backbone", "BackboneEntry", "Embedder", "LayerHints", "LayerInfo",
-           "Preprocessing", "check_backbone_name", "default_precision", "list_backbones", "list_layers",
+           "Preprocessing", "check_backbone_name", "list_backbones", "list_layers",
            "load_arguments", "load_backbone", "parse", "resolve_device"]

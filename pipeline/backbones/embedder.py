@@ -20,10 +20,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def default_precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 class Embedder:
     """Runs a backbone on one device: uint8 images (N, 3, S, S) -> float32 embeddings (N, D)."""
 
