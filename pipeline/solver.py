@@ -43,7 +43,7 @@ from scipy import optimize
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from .errors import SettingError, TransferError
+from .errors import TransferError
 
 BLOCK_BYTES = 32 << 20  # float32 features per block: 8,192 rows at D = 1,024; 2,048 at D = 4,096
 HOLD_CPU_BYTES = 256 << 20  # on the CPU, standardized features up to this size are kept in memory
@@ -433,11 +433,9 @@ def as_logistic_regression(coef: np.ndarray, intercept: np.ndarray, n_classes: i
 
 def resolve_device(device: str) -> str:
     """auto: the GPU when there is one (cuda:LOCAL_RANK under torchrun), else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SettingError(f"device {device!r} was asked for but torch sees no GPU; use --device cpu")
-        if device == "cuda" and _world() > 1:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return device
+    from .backbones import resolve_device as resolve  # the extraction's rule and messages
+
+    resolved = resolve(device)
+    if device in ("auto", "cuda") and resolved.type == "cuda" and _world() > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return str(resolved)
