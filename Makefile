@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision first, pinned: on our machines they install from local disk (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but the slow end-to-end tests (marked `slow`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_throughput.py

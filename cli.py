@@ -6,12 +6,20 @@ exit code (the traceback only with --debug).
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
+import signal
 import sys
-import time
+import threading
+import traceback
 
 import click
+
+import pipeline  # light: its names load on first use, so `transfer --help` imports no torch
+from pipeline.devices import this_process
+from pipeline.errors import TransferError
+from pipeline.files import default_run_dir
 
 DEBUG_FLAG = "--debug"
 
@@ -21,67 +29,16 @@ def _echo(text: str = "", err: bool = False) -> None:
     click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
 
 
+def _echo_all(lines: list[str], err: bool = False) -> None:
+    for line in lines:
+        _echo(line, err=err)
+
+
 def _command_line() -> str:
     """The command as the user typed it, for "resume with: ..." messages."""
     script = sys.argv[0]
     prog = ["python", script] if script.endswith("cli.py") else ["transfer"]
     return shlex.join(prog + click.get_current_context().find_root().obj["argv"])
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-class _Bar:
-    """tqdm progress bar (images, with a rate) behind the library's ProgressSink interface."""
-
-    def __init__(self, desc: str, unit: str = "img"):
-        self.desc, self.unit, self.bar = desc, unit, None
-
-    def start(self, total: int, already: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=already, desc=self.desc, unit=self.unit, dynamic_ncols=True,
-                        smoothing=0.1, file=sys.stderr)
-
-    def advance(self, n: int) -> None:
-        self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _PhaseBars:
-    """One tqdm bar per fit phase (C sweep, refit) behind the library's FitProgress interface."""
-
-    def __init__(self):
-        self.bar = None
-
-    def phase(self, name: str, total: int | None, unit: str) -> None:
-        from tqdm import tqdm
-
-        self.close()
-        self.bar = tqdm(total=total, desc=name, unit=unit, dynamic_ncols=True, file=sys.stderr)
-
-    def advance(self, n: int, status: str = "") -> None:
-        if status:
-            self.bar.set_postfix_str(status, refresh=False)
-        self.bar.update(n)
-
-    def note(self, text: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,77 +98,12 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
     interrupted run resumes when rerun; rerun on a changed folder, only new and changed images
     go through the network.
     """
-    from pipeline.extract import ExtractState, committed_so_far, extract as run
-
-    bar = _Bar("extract")
-    rank = int(os.environ.get("RANK", "0"))
-
-    def ready(info: dict) -> None:
-        if rank != 0:
-            return
-        for note in info["notes"][:10]:
-            _echo(f"note: {note}", err=True)
-        if len(info["notes"]) > 10:
-            _echo(f"note: ... and {len(info['notes']) - 10} more", err=True)
-        if info["update"]:
-            u = info["update"]
-            _echo(f"updating {out}: reused {u['reused']:,}, new {u['new']:,}, changed {u['changed']:,}, "
-                  f"removed {u['removed']:,}, relabelled {u['relabelled']:,}", err=True)
-        todo, resumed = info["total"] - info["already"], info["already"] - info["reused"]
-        # Under torchrun `already` is rank 0's own shard: name the whole job only.
-        what = f"{todo:,} of {info['total']:,}" if info["already"] and info["world_size"] == 1 else f"{info['total']:,}"
-        resumed = f", resuming after {resumed}" if resumed and info["world_size"] == 1 else ""
-        ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
-        _echo(f"extracting {what} images with {backbone} on {info['device']} "
-              f"({info['precision']}, batch {info['batch_size']}, {info['decode']} decoding, "
-              f"decode workers: {info['workers']}{ranks}){resumed}", err=True)
-        for name, why in info["why"].items():
-            if why != "asked for":
-                _echo(f"  {name.replace('_', ' ')} {info[name]}: {why}", err=True)
-
-    try:
-        summary = run(image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta,
-                      batch_size=batch_size, device=device,
-                      precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
-                      manifest=manifest, check_content=check_content, retry_failed=retry_failed,
-                      preprocessing=preprocessing, progress=bar, on_ready=ready)
-    except KeyboardInterrupt:
-        bar.close()
-        raise _Exit(f"interrupted: {committed_so_far(out)}rerun the same command to resume", 130) from None
-    finally:
-        bar.close()
-    if summary.state is ExtractState.SHARD_WRITTEN:
-        return
-    if summary.state is ExtractState.ALREADY_COMPLETE:
-        retry = "; --retry-failed runs the failed images again" if summary.failed else ""
-        _echo(f"{out} already holds this extraction ({summary.done} images, {summary.failed} failed); "
-              f"nothing to do (delete it to extract again{retry})")
-        return
-    done_before = [f"resumed after {summary.resumed_from}"] if summary.resumed_from else []
-    done_before += [f"reused {summary.reused}"] if summary.reused else []
-    resumed = f" ({', '.join(done_before)})" if done_before else ""
-    waiting = summary.input_seconds * summary.images_per_second / summary.processed if summary.processed else 0.0
-    _echo(f"extracted {summary.processed} images{resumed} in {summary.seconds:.1f} s, "
-               f"{summary.images_per_second:.1f} img/s ({waiting:.0%} of it waiting for decoded images): "
-               f"{summary.done} cached, {summary.failed} failed")
-    _echo(f"cache: {out} ({_size(summary.out_bytes)})")
-    _echo_skipped(summary.skipped)
-    if summary.failures:
-        _echo("failed images (kept in the cache's 'failed' group):")
-        for path, reason in summary.failures[:10]:
-            _echo(f"  {path}: {reason}")
-        if len(summary.failures) > 10:
-            _echo(f"  ... and {len(summary.failures) - 10} more")
-
-
-def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
-    """One line per kind of thing left out of the listing, with the first few of each."""
-    by_reason: dict[str, list[str]] = {}
-    for path, reason in skipped:
-        by_reason.setdefault(reason, []).append(path)
-    for reason, paths in by_reason.items():
-        more = f", ... ({len(paths)} in all)" if len(paths) > 3 else ""
-        _echo(f"skipped ({reason}): {', '.join(paths[:3])}{more}")
+    summary = pipeline.extract(
+        image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta, batch_size=batch_size, device=device,
+        precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
+        manifest=manifest, check_content=check_content, retry_failed=retry_failed, preprocessing=preprocessing,
+        progress=True)
+    _echo_all(summary.lines())
 
 
 class _CValue(click.ParamType):
@@ -278,65 +170,20 @@ def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, tr
     the model is refit on train+val and scored on test when there is one. Under torchrun
     (--solver streamed or auto) the ranks share the rows and rank 0 writes the run folder.
     """
-    from pipeline.fit import fit as run
-    from pipeline.report import check_new_folder, default_run_dir, release_if_empty
-
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes and reports
-    if run_dir:
-        check_new_folder(run_dir)  # before any work
-    run_dir = (run_dir or default_run_dir(cache_file)) if rank0 else None
-    bars = _PhaseBars()
-    try:
-        result = run(cache_file, run_dir, command=_command_line(), progress=bars, C=C, class_weight=class_weight,
-                     max_iter=max_iter, seed=seed, normalize=normalize, pca=pca, train_fraction=train_fraction,
-                     repeat=repeat, C_selection=C_selection, solver=solver, device=device)
-        bars.close()
-    except KeyboardInterrupt:
-        bars.close()
-        if run_dir:
-            release_if_empty(run_dir)
-        raise _Exit("interrupted while fitting: nothing was written (a run folder appears only when complete)",
-                    130) from None
-    except BaseException:
-        bars.close()
-        if run_dir:
-            release_if_empty(run_dir)
-        raise
-    if not rank0:
+    result = pipeline.fit(cache_file, run_dir or "auto", command=_command_line(), progress=True, C=C,
+                          class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize, pca=pca,
+                          train_fraction=train_fraction, repeat=repeat, C_selection=C_selection, solver=solver,
+                          device=device)
+    if not this_process().leads:  # under torchrun, rank 0 alone reports
         return
-    s, sizes = result.scores, result.splits.sizes()
-    where = {"test": "test", "val": "val (also chose C: optimistic)",
-             "cv": "cross-validation (also chose C: optimistic)"}[result.evaluated_on]
-    chosen = (f"{result.C:.4g} (best val top-1 of {len(result.sweep)} fits)" if result.sweep
-              else f"{result.C:.4g} (given)")
-    top5 = f"  top-5 {s['top5']:.4f}" if s["top5"] is not None else ""
-    rows = [
-        ("splits", f"train {sizes['train']}  val {sizes['val']}  test {sizes['test'] or '-'}"),
-        ("chosen C", chosen),
-        (f"scores on {where}", f"top-1 {s['top1']:.4f}{top5}  balanced {s['balanced_accuracy']:.4f}  "
-                               f"log-loss {s['log_loss']:.4f}"),
-        ("solver", (f"{result.solver['name']} on {result.solver['device']}"
-                    + (f", {result.solver['world_size']} ranks" if result.solver["world_size"] > 1 else "")
-                    + (f" (auto: {result.solver['reason']})" if solver == "auto" else ""))),
-        ("fit time", f"{result.timings['total_s']:.1f} s"),
-        ("run folder", run_dir),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        _echo(f"{key:<{width}}  {value}")
-    for note in result.notes[1:]:
-        _echo(f"note: {note}")
-    for warning in result.warnings:
-        _echo(f"warning: {warning}", err=True)
-    if not result.convergence["converged"]:
-        _echo(f"warning: lbfgs stopped at --max-iter {max_iter} before converging (C={result.C:.4g}); "
-                   "raise --max-iter", err=True)
+    _echo_all(result.lines())
+    _echo_all([f"warning: {w}" for w in result.cautions()], err=True)
     if export:
         try:
-            _export_and_report(run_dir, None, formats, skip_image_parity=skip_image_parity)
+            _export_and_report(result.run_dir, None, formats, skip_image_parity=skip_image_parity)
         except KeyboardInterrupt:
-            raise _Exit(f"interrupted while exporting: the run folder {run_dir} is complete; "
-                        f"`transfer export {run_dir}` writes the model", 130) from None
+            raise _Exit(f"interrupted while exporting: the run folder {result.run_dir} is complete; "
+                        f"`transfer export {result.run_dir}` writes the model", 130) from None
 
 
 @cli.command(name="export")
@@ -361,29 +208,9 @@ def export_cmd(run_dir, model_path, formats, weights, skip_image_parity):
 
 def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None,
                        skip_image_parity: bool = False) -> None:
-    from pipeline.export import export
-
-    result = export(run_dir, model_path, formats=list(formats), weights=weights, skip_image_parity=skip_image_parity)
-    f = result.parity["cached_features"]
-    _echo(f"parity: torch Linear vs scikit-learn on {f['rows']} cached rows: max |p diff| "
-               f"{f['max_abs_diff']:.1e} (<= {f['tolerance']:.0e}), same argmax")
-    for fmt, path in result.paths.items():
-        checked = result.parity if fmt == "torchscript" else result.parity[fmt]
-        name, e = os.path.basename(path), checked["end_to_end"]
-        if fmt != "torchscript":
-            h = checked["cached_features"]
-            _echo(f"parity: {name}'s head vs scikit-learn on {h['rows']} cached rows: max |p diff| "
-                  f"{h['max_abs_diff']:.1e} (<= {h['tolerance']:.0e}), same argmax")
-        if "skipped" in e:
-            _echo(f"parity: {name} end to end not checked: {e['skipped']}")
-        else:
-            _echo(f"parity: {name} on {e['images']} original images vs scikit-learn: max |p diff| "
-                  f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
-            if "reference" in e:
-                _echo(f"  (reference: {e['reference']}; cached features at cosine >= {e['cached_feature_cosine_min']:.4f})")
-    for path in result.paths.values():
-        _echo(f"model: {path} ({_size(os.path.getsize(path))})")
-    _echo(f"head: {result.head_path}")
+    result = pipeline.export(run_dir, model_path, formats=list(formats), weights=weights,
+                             skip_image_parity=skip_image_parity)
+    _echo_all(result.lines())
 
 
 @cli.command(name="predict")
@@ -397,19 +224,10 @@ def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscri
 def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     """Classify image files (or every image in folders) with a model from `transfer export`:
     model.pt (TorchScript), model.onnx (onnxruntime) or model.pt2 (torch.export), by its suffix."""
-    from pipeline.predict import check_output_name, load_model, predict, write_predictions
-
-    if out:
-        check_output_name(out)
-    model = load_model(model_path, device)
-    bar = _Bar("predict")
-    try:
-        results = predict(model, list(paths), top_k=top_k, batch_size=batch_size, progress=bar)
-    finally:
-        bar.close()
+    results = pipeline.predict(model_path, list(paths), top_k=top_k, batch_size=batch_size, out=out, device=device,
+                               progress=True)
     errors = sum(r.error is not None for r in results)
     if out:
-        write_predictions(results, out)
         _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
     else:
         width = min(60, max(len(r.path) for r in results))
@@ -431,24 +249,24 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
 def demo(ctx, workdir, per_class):
     """The whole pipeline on the embedded default, offline: scikit-learn's digits as images,
     features from the pretrained EfficientNet-Lite0, a fitted head, an exported model."""
-    from pipeline.demo import write_digits
+    from pipeline.demo import write_digits  # scikit-learn's digits, read only when the demo runs
 
     images = os.path.join(workdir, "digits" if per_class is None else f"digits-{per_class}")
     counts = write_digits(images, per_class=per_class)
     _echo(f"images: {images} ({counts['train']} train, {counts['val']} val, {counts['test']} test; "
-               "scikit-learn's 8x8 digits)")
+          "scikit-learn's 8x8 digits)")
     cache_file = images + ".h5"
     ctx.invoke(extract, image_dir=images, out=cache_file, backbone="efficientnet_lite0")
-    run_dir = os.path.join("reports", f"demo-digits-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = default_run_dir("demo-digits")
     ctx.invoke(fit, cache_file=cache_file, run_dir=run_dir)
     _echo("")
     _echo(f"results: {run_dir}/report.md (scores, confusion_matrix.png, c_sweep.png), "
-               f"{run_dir}/model.pt (TorchScript model)")
+          f"{run_dir}/model.pt (TorchScript model)")
     # Absolute paths, so that the line works from any folder.
     script = os.path.abspath(sys.argv[0]) if os.sep in sys.argv[0] else sys.argv[0]
     program = shlex.join(["python", script] if script.endswith("cli.py") else [script])
     _echo(f"try it:  {program} predict {shlex.quote(os.path.abspath(run_dir))}/model.pt "
-               f"{shlex.quote(os.path.abspath(images))}/test/7")
+          f"{shlex.quote(os.path.abspath(images))}/test/7")
 
 
 @cli.command()
@@ -471,39 +289,10 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 
     Several caches of the same images (other backbones or layers) are compared in one table.
     """
-    from pipeline.experiment import ExperimentRequest, default_out, parse_fractions, parse_grid, run_experiment, saved_runs
-    from pipeline.report import check_new_folder, release_if_empty
-
-    request = ExperimentRequest(caches=list(caches), grid=parse_grid(list(grid), normalize, pca),
-                                fractions=parse_fractions(fractions), repeats=repeats, seed=seed,
-                                jobs=min(4, os.cpu_count() or 1) if jobs is None else jobs, max_iter=max_iter,
-                                solver=solver, out=out_dir, command=_command_line())
-    if out_dir:
-        check_new_folder(out_dir)  # before any work
-    request.out = out_dir or default_out()
-    bar = _Bar("experiment", unit="run")
-    try:
-        result = run_experiment(request, bar)
-    except KeyboardInterrupt:
-        bar.close()
-        release_if_empty(request.out)
-        again = _command_line() if out_dir else f"{_command_line()} --out {shlex.quote(request.out)}"
-        raise _Exit(f"interrupted: {saved_runs(request.out)} finished runs are saved in {request.out}.partial; "
-                    f"resume with: {again}", 130) from None
-    except BaseException:
-        release_if_empty(request.out)
-        raise
-    finally:
-        bar.close()
-    if result.resumed:
-        _echo(f"resumed: {result.resumed} runs were already saved")
-    _echo(f"{len(result.rows)} runs; best setting per cache (chosen on validation):")
-    for cache, r in result.best.items():
-        _echo(f"  {os.path.basename(cache)}: {r['evaluated_on']} top-1 {r['top1']:.4f}  "
-              f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
-              f"class weight {r['class_weight']})")
-        _echo(f"    reproduce: {r['command']}")
-    _echo(f"written: {request.out}/ (results.csv, summary.md, accuracy_vs_C.png, learning_curve.png)")
+    request = pipeline.ExperimentRequest.from_text(
+        caches, grid, fractions, normalize, pca, repeats=repeats, seed=seed, jobs=jobs, max_iter=max_iter,
+        solver=solver, out=out_dir or "auto", command=_command_line())
+    _echo_all(pipeline.run_experiment(request, progress=True).lines())
 
 
 @cli.command(name="inspect")
@@ -519,26 +308,11 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 def inspect_cmd(cache_file, out_dir, threshold, C, top):
     """A first look at a cache, no fit needed: leaks across splits, duplicate files, suspect labels,
     a map of the data and the class balance, as one page (inspect.html)."""
-    from pipeline.inspection import LEAK_THRESHOLD, inspect
-    from pipeline.report import check_new_folder, default_run_dir, release_if_empty
+    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top)
+    _echo_all(found.lines())
+    _echo_all([f"warning: {w}" for w in found.warnings], err=True)
 
-    if out_dir:
-        check_new_folder(out_dir)
-    out = out_dir or default_run_dir(f"inspect-{os.path.basename(cache_file)}")
-    try:
-        found = inspect(cache_file, out, threshold=LEAK_THRESHOLD if threshold is None else threshold, C=C, top=top)
-    except BaseException:
-        release_if_empty(out)
-        raise
-    cache = found.cache
-    same = sum(bool(p.same_bytes) for p in found.leaks)
-    _echo(f"{cache.n} images, {len(cache.classes)} classes")
-    _echo(f"leaks across splits: {len(found.leaks)} near-identical pairs ({same} byte-identical)")
-    _echo(f"duplicate files: {len(found.duplicates)} byte-identical pairs")
-    _echo(f"suspect labels: {len(found.suspects)} (lowest out-of-fold probability of the given label)")
-    for warning in found.warnings:
-        _echo(f"warning: {warning}", err=True)
-    _echo(f"written: {out}/inspect.html (open it in a browser), {out}/map.png")
+
 @cli.command(name="backbones")
 @click.option("--source", type=click.Choice(["builtin", "torchvision", "timm"]), default=None,
               help="Only this source [default: all].")
@@ -552,20 +326,14 @@ def backbones_command(source, text, layers_of):
     only). Dims come from a table made by a forward pass on PyTorch's meta device (shapes only,
     no weights) for the installed torchvision and timm; other versions compute them the same way.
     """
-    from pipeline.backbones import list_backbones, list_layers
-
     if layers_of:
-        usable = [i for i in list_layers(layers_of) if not i.problem]
+        usable = [i for i in pipeline.list_layers(layers_of) if not i.problem]
         click.echo(f"{layers_of}: {len(usable)} layers (module path, feature dim, pooling); "
                    "default without --layer: the penultimate layer", err=True)
         for info in usable:
             click.echo(f"{info.path}\t{info.dim}\t{info.pooling}")
         return
-    bar = _Bar("feature dims", unit="model")
-    try:
-        entries = list_backbones(source, text, progress=bar)
-    finally:
-        bar.close()
+    entries = pipeline.list_backbones(source, text, progress=True)
     if not entries:
         raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
     width = max(len(e.name) for e in entries)
@@ -587,9 +355,6 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI; turn every failure into one line on stderr and an exit code."""
-    import signal
-    import threading
-
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
@@ -617,21 +382,17 @@ def _run(argv: list[str]) -> None:
         _fail("aborted", 130, debug)
     except _Exit as e:
         _fail(str(e), e.code, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130, debug)
+    except KeyboardInterrupt as e:  # the library's Interrupted says what was kept
+        _fail(str(e) or "interrupted", 130, debug)
     except OSError as e:  # a destination that cannot be written: read-only, full, no permission
         _fail(f"{_rank_prefix()}{_os_error_line(e)}", 1, debug)
     except Exception as e:  # noqa: BLE001 - the one place that turns anything into one line
-        from pipeline.errors import TransferError
-
         if isinstance(e, TransferError):
             _fail(str(e), 1, debug)  # under torchrun the library's message already names the rank
         _fail(f"{_rank_prefix()}unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1, debug)
 
 
 def _os_error_line(e: OSError) -> str:
-    import errno
-
     where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
     advice = {errno.ENOSPC: "free some space and rerun", errno.EROFS: "write somewhere writable (--out)",
               errno.EACCES: "check the permissions, or write somewhere else (--out)",
@@ -640,18 +401,12 @@ def _os_error_line(e: OSError) -> str:
 
 
 def _rank_prefix() -> str:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return ""
-    from pipeline.distributed import from_environment
-
-    d = from_environment()
-    return f"rank {d.rank} of {d.world_size}: "
+    place = this_process()
+    return "" if place.world_size <= 1 else f"rank {place.rank} of {place.world_size}: "
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
     if debug:
-        import traceback
-
         traceback.print_exc()
     _echo(f"error: {' '.join(str(message).split())}", err=True)
     sys.exit(code)

@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.backbones import Embedder, load_backbone  # noqa: E402
-from pipeline import decoding, extract, read_cache  # noqa: E402
+from pipeline import extract, read_cache  # noqa: E402
+from pipeline.extraction import decode as decoding  # noqa: E402
 from pipeline.devices import resolve_precision  # noqa: E402
 from pipeline.images import decode_image, scan_image_folder  # noqa: E402
 
@@ -321,7 +322,7 @@ def probe_section(args, folder: Path, tmp: str) -> None:
 
 
 def overlap_section(args, tmp: str) -> None:
-    extract_module = sys.modules["pipeline.extract"]
+    extract_module = sys.modules["pipeline.extraction.run"]  # where the loop asks for batches
     real = decoding.batches
 
     def one(name, _):

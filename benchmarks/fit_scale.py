@@ -85,7 +85,7 @@ def memory(work: Path) -> None:
     for solver in ("streamed", "sklearn"):
         print(f"  {solver:8s} {peaks[solver, 160_000] / peaks[solver, 20_000]:.2f}x")
     print(f"  streamed / sklearn at N=160,000: {peaks['streamed', 160_000] / peaks['sklearn', 160_000]:.2f}")
-    from pipeline.fit import sklearn_bytes
+    from pipeline.fitting.probe import sklearn_bytes
 
     grown = peaks["sklearn", 160_000] - peaks["sklearn", 20_000]
     estimated = sklearn_bytes(160_000, dim, classes) - sklearn_bytes(20_000, dim, classes)
@@ -100,8 +100,9 @@ def cold_sweeps(cache_path: Path, Cs: list[float]) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline import solver
-    from pipeline.fit import FitSettings, run_splits
+    from pipeline.fitting import solver
+    from pipeline.fitting.settings import FitSettings
+    from pipeline.fitting.splits import run_splits
 
     cache = pipeline.read_cache(cache_path)
     splits = run_splits(cache, FitSettings())
@@ -130,8 +131,9 @@ def one_evaluation(cache_path: Path) -> tuple[float, float]:
     from sklearn.linear_model._linear_loss import LinearModelLoss
     from threadpoolctl import threadpool_limits
 
-    from pipeline import solver
-    from pipeline.fit import FitSettings, run_splits
+    from pipeline.fitting import solver
+    from pipeline.fitting.settings import FitSettings
+    from pipeline.fitting.splits import run_splits
 
     cache = pipeline.read_cache(cache_path)
     train = run_splits(cache, FitSettings()).train
@@ -201,7 +203,7 @@ import json, sys, time
 import numpy as np, torch
 sys.path.insert(0, {root!r})
 import pipeline
-from pipeline import solver
+from pipeline.fitting import solver
 
 cache = pipeline.read_cache({cache!r})
 source = solver.CacheBlocks(cache)

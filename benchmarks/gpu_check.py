@@ -16,7 +16,7 @@ Steps, each a row of the table (and of gpu_check.json / gpu_check.md under --out
   2. the same on the device in bf16, with --decode pil and --decode torch (decode_jpeg on the device):
      img/s, GPU utilization, the share of the loop spent waiting for decoded images, and the
      features' cosine to the CPU fp32 reference and between the two decode paths;
-  3. the device resize (pipeline/decoding.py) on Pillow-decoded pixels vs Pillow's resize: bit for bit;
+  3. the device resize (pipeline/extraction/decode.py) on Pillow-decoded pixels vs Pillow's resize: bit for bit;
      nvJPEG's pixels vs libjpeg-turbo's (reported);
   4. a row's features in another batch (batch 64 vs the default) agree within the README's tolerance;
   5. a synthetic set of 10,000 JPEGs written here (random sizes from 333x500 to 1280x960), both
@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402
-from pipeline import decoding, devices  # noqa: E402
+from pipeline import devices  # noqa: E402
+from pipeline.extraction import decode as decoding  # noqa: E402
 from pipeline.images import decode_image, image_tensor, scan_image_folder  # noqa: E402
 
 # The real photos: ../shared beside a developer's checkout, or shared/ inside it (the device machines
@@ -153,7 +154,7 @@ class Utilization:
 
 def build_backbones_once() -> None:
     """VGG16's random initialisation takes seconds: build each backbone once, hand out copies."""
-    extract_module = importlib.import_module("pipeline.extract")
+    extract_module = importlib.import_module("pipeline.extraction.plan")
     real, built = extract_module.load_backbone, {}
 
     def cached(name, weights=None, seed=0, **kwargs):
@@ -242,7 +243,7 @@ def speed_row(report: Report, step: str, what: str, r: dict) -> None:
 
 def check_resize(report: Report, folder: Path, device: torch.device) -> None:
     """The device resize on Pillow-decoded pixels == Pillow's resize; nvJPEG pixels vs libjpeg-turbo's."""
-    prep = importlib.import_module("pipeline.extract").load_backbone(ARGS.backbone, "random").preprocessing
+    prep = importlib.import_module("pipeline.extraction.plan").load_backbone(ARGS.backbone, "random").preprocessing
     transform = prep.pil_transform()
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:64]
     equal, pixel_diff = 0, []

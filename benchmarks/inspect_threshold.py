@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
-from pipeline.inspection import LEAK_THRESHOLD, _unit, cache_mean, image_path  # noqa: E402
+from pipeline.reports.inspection import LEAK_THRESHOLD, _unit, cache_mean, image_path  # noqa: E402
 
 CHANGES = {"jpeg q70": lambda im: (im, 70), "resized 90%": lambda im: (im.resize((im.width * 9 // 10, im.height * 9 // 10)), 95),
            "resized 75% + q70": lambda im: (im.resize((im.width * 3 // 4, im.height * 3 // 4)), 70)}

@@ -9,31 +9,34 @@
 
 `read_cache` / `write_cache` read and write feature caches (features computed here or anywhere else).
 Names are imported on first use, so `import pipeline` stays light (no torch until a stage needs it).
+docs/architecture.md shows where each lives.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 _WHERE = {
-    "extract": "extract", "ExtractSummary": "extract", "ExtractState": "extract",
+    "extract": "extraction", "ExtractSummary": "extraction", "ExtractState": "extraction",
+    "ExtractPlan": "extraction",
     "read_cache": "cache", "write_cache": "cache", "Cache": "cache",
-    "fit": "fit", "FitResult": "fit", "FitSettings": "fit",
+    "fit": "runs", "FitResult": "fitting.probe", "FitSettings": "fitting.settings",
     "LinearHead": "head",
-    "export": "export", "ExportResult": "export",
-    "load_model": "predict", "predict": "predict", "Model": "predict", "Prediction": "predict",
-    "run_experiment": "experiment", "ExperimentRequest": "experiment",
-    "inspect": "inspection", "Inspection": "inspection",
+    "export": "shipping.export", "ExportResult": "shipping.export",
+    "load_model": "shipping.predict", "predict": "shipping.predict", "Model": "shipping.predict",
+    "Prediction": "shipping.predict",
+    "run_experiment": "runs", "ExperimentRequest": "fitting.experiment",
+    "inspect": "runs", "Inspection": "reports.inspection",
+    "list_backbones": "backbones", "list_layers": "backbones",
     "TransferError": "errors", "SettingError": "errors", "InputFileError": "errors",
-    "IncompleteCacheError": "errors", "IncompatibleCachesError": "errors",
+    "IncompleteCacheError": "errors", "IncompatibleCachesError": "errors", "Interrupted": "errors",
 }
 __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    # PEP 562 lazy attributes: the stage modules import torch, scikit-learn and h5py.
+    # PEP 562 lazy attributes: the stage modules import torch, scikit-learn and h5py. No public name
+    # is also a submodule's name, so an import of a submodule never hides a function here.
     if name not in _WHERE:
         raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
@@ -43,15 +46,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # When a stage module first loads, the import system binds it on its package
-        # (pipeline.fit = <module>), which would hide the function of the same name: keep the function.
-        if isinstance(value, types.ModuleType) and _WHERE.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,20 +1,23 @@
-"""How the network runs on this machine: the precision `auto` resolves to, and the CPU batch size
-chosen by a short probe and remembered per machine.
+"""Every `auto` about where and how work runs, resolved in one place: this process's place in a
+torchrun job (rank, world size), the device, the precision, and the CPU batch size chosen by a
+short probe and remembered per machine.
 
-Nothing here reads images or caches; `extract` asks, records the answers (with their reasons) in
-the cache's provenance, and prints them.
+Nothing here reads images or caches; the stages ask, record the answers (with their reasons) and
+report them. torch is imported only by the functions that need it: the process's place is read by
+torch-free code too (the CLI, scikit-learn fits in experiment workers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
+from .errors import TransferError
 from .files import write_atomically
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -45,11 +48,98 @@ def user_cache_dir() -> str:
     return os.path.join(base, "transfer")
 
 
+def _torch():
+    import torch  # imported on first use: see the module docstring
+
+    return torch
+
+
+# --- this process's place in a torchrun job -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Place:
+    """This process's place in a torchrun job: rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def leads(self) -> bool:
+        """Rank 0: the process that writes shared outputs and reports progress."""
+        return self.rank == 0
+
+
+def this_process() -> Place:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Place()
+    try:
+        return Place(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except (KeyError, ValueError):
+        raise TransferError("WORLD_SIZE is set but RANK is not; start several processes with torchrun") from None
+
+
+@contextlib.contextmanager
+def session():
+    """This process's Place; under torchrun, a gloo process group lives for the block (created
+    here unless the caller made one). The features travel through files, so gloo suffices."""
+    place = this_process()
+    if place.world_size <= 1:
+        yield place
+        return
+    tdist = _torch().distributed
+    owner = not tdist.is_initialized()
+    if owner:
+        # Generous timeout: ranks meet only at the end of an extraction, and may finish hours apart.
+        tdist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    try:
+        yield place
+    finally:
+        if owner and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def gather(place: Place, value) -> list:
+    """Every rank's `value`, in rank order (a collective: every rank must call it)."""
+    if place.world_size == 1:
+        return [value]
+    gathered = [None] * place.world_size
+    try:
+        _torch().distributed.all_gather_object(gathered, value)
+    except RuntimeError:  # gloo: a peer went away
+        raise TransferError("another rank failed while the ranks agreed on their settings (see its own error)") from None
+    return gathered
+
+
+DEVICE_CHOICES = "auto, cpu or cuda[:N]"
+
+
+def resolve_device(requested: str = "auto", place: Place | None = None):
+    """auto -> the GPU when torch sees one, else the CPU; under torchrun, `auto` and `cuda` mean
+    each rank's own GPU (cuda:LOCAL_RANK). Returns a torch.device."""
+    torch = _torch()
+    place = place or this_process()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise TransferError(f"--device {requested} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise TransferError(f"unknown device {requested!r}; expected {DEVICE_CHOICES}")
+    if requested == "cuda" and place.world_size > 1:
+        requested = f"cuda:{place.local_rank}"
+    return torch.device(requested)
+
+
 # --- precision ------------------------------------------------------------------------------------
 
 def cpu_capabilities() -> dict:
     """The CPU's instruction sets as torch's cpuinfo sees them (`torch.cpu.get_capabilities`,
     torch >= 2.8); older torch: the two bf16 queries it has."""
+    torch = _torch()
     if hasattr(torch.cpu, "get_capabilities"):
         return dict(torch.cpu.get_capabilities())
     caps = {}
@@ -67,14 +157,23 @@ def cpu_bf16() -> tuple[bool, str]:
     native = [name for name in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16") if caps.get(name)]
     if not native:
         return False, "this CPU has no native bf16 instructions (AVX-512 BF16, AMX or Arm BF16)"
-    if not torch.backends.mkldnn.is_available():
-        return False, f"this CPU has {', '.join(native)} but this torch build has no oneDNN"
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False, f"this CPU has {', '.join(native)} but oneDNN does not report bf16 support"
+    missing = onednn_bf16_missing()
+    if missing:
+        return False, f"this CPU has {', '.join(native)} but {missing}"
     return True, f"this CPU computes bf16 natively ({', '.join(native)}; oneDNN)"
 
 
-def resolve_precision(requested: str | None, device: torch.device, earlier: str | None = None) -> Choice:
+def onednn_bf16_missing() -> str:
+    """Why the installed torch's oneDNN does not compute bf16 on this CPU; "" when it does."""
+    torch = _torch()
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN does not report bf16 support"
+    return ""
+
+
+def resolve_precision(requested: str | None, device, earlier: str | None = None) -> Choice:
     """`auto` (or None) -> bf16 on CUDA and on CPUs that compute bf16 natively, fp32 elsewhere;
     an unfinished or finished run of the same extraction (`earlier`) keeps its own precision, so
     that rows of one cache never mix precisions. Anything else is taken as asked."""
@@ -131,6 +230,7 @@ def probe_batch_size(forward: Callable[[int], None], candidates=CPU_BATCH_CANDID
 
 def machine_key() -> str:
     """What makes one machine's batch choice differ from another's: CPU model, cores, threads, torch."""
+    torch = _torch()
     caps = cpu_capabilities()
     name = caps.get("cpu_name") or _cpu_model() or "unknown CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -182,7 +282,7 @@ def remember_batch(key: str, probe: Probe) -> bool:
     return True
 
 
-def choose_batch_size(requested: int | None, device: torch.device, what: str, pending: int,
+def choose_batch_size(requested: int | None, device, what: str, pending: int,
                       forward: Callable[[int], None], earlier: int | None = None, probe_allowed: bool = True) -> Choice:
     """The batch size of this run, and why: as asked; else the earlier run's (a resume redoes whole
     batches at the same boundaries, so its features equal an uninterrupted run's); else 256 on a GPU;

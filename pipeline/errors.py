@@ -24,3 +24,8 @@ class IncompleteCacheError(InputFileError):
 
 class IncompatibleCachesError(TransferError):
     """Caches that cannot be compared or combined: other images, labels, classes or splits."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which the CLI turns into one) during a stage; the message says what was
+    kept and how to go on. Still a KeyboardInterrupt, so code that catches those keeps working."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .errors import InputFileError, TransferError
@@ -137,8 +138,6 @@ def load(run_dir: str) -> LinearHead:
 def sklearn_from_arrays(head: LinearHead):
     """The fitted scikit-learn pipeline rebuilt from the head's unfolded arrays (head.npz), without
     unpickling model.joblib; scikit-learn's own predict_proba then checks the folded head independently."""
-    from sklearn.pipeline import Pipeline
-
     raw = head.arrays
     dim = head.dim
     steps = []

@@ -1,10 +1,10 @@
 """Reading images: find them in an ImageFolder tree and decode each one to RGB, safely.
 
-Stage 1a of images -> backbone -> cache -> head -> model. Nothing here knows about networks;
-`backbones.Preprocessing` turns a decoded image into the tensor a backbone wants. A listing also
-records each file's size, mtime and (when it is read) content hash: what tells an unchanged file
-from a changed one when a cache is updated (`pipeline.update`). `pipeline.manifest` lists the
-images of a CSV/JSONL manifest into the same `ImageListing`.
+Used by every stage that opens image files: extraction, predict, the report pages. Nothing here
+knows about networks; `backbones.Preprocessing` turns a decoded image into the tensor a backbone
+wants. A listing also records each file's size, mtime and (when it is read) content hash: what
+tells an unchanged file from a changed one when a cache is updated (`extraction.update`).
+`extraction.manifest` lists the images of a CSV/JSONL manifest into the same `ImageListing`.
 """
 
 from __future__ import annotations
@@ -311,10 +311,10 @@ def decode_image(path: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise DecodeError(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is one bad image, not a crash
-        raise DecodeError(_short(f"corrupt image: {type(e).__name__}: {e}")) from None
+        raise DecodeError(short_reason(f"corrupt image: {type(e).__name__}: {e}")) from None
 
 
-def _short(text: str, limit: int = 200) -> str:
+def short_reason(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -364,50 +364,3 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def image_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> (3, H, W) uint8 tensor: what model.pt takes."""
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
-@dataclass
-class ImageBatch:
-    """indices: (B,) int64 listing positions of the decoded images; images: (B, 3, S, S) uint8;
-    failed: (listing position, reason) for the images that could not be used; hashes: listing
-    position -> content hash, for every file of the batch."""
-
-    indices: torch.Tensor
-    images: torch.Tensor
-    failed: list[tuple[int, str]]
-    hashes: dict[int, str] = field(default_factory=dict)
-
-    def pin_memory(self) -> "ImageBatch":
-        return ImageBatch(self.indices.pin_memory(), self.images.pin_memory(), self.failed, self.hashes)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses listing positions `order[i]`; a bad file yields its reason."""
-
-    def __init__(self, root: str, paths: list[str], order: list[int], transform):
-        self.root, self.paths, self.order, self.transform = root, paths, order, transform
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str]:
-        position = self.order[i]
-        path = os.path.join(self.root, self.paths[position])
-        digest = content_hash(path)  # the second read below comes from the page cache
-        try:
-            return position, self.transform(decode_image(path)), None, digest
-        except DecodeError as e:
-            return position, None, e.reason, digest
-        except Exception as e:  # noqa: BLE001 - a transform failure is one bad image too
-            return position, None, _short(f"preprocessing failed: {type(e).__name__}: {e}"), digest
-
-
-def collate(samples: list[tuple[int, torch.Tensor | None, str | None, str]]) -> ImageBatch:
-    good = [(i, x) for i, x, _, _ in samples if x is not None]
-    failed = [(i, reason) for i, x, reason, _ in samples if x is None]
-    if good:
-        images = torch.stack([x for _, x in good])
-    else:
-        images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
-    return ImageBatch(torch.tensor([i for i, _ in good], dtype=torch.int64), images, failed,
-                      {i: digest for i, _, _, digest in samples})

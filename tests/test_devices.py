@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import devices, extract, read_cache
+from pipeline.errors import TransferError
 from tests.conftest import Stop, StopAfterFirstBatch, make_folder
 
 BF16_CPU = {"avx512_f": True, "avx512_bf16": True, "amx_bf16": False, "cpu_name": "Test CPU"}
@@ -25,6 +26,7 @@ def own_cache_dir(tmp_path, monkeypatch):
 
 def test_auto_is_bf16_exactly_when_the_cpu_computes_bf16_natively(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "onednn_bf16_missing", lambda: "")  # as on a CPU whose oneDNN has bf16
     monkeypatch.setattr(devices, "cpu_capabilities", lambda: dict(BF16_CPU))
     choice = devices.resolve_precision("auto", cpu)
     assert choice.value == "bf16" and "avx512_bf16" in choice.why
@@ -33,8 +35,10 @@ def test_auto_is_bf16_exactly_when_the_cpu_computes_bf16_natively(monkeypatch):
     choice = devices.resolve_precision("auto", cpu)
     assert choice.value == "fp32" and "no native bf16" in choice.why
     monkeypatch.setattr(devices, "cpu_capabilities", lambda: {"architecture": "arm64", "bf16": True})
-    assert devices.resolve_precision("auto", cpu).value == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                                                            else "fp32")
+    assert devices.resolve_precision("auto", cpu).value == "bf16"
+    monkeypatch.setattr(devices, "onednn_bf16_missing", lambda: "oneDNN does not report bf16 support")
+    choice = devices.resolve_precision("auto", cpu)
+    assert choice.value == "fp32" and "oneDNN does not report bf16" in choice.why
 
 
 def test_auto_needs_onednn_bf16_as_well(monkeypatch):
@@ -63,13 +67,14 @@ def test_the_real_capability_query_answers(monkeypatch):
 @pytest.mark.parametrize("capabilities, expected", [(BF16_CPU, "bf16"), (PLAIN_CPU, "fp32")])
 def test_extract_records_and_reports_what_auto_chose(tmp_path, monkeypatch, capabilities, expected):
     monkeypatch.setattr(devices, "cpu_capabilities", lambda: dict(capabilities))
+    monkeypatch.setattr(devices, "onednn_bf16_missing", lambda: "")
     images = make_folder(tmp_path / "images", {"a": 2, "b": 1})
-    seen = {}
+    seen = []
     summary = extract(images, tmp_path / "c.h5", backbone="efficientnet_lite0", weights="random", device="cpu",
-                      on_ready=seen.update)
+                      on_ready=seen.append)
     cached = read_cache(summary.out)
-    assert summary.precision == seen["precision"] == cached.provenance["precision"] == expected
-    assert cached.provenance["precision_choice"] == seen["why"]["precision"]
+    assert summary.precision == seen[0].precision.value == cached.provenance["precision"] == expected
+    assert cached.provenance["precision_choice"] == seen[0].precision.why
     assert cached.provenance["precision_choice"].startswith("auto: ")
 
 
@@ -166,3 +171,35 @@ def test_a_resume_keeps_the_batch_size_it_started_with(tmp_path, monkeypatch):
     assert "kept from the earlier run" in read_cache(resumed.out).provenance["batch_choice"]
     whole = extract(images, tmp_path / "whole.h5", batch_size=3, **options)
     assert np.array_equal(read_cache(resumed.out).features(), read_cache(whole.out).features())
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TransferError, match="no CUDA GPU"):
+        devices.resolve_device("cuda")
+    assert devices.resolve_device("auto").type == "cpu"
+
+
+
+def test_under_torchrun_each_rank_gets_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    place = devices.Place(rank=3, world_size=4, local_rank=1, local_world_size=2)
+    assert str(devices.resolve_device("cuda", place)) == "cuda:1"
+    assert str(devices.resolve_device("auto", place)) == "cuda:1"
+    assert str(devices.resolve_device("cuda:0", place)) == "cuda:0"  # asked for by number: kept
+    assert str(devices.resolve_device("cpu", place)) == "cpu"
+    with pytest.raises(TransferError, match="unknown device 'tpu'"):
+        devices.resolve_device("tpu", place)
+
+
+def test_the_place_in_a_job_comes_from_torchruns_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert devices.this_process() == devices.Place() and devices.this_process().leads
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert devices.this_process() == devices.Place(1, 2, 1, 2) and not devices.this_process().leads
+    monkeypatch.delenv("RANK")
+    with pytest.raises(TransferError, match="RANK is not"):
+        devices.this_process()

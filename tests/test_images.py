@@ -4,10 +4,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.errors import TransferError
-from pipeline.images import DecodeError, ImageDataset, collate, decode_image, scan_image_folder
+from pipeline.images import DecodeError, decode_image, scan_image_folder
 from tests.conftest import make_folder, write_image
 
 
@@ -74,19 +73,6 @@ def test_bad_trees_are_refused_with_a_reason(tmp_path, setup, fragment):
     setup(root)
     with pytest.raises(TransferError, match=fragment):
         scan_image_folder(root)
-
-
-def test_dataset_yields_uint8_tensors_and_reasons_and_collate_separates_them(tmp_path):
-    root = make_folder(tmp_path / "d", {"a": 2})
-    (root / "a" / "bad.png").write_bytes(b"garbage")
-    listing = scan_image_folder(root)
-    transform = lambda img: torch.from_numpy(np.array(img.resize((8, 8)))).permute(2, 0, 1)
-    dataset = ImageDataset(str(root), listing.paths, [0, 1, 2], transform)
-    batch = collate([dataset[i] for i in range(3)])
-    assert listing.paths[0] == "a/bad.png"
-    assert batch.indices.tolist() == [1, 2]
-    assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.uint8
-    assert batch.failed == [(0, "not a recognised image format")]
 
 
 def test_decode_gives_rgb_with_the_files_pixels(tmp_path):

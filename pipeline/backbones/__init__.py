@@ -9,12 +9,13 @@ Stage 1b of images -> backbone -> cache -> head -> model. A `Backbone` maps norm
     >>> [e.name for e in list_backbones("torchvision", "resnet")]
 """
 
-from .base import TTA_MODES, Backbone, LayerHints, Preprocessing
-from .embedder import PRECISIONS, Embedder, resolve_device
+from .base import (TTA_MODES, Backbone, LayerHints, Preprocessing, Source, preprocessing_values,
+                   recorded_preprocessing)
+from .embedder import PRECISIONS, Embedder
 from .layers import LayerInfo
 from .registry import (SOURCES, BackboneEntry, check_backbone_name, list_backbones, list_layers,
                        load_arguments, load_backbone, parse)
 
 __all__ = ["PRECISIONS", "SOURCES", "TTA_MODES", "Backbone", "BackboneEntry", "Embedder", "LayerHints", "LayerInfo",
-           "Preprocessing", "check_backbone_name", "list_backbones", "list_layers",
-           "load_arguments", "load_backbone", "parse", "resolve_device"]
+           "Preprocessing", "Source", "check_backbone_name", "list_backbones", "list_layers", "load_arguments",
+           "load_backbone", "parse", "preprocessing_values", "recorded_preprocessing"]

@@ -1,4 +1,5 @@
-"""What every backbone source produces: the preprocessing, the loaded network, the cut network.
+"""What every backbone source provides and produces: the `Source` protocol, the preprocessing, the
+loaded network, the cut network.
 
 A source (torchvision, timm, builtin) turns a model name and weights into a `Loaded` model: the
 full network with its weights and its published preprocessing. The registry then cuts it (the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -72,6 +74,12 @@ class Preprocessing:
 
 
 PREPROCESSING_KEYS = ("resize", "crop", "interpolation", "mean", "std", "resize_mode")
+
+
+def recorded_preprocessing(provenance: dict) -> Preprocessing:
+    """The preprocessing a cache (or a head, a model) recorded at extraction. Not today's defaults:
+    Pillow's resize order, for one, may have changed since."""
+    return Preprocessing.from_dict(provenance["preprocessing"])
 
 
 def override_preprocessing(spec, base: Preprocessing) -> Preprocessing:
@@ -146,6 +154,31 @@ class LayerHints:
     prefix_tokens: int = 0
     nhwc: bool = False
     tracer: str = "torchvision"
+
+
+class Source(Protocol):
+    """What a backbone source module provides (builtin, torchvision_zoo, timm_zoo); the registry
+    uses nothing else. A new source is a module with these functions, added to registry.SOURCES."""
+
+    SOURCE: str  # its name: "torchvision"
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(the name --backbone takes, the model's name in its library) for every model it offers."""
+
+    def load(self, model_name: str, weights: str | None, seed: int) -> "Loaded":
+        """The full network in eval mode with `weights` (a name, a state_dict file, or "random")."""
+
+    def penultimate(self, model_name: str, model: nn.Module) -> tuple[nn.Module, nn.Module | None, int, str]:
+        """The network cut before its classifier: (network, dropped classifier, dim, description)."""
+
+    def default_layer(self, model_name: str) -> str | None:
+        """A module to pool at by default when the model has no last Linear to cut (else None)."""
+
+    def skeleton(self, model_name: str, weights: str | None = None) -> tuple[nn.Module, int, LayerHints]:
+        """The architecture with random (or no) weights, its input size and layer hints: for shapes only."""
+
+    def weights_status(self, model_name: str) -> str:
+        """Whether its default weights are here: cached, packaged, download, none."""
 
 
 @dataclass

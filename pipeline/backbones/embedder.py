@@ -10,16 +10,6 @@ from .base import Backbone
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TransferError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise TransferError(f"unknown device {device!r}; expected auto, cpu or cuda[:N]")
-    return torch.device(device)
-
-
 class Embedder:
     """Runs a backbone on one device: uint8 images (N, 3, S, S) -> float32 embeddings (N, D)."""
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torchvision.models import feature_extraction
 
 from .base import LayerHints
 
@@ -81,10 +82,10 @@ class Pooled(nn.Module):
 
 def cut(model: nn.Module, info: LayerInfo, hints: LayerHints) -> nn.Module:
     """The network up to module `info.path`, pooled: (N, 3, S, S) -> (N, info.dim)."""
-    if hints.tracer == "timm":
+    if hints.tracer == "timm":  # timm's tracer knows its untraceable leaf modules (timm is loaded: a timm model)
         from timm.models import create_feature_extractor
     else:
-        from torchvision.models.feature_extraction import create_feature_extractor
+        create_feature_extractor = feature_extraction.create_feature_extractor
     extractor = create_feature_extractor(model, {info.path: "out"})
     return Pooled(_without_later_layers(extractor), info.pooling,
                   hints.prefix_tokens if info.pooling == POOL_TOKEN_MEAN else 0)
@@ -106,10 +107,10 @@ def _without_later_layers(extractor: nn.Module) -> torch.fx.GraphModule:
 
 
 def _traced_names(model: nn.Module, tracer: str) -> list[str]:
-    if tracer == "timm":
+    if tracer == "timm":  # as in `cut`
         from timm.models import get_graph_node_names
     else:
-        from torchvision.models.feature_extraction import get_graph_node_names
+        get_graph_node_names = feature_extraction.get_graph_node_names
     return get_graph_node_names(model)[1]  # the eval-mode graph
 
 

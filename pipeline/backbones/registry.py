@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TransferError
-from . import builtin, layers, timm_zoo, torchvision_zoo
-from .base import (TTA_MODES, Backbone, FlipAveraged, Loaded, Preprocessing, freeze, override_preprocessing,
-                   preprocessing_values)
+import torch
 
-SOURCES = {"builtin": builtin, "torchvision": torchvision_zoo, "timm": timm_zoo}
-DIMS_TABLE = Path(__file__).with_name("dims.json")
+from ..errors import TransferError
+from ..progress import resolve
+from . import builtin, layers, timm_zoo, torchvision_zoo
+from .base import (TTA_MODES, Backbone, FlipAveraged, Loaded, Preprocessing, Source, freeze, override_preprocessing,
+                   preprocessing_values, recorded_preprocessing)
+
+SOURCES: dict[str, Source] = {"builtin": builtin, "torchvision": torchvision_zoo, "timm": timm_zoo}
+DIMS_TABLE = Path(__file__).with_name("dims.json")  # written by `python -m pipeline.backbones.dims`
 
 
 def parse(name: str) -> tuple[str, str]:
@@ -32,9 +36,8 @@ def parse(name: str) -> tuple[str, str]:
     known = list(builtin.names()) + list(torchvision_zoo.names())
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     if not close and not name.startswith("timm"):
-        from .timm_zoo import architectures
-
-        close = [timm_zoo.PREFIX + c for c in difflib.get_close_matches(name, architectures(), n=3, cutoff=0.75)]
+        close = [timm_zoo.PREFIX + c
+                 for c in difflib.get_close_matches(name, timm_zoo.architectures(), n=3, cutoff=0.75)]
     hint = f"close matches: {', '.join(close)}; " if close else ""
     raise TransferError(f"unknown backbone {name!r}; {hint}torchvision models go by their own name, timm models as "
                         f"timm:<model>[.<tag>]; `transfer backbones` lists them all")
@@ -64,7 +67,7 @@ def load_backbone(name: str, weights: str | None = None, seed: int = 0, layer: s
     if layer and any(k.rpartition(".")[0] == layer for k in loaded.dropped_head):
         raise TransferError(f"--layer {layer} is the classifier the cut drops, and {loaded.weights}'s has another "
                             f"shape than {loaded.name}'s ({json.dumps(loaded.dropped_head)}); choose an earlier layer")
-    cut_at = layer or (torchvision_zoo.default_layer(loaded.model_name) if source == "torchvision" else None)
+    cut_at = layer or zoo.default_layer(loaded.model_name)
     if cut_at:
         info = _layer_info(loaded.name, weights, cut_at)
         network, last, dim, pooling = layers.cut(loaded.model, info, loaded.hints), None, info.dim, info.pooling
@@ -104,7 +107,7 @@ def load_arguments(provenance: dict) -> dict:
             "tta": provenance.get("tta") or "none",
             # A --preprocessing given at extraction is given again: the rebuilt backbone then
             # preprocesses as the extraction did (export's fp32 reference of a bf16 cache uses it).
-            "preprocessing": (Preprocessing.from_dict(provenance["preprocessing"])
+            "preprocessing": (recorded_preprocessing(provenance)
                               if str(provenance.get("preprocessing_rule", "")).startswith("--preprocessing")
                               else None)}
 
@@ -161,36 +164,49 @@ def list_backbones(source: str | None = None, text: str | None = None, progress=
 
     Dims come from dims.json, written by `python -m pipeline.backbones.dims` for the installed
     torchvision and timm versions from a forward pass on the meta device; for other versions they
-    are computed the same way for the listed models only. progress: an extract.ProgressSink-like
-    object (start(total, already), advance(n)), told about those computations."""
+    are computed the same way for the listed models only. progress (see pipeline.progress): told
+    about those computations."""
     if source is not None and source not in SOURCES:
         raise TransferError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    names = []
-    for src in ([source] if source else list(SOURCES)):
-        if src == "timm":
-            pretrained = timm_zoo.pretrained_names()
-            with_weights = {n.partition(".")[0] for n in pretrained}
-            candidates = list(pretrained) + [a for a in timm_zoo.architectures() if a not in with_weights]
-            names += [(src, timm_zoo.PREFIX + n, n) for n in sorted(candidates)]
-        else:
-            names += [(src, n, n) for n in SOURCES[src].names()]
+    names = [(src, shown, model_name) for src in ([source] if source else list(SOURCES))
+             for shown, model_name in SOURCES[src].listing()]
     if text:
         names = [entry for entry in names if text.lower() in entry[1].lower()]
     table = _dims_table()
     dims = {shown: _table_dim(table, src, model_name) for src, shown, model_name in names}
     missing = [shown for shown, dim in dims.items() if dim is None]
     if missing:
-        from .dims import penultimate_dim
-
-        if progress:
-            progress.start(len(missing), 0)
+        progress = resolve(progress)
+        progress.phase("feature dims", len(missing), "model")
         for shown in missing:
             dims[shown] = penultimate_dim(shown)
-            if progress:
-                progress.advance(1)
+            progress.advance(1)
+        progress.close()
     return [BackboneEntry(shown, src, int(dims[shown]), SOURCES[src].weights_status(model_name),
                           _note(src, model_name, int(dims[shown])))
             for src, shown, model_name in names]
+
+
+def penultimate_dim(name: str) -> int:
+    """The feature dim of backbone `name` at its default (penultimate) layer, from one forward pass
+    on the meta device (no weights, no arithmetic); 0 when its forward does not end in one vector
+    per image (a feature-map encoder: use --layer)."""
+    source, model_name = parse(name)
+    zoo = SOURCES[source]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, crop, hints = layers.build_shapes_only(lambda: zoo.skeleton(model_name))
+        cut_at = zoo.default_layer(model_name)
+        if cut_at:
+            return next(i.dim for i in layers.probe(model, crop, hints) if i.path == cut_at)
+        network, _, declared, _ = zoo.penultimate(model_name, model)
+        device = next((p.device for p in network.parameters()), torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                out = network(torch.zeros(1, 3, crop, crop, device=device))
+            return int(out.shape[1]) if out.dim() == 2 else 0  # 0: an encoder with no pooled output
+        except (RuntimeError, NotImplementedError, TypeError):
+            return declared  # an operation without a meta kernel: the model's own declared width
 
 
 def _table_dim(table: dict, source: str, model_name: str) -> int | None:

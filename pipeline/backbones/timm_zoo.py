@@ -27,29 +27,48 @@ PREFIX = "timm:"
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # the names timm tries, safetensors first
 
 
+def library():
+    """timm itself, imported on first use: listing or loading a torchvision model never pays for it."""
+    import timm  # here, not at the top: see the docstring
+
+    return timm
+
+
 @functools.lru_cache(maxsize=1)
 def architectures() -> tuple[str, ...]:
-    import timm
+    timm = library()
 
     return tuple(timm.list_models())
 
 
 @functools.lru_cache(maxsize=1)
 def pretrained_names() -> tuple[str, ...]:
-    import timm
+    timm = library()
 
     return tuple(timm.list_pretrained())
 
 
+def listing() -> list[tuple[str, str]]:
+    """Every pretrained tag, then every architecture that has none (random weights only)."""
+    pretrained = pretrained_names()
+    with_weights = {n.partition(".")[0] for n in pretrained}
+    candidates = list(pretrained) + [a for a in architectures() if a not in with_weights]
+    return [(PREFIX + n, n) for n in sorted(candidates)]
+
+
+def default_layer(model_name: str) -> None:
+    return None  # timm's num_classes=0 ends every model in pooled features
+
+
 def versions() -> dict:
-    import timm
+    timm = library()
 
     return {"torch": torch.__version__, "timm": timm.__version__}
 
 
 def resolve(model_name: str):
     """`arch[.tag]` -> (`arch.tag` with the default tag filled in, its pretrained_cfg or None)."""
-    import timm
+    timm = library()
 
     arch, _, tag = model_name.partition(".")
     if not timm.is_model(arch):
@@ -69,7 +88,6 @@ def resolve(model_name: str):
 def preprocessing(config: dict, name: str) -> Preprocessing:
     """timm's eval transform (timm.data.transforms_imagenet_eval) for a resolved data config, as a
     Preprocessing; refuses what model.pt cannot reproduce bit for bit."""
-    from timm.data import DEFAULT_CROP_PCT
 
     channels, height, width = config["input_size"]
     mode = config.get("crop_mode") or "center"
@@ -81,7 +99,7 @@ def preprocessing(config: dict, name: str) -> Preprocessing:
     if config["interpolation"] not in ("bilinear", "bicubic"):
         raise TransferError(f"{name} resizes with {config['interpolation']!r} interpolation, which model.pt cannot "
                             "reproduce exactly; supported: bilinear, bicubic")
-    crop_pct = config.get("crop_pct") or DEFAULT_CROP_PCT
+    crop_pct = config.get("crop_pct") or library().data.DEFAULT_CROP_PCT
     return Preprocessing(
         resize=int(math.floor(height / crop_pct)),  # timm: scale_size = floor(img_size / crop_pct)
         crop=int(height),
@@ -100,7 +118,7 @@ def hints(model: nn.Module) -> LayerHints:
 
 
 def _hf_cached(repo: str, filenames) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # timm's hub client: loaded with timm, on first use
 
     for filename in filenames:
         path = try_to_load_from_cache(repo, filename)
@@ -119,6 +137,7 @@ def pretrained_file(tagged: str, cfg) -> tuple[str, str]:
         raise TransferError(f"timm:{tagged} has no pretrained weights; pass --weights random or --weights FILE")
     if not cfg.hf_hub_id:
         return wfile.fetch_url(cfg.url), os.path.basename(cfg.url)
+    # timm's hub client: loaded with timm, on first use
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
@@ -143,7 +162,7 @@ def pretrained_file(tagged: str, cfg) -> tuple[str, str]:
 
 
 def _create(tagged: str, path: str, name: str) -> nn.Module:
-    import timm
+    timm = library()
 
     try:
         return timm.create_model(tagged, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
@@ -153,12 +172,11 @@ def _create(tagged: str, path: str, name: str) -> nn.Module:
 
 
 def load(model_name: str, weights: str | None, seed: int) -> Loaded:
-    import timm
-    from timm.data import resolve_data_config
+    timm = library()
 
     tagged, cfg = resolve(model_name)
     name = PREFIX + tagged
-    prep = preprocessing(resolve_data_config(pretrained_cfg=cfg.to_dict()), name) if cfg is not None else None
+    prep = preprocessing(timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict()), name) if cfg is not None else None
     torch.manual_seed(seed)  # makes `random` weights reproducible; harmless otherwise
     if weights == "random":
         model = timm.create_model(tagged, pretrained=False, num_classes=0)
@@ -179,7 +197,7 @@ def load(model_name: str, weights: str | None, seed: int) -> Loaded:
                             "state_dict file or 'random' (a pretrained tag goes in the name: timm:<model>.<tag>)")
     rule = f"timm's pretrained_cfg of {tagged}"
     if prep is None:
-        prep, rule = preprocessing(resolve_data_config(model=model), name), f"timm's data config of {tagged}"
+        prep, rule = preprocessing(timm.data.resolve_data_config(model=model), name), f"timm's data config of {tagged}"
     return Loaded(name=name, source=SOURCE, model_name=tagged, model=model.eval(), preprocessing=prep,
                   weights=weights_id, weights_sha256=sha, pretrained=weights != "random", seed=seed,
                   weights_source=source, versions=versions(), hints=hints(model),
@@ -193,17 +211,16 @@ def penultimate(name: str, model: nn.Module) -> tuple[nn.Module, None, int, str]
 
 
 def skeleton(model_name: str, weights: str | None = None) -> tuple[nn.Module, int, LayerHints]:
-    import timm
-    from timm.data import resolve_data_config
+    timm = library()
 
     tagged, _ = resolve(model_name)
     model = timm.create_model(tagged, pretrained=False, num_classes=0).eval()
-    return model, int(resolve_data_config(model=model)["input_size"][-1]), hints(model)
+    return model, int(timm.data.resolve_data_config(model=model)["input_size"][-1]), hints(model)
 
 
 def weights_status(name: str) -> str:
     """'cached', 'download', or 'none' (no pretrained weights: random only)."""
-    import timm
+    timm = library()
 
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
@@ -215,14 +232,13 @@ def weights_status(name: str) -> str:
 
 def unsupported(name: str) -> str:
     """Why timm:`name`'s preprocessing cannot be reproduced exactly, or '' when it can."""
-    import timm
-    from timm.data import resolve_data_config
+    timm = library()
 
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         return ""
     try:
-        preprocessing(resolve_data_config(pretrained_cfg=cfg.to_dict()), name)
+        preprocessing(timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict()), name)
     except TransferError as e:
         return str(e).split(";")[0].split(", which")[0].removeprefix(f"{name} ")
     return ""

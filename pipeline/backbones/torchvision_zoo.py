@@ -27,6 +27,10 @@ def names() -> tuple[str, ...]:
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
+def listing() -> list[tuple[str, str]]:
+    return [(n, n) for n in names()]
+
+
 def versions() -> dict:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 

@@ -22,7 +22,7 @@ def load_state_file(path: str) -> dict:
         raise TransferError(f"weights file {path} does not exist")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # optional: only .safetensors files need it
 
             state = load_file(path, device="cpu")
         else:

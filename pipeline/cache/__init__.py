@@ -15,15 +15,15 @@ One module per job:
 from .assemble import assemble, check_space_for_update
 from .entries import Entries, Prefill, cache_entries, partial_entries
 from ..files import display_path
-from .format import (COPY_ROWS, DONE, FAILED, FORMAT, FORMAT_VERSION, HASH_BYTES, IDENTITY_KEYS, PENDING,
-                     describe_difference, identity, listing_digest, partial_path)
+from .format import (COPY_ROWS, DONE, FAILED, FORMAT, FORMAT_VERSION, HASH_BYTES, HEAD_PROVENANCE_KEYS, IDENTITY_KEYS,
+                     PENDING, describe_difference, head_provenance, identity, listing_digest, partial_path)
 from .lock import WriterLock
 from .partial import PartialCache, Progress, existing_shards, remove_stale_temporaries, shard_path_of
 from .reader import ArrayCache, Cache, check_cache, incomplete_message, read_cache
 from .writer import write_cache
 
 __all__ = ["ArrayCache", "COPY_ROWS", "Cache", "DONE", "Entries", "FAILED", "FORMAT", "FORMAT_VERSION", "HASH_BYTES",
-           "IDENTITY_KEYS", "PENDING", "PartialCache", "Prefill", "Progress", "WriterLock", "assemble", "cache_entries",
+           "HEAD_PROVENANCE_KEYS", "IDENTITY_KEYS", "PENDING", "PartialCache", "Prefill", "Progress", "WriterLock", "assemble", "cache_entries",
            "check_cache", "check_space_for_update", "describe_difference", "display_path", "existing_shards",
-           "identity", "incomplete_message", "listing_digest", "partial_entries", "partial_path", "read_cache",
+           "head_provenance", "identity", "incomplete_message", "listing_digest", "partial_entries", "partial_path", "read_cache",
            "remove_stale_temporaries", "shard_path_of", "write_cache"]

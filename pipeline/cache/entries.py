@@ -3,7 +3,7 @@
 A finished cache (its rows and its `failed` group) or an unfinished partial file (its committed
 rows) is read into `Entries`: one per file it has a result for, keyed by the path relative to the
 image folder, with the file's size, mtime and content hash as they were when it was listed. The
-update logic (`pipeline.update`) decides which entries a new listing reuses; `Prefill` is that
+update logic (`pipeline.extraction.update`) decides which entries a new listing reuses; `Prefill` is that
 decision, which `PartialCache.create` copies into the new partial file.
 """
 

@@ -27,6 +27,15 @@ COPY_ROWS = 2048  # rows per block when streaming features between files
 # Settings that make two extractions interchangeable; any difference refuses a resume or a reuse.
 IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "pretrained", "seed", "layer", "dim",
                  "preprocessing", "precision", "listing_sha256", "source", "model", "versions", "tta")
+# What a head records of the cache it was fitted on (head.json, metrics.json, model metadata).
+HEAD_PROVENANCE_KEYS = ("backbone", "weights", "weights_source", "weights_sha256", "pretrained", "seed", "layer",
+                        "dim", "preprocessing", "precision", "torch_version", "torchvision_version", "created",
+                        "image_dir", "listing_sha256", "source", "model", "versions", "layer_module", "pooling", "tta",
+                        "timm_version")
+# What a cache written by `write_cache` records where its caller gives nothing.
+DEFAULT_PROVENANCE = {"backbone": "external", "weights": "unknown", "weights_sha256": "", "pretrained": None,
+                      "seed": 0, "layer": "unknown", "preprocessing": None, "precision": "unknown",
+                      "image_dir": "", "command": ""}
 
 STR = h5py.string_dtype("utf-8")
 BYTES = h5py.string_dtype("ascii")  # h5py stores these bytes as they are: lossless file names
@@ -62,9 +71,15 @@ class ListingDigest:
         return self._sha.hexdigest()
 
 
-def identity(meta: dict) -> dict:
-    """The settings that decide the features, in a form comparable across a file round trip."""
-    return json.loads(json.dumps({k: meta.get(k) for k in IDENTITY_KEYS}))
+def identity(meta: dict, ignoring: tuple[str, ...] = ()) -> dict:
+    """The settings that decide the features (IDENTITY_KEYS but `ignoring`), comparable across a
+    file round trip. ignoring=("listing_sha256",): the extraction's settings whatever its files."""
+    return json.loads(json.dumps({k: meta.get(k) for k in IDENTITY_KEYS if k not in ignoring}))
+
+
+def head_provenance(meta: dict) -> dict:
+    """What a head records of the cache (its provenance) it was fitted on."""
+    return {k: meta.get(k) for k in HEAD_PROVENANCE_KEYS}
 
 
 def describe_difference(old: dict, new: dict) -> str:

@@ -17,13 +17,10 @@ import numpy as np
 
 from ..errors import InputFileError, SettingError, TransferError
 from ..files import display_path, make_folder_for, remove_quietly, remove_stale_temporaries, temporary_name
-from .format import (BYTES, FORMAT, FORMAT_VERSION, STR, ListingDigest, objects, os_reason, quiet_h5py_teardown,
-                     write_attrs)
+from .format import (BYTES, DEFAULT_PROVENANCE, FORMAT, FORMAT_VERSION, STR, ListingDigest, objects, os_reason,
+                     quiet_h5py_teardown, write_attrs)
 from .reader import Cache, check_classes, check_rows, read_cache
 
-DEFAULT_PROVENANCE = {"backbone": "external", "weights": "unknown", "weights_sha256": "", "pretrained": None,
-                      "seed": 0, "layer": "unknown", "preprocessing": None, "precision": "unknown",
-                      "image_dir": "", "command": ""}
 CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks, as `extract` writes them
 
 

@@ -1,0 +1,115 @@
+"""One progress protocol for every stage: extract, fit, export, predict, experiment, inspect.
+
+The library never prints. Long work calls a `Progress`: `phase` starts a bar (and ends the one
+before), `advance` moves it, `note` is one line for the user, `close` ends the last bar. The CLI
+passes a `Bars` (tqdm on stderr); from Python, `progress=True` shows the same bars (tqdm.auto: widgets
+in a notebook), `progress=False` or None shows nothing, and any object with these four methods works.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+import tqdm
+import tqdm.auto
+
+from .errors import SettingError
+from .files import display_path
+
+
+class Progress(Protocol):
+    """Receives a stage's progress."""
+
+    def phase(self, name: str, total: int | None = None, unit: str = "it", done: int = 0) -> None:
+        """A new bar: `total` steps of `unit` (None: unknown), `done` of them already done."""
+
+    def advance(self, n: int = 1, status: str = "") -> None:
+        """`n` more steps; `status`: a short text shown beside the bar (e.g. the current C)."""
+
+    def note(self, text: str) -> None:
+        """One line for the user (a choice made, a file skipped)."""
+
+    def close(self) -> None:
+        """End the last bar."""
+
+
+class Silent:
+    """Progress that shows nothing."""
+
+    def phase(self, name, total=None, unit="it", done=0):
+        pass
+
+    def advance(self, n=1, status=""):
+        pass
+
+    def note(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+class Bars:
+    """One tqdm bar per phase, with its rate, on stderr; notes printed above the bar.
+
+    notebook: tqdm.auto's bars (widgets in Jupyter) instead of plain text bars."""
+
+    def __init__(self, notebook: bool = False, file=None):
+        self.notebook, self.file, self.bar = notebook, file, None
+
+    def _tqdm(self):
+        return tqdm.auto.tqdm if self.notebook else tqdm.tqdm
+
+    def phase(self, name, total=None, unit="it", done=0):
+        self.close()
+        self.bar = self._tqdm()(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=True, smoothing=0.1,
+                                file=self.file or sys.stderr)
+
+    def advance(self, n=1, status=""):
+        if self.bar is None:
+            return
+        if status:
+            self.bar.set_postfix_str(status, refresh=False)
+        self.bar.update(n)
+
+    def note(self, text):
+        self._tqdm().write(display_path(text), file=self.file or sys.stderr)  # undecodable bytes as \\xNN
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _StartAdvance:
+    """A sink of the earlier protocol (start(total, already) and advance(n)) behind this one."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def phase(self, name, total=None, unit="it", done=0):
+        self.sink.start(total, done)
+
+    def advance(self, n=1, status=""):
+        self.sink.advance(n)
+
+    def note(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def resolve(progress) -> Progress:
+    """What a library call reports to: True -> Bars (tqdm.auto), False/None -> Silent, or the object itself."""
+    if progress is None or progress is False:
+        return Silent()
+    if progress is True:
+        return Bars(notebook=True)
+    if all(hasattr(progress, m) for m in ("phase", "advance", "note", "close")):
+        return progress
+    if hasattr(progress, "start") and hasattr(progress, "advance"):
+        return _StartAdvance(progress)
+    raise SettingError(f"progress must be True, False, None or an object with phase/advance/note/close; "
+                    f"got {type(progress).__name__}")

@@ -1,0 +1,122 @@
+"""A fit's run folder: model.joblib, head.npz + head.json, metrics.json, report.md, the plots and
+report.html, written under a temporary name and renamed when complete (files.new_folder), so a
+folder named like a run is always a whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import joblib
+
+from .. import head as head_mod
+from ..files import display_path, new_folder
+from ..fitting.probe import FitResult
+from . import pages, plots
+from .inspection import inspect_fit
+
+
+def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
+    """Write the whole run folder (sets result.run_dir); returns its path."""
+    with new_folder(run_dir) as tmp:
+        joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
+        result.head.meta["command"] = command
+        head_mod.save(result.head, tmp)
+        metrics = metrics_doc(result, command)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        plots.plot_confusion(result.scores, result.classes, result.evaluated_on,
+                             os.path.join(tmp, "confusion_matrix.png"))
+        if result.sweep:
+            plots.plot_sweep(result.sweep, result.C, os.path.join(tmp, "c_sweep.png"))
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(display_path(report_markdown(metrics, result.describe_evaluation(), bool(result.sweep),
+                                                 result.cache.path is not None)))
+        if result.cache.path is not None:  # the page shows images: it needs a cache of image files
+            result.warnings += pages.write_fit_page(result, inspect_fit(result), tmp)
+    result.run_dir = run_dir
+    return run_dir
+
+
+def metrics_doc(result: FitResult, command: str) -> dict:
+    return {
+        "cache": result.head.meta["provenance"]["cache"],
+        "command": command,
+        "classes": result.classes,
+        "evaluated_on": result.evaluated_on,
+        "scores": result.scores,
+        "C": result.C,
+        "C_selection": {
+            "selection": result.selection,
+            "method": (("pooled out-of-fold top-1 of stratified k-fold cross-validation on train+val"
+                        if result.selection == "cv" else "validation top-1") +
+                       " (ties: lower log-loss) over decades 1e-6..1e5, then 3 halvings of the "
+                       "log10 step around the best (CLIP's coarse-to-fine, 8 steps per decade)")
+            if result.sweep else "given by --C",
+            "sweep": result.sweep,
+        },
+        "convergence": {**result.convergence, "max_iter": result.settings.max_iter},
+        "solver": result.solver,
+        "splits": result.splits.sizes(),
+        "split_source": result.splits.source,
+        "settings": vars(result.settings),
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "notes": result.notes,
+        "failed_images": {"count": len(result.cache.failed),
+                          "first": [{"path": p, "reason": r} for p, r in result.cache.failed[:20]]},
+        "provenance": result.head.meta["provenance"],
+    }
+
+
+def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True) -> str:
+    """report.md from metrics.json's document `m`; where: what the scores are on (describe_evaluation)."""
+    s = m["scores"]
+    top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
+    lines = [
+        f"# Fit report: {os.path.basename(m['cache'] or 'arrays in memory')}",
+        "",
+        f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
+        f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
+        "",
+        *(["The images behind these numbers - worst errors, leaks across splits, suspect labels, a map of the "
+            "data - are in [report.html](report.html).", ""] if has_page else []),
+        "| | |",
+        "|---|---|",
+        f"| scored on | {where}, n = {s['n']} |",
+        f"| top-1 | {s['top1']:.4f} |",
+        f"| top-5 | {top5} |",
+        f"| balanced accuracy | {s['balanced_accuracy']:.4f} |",
+        f"| log-loss | {s['log_loss']:.4f} |",
+        f"| chosen C | {m['C']:.4g} ({m['C_selection']['method']}) |",
+        f"| splits | train {m['splits']['train']}, val {m['splits']['val']}, test {m['splits']['test']} |",
+        f"| final fit | {m['convergence']['iterations']} lbfgs iterations, "
+        f"{'converged' if m['convergence']['converged'] else 'NOT converged: raise --max-iter'} |",
+        "",
+        "Notes:",
+        *[f"- {n}" for n in m["notes"]],
+        *_failed_lines(m["failed_images"]),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+    ]
+    if has_sweep:
+        lines += ["![validation accuracy vs C](c_sweep.png)", ""]
+    lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, c in s["per_class"].items():
+        lines.append(f"| {_cell(name)} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+    lines += ["", f"Reproduce: `{m['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _failed_lines(failed: dict) -> list[str]:
+    if not failed["count"]:
+        return []
+    shown = "; ".join(f"`{_cell(f['path'])}` ({_cell(f['reason'])})" for f in failed["first"][:5])
+    more = f"; ... {failed['count'] - 5} more in metrics.json and the cache" if failed["count"] > 5 else ""
+    return [f"- {failed['count']} images could not be used and are not in these scores: {shown}{more}"]
+
+
+def _cell(text: str) -> str:
+    """Any text as one markdown table cell: no line breaks, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")

@@ -1,0 +1,313 @@
+"""Looking at the data through its cached features: leaks across splits, duplicates, suspect labels,
+a 2-D map and the class balance. Everything is computed from the cache (and a fitted head where
+there is one); image files are opened only to compare the bytes of near-identical pairs.
+
+`inspect(cache)` gathers it all for `transfer inspect`, `inspect_fit(result)` the same sections for a
+fit's report.html; `pages` turns them into a page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import numpy as np
+
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+
+from ..cache import Cache, read_cache
+from ..errors import SettingError
+from ..files import display_path
+from ..fitting.splits import make_splits
+from ..settings import Interval, validate
+
+# Cosine similarity of mean-centred features above which two images count as the same picture
+# (a copy, a re-encode, a resize): measured on the real photos, see benchmarks/inspect_threshold.py.
+LEAK_THRESHOLD = 0.80
+BLOCK_ROWS = 2048  # rows per block of the similarity search: a block of sims is BLOCK_ROWS^2 floats
+EXACT_SEARCH_LIMIT = 1e12  # query x reference x dim multiply-adds searched exactly (~55 s at the 18 GMAC/s measured here); faiss HNSW beyond
+SUSPECT_FOLDS = 5
+LEAK_SEARCH_LIMIT = 1e12  # query x reference x dim beyond which a fit's report skips the leak search
+SUSPECT_ROWS = 20_000  # at most this many labelled rows cross-validated for a fit's suspect labels
+
+
+@dataclass
+class Pair:
+    """Two near-identical images: rows a and b of the cache, their cosine similarity, and whether
+    their files hold the same bytes (None when a file could not be read)."""
+
+    a: int
+    b: int
+    similarity: float
+    same_bytes: bool | None = None
+
+
+@dataclass
+class Suspect:
+    """A labelled image whose given label gets a low out-of-fold probability."""
+
+    row: int
+    given: int
+    given_probability: float
+    preferred: int
+    preferred_probability: float
+
+
+@dataclass
+class Inspection:
+    """What `inspect` found in one cache."""
+
+    cache: Cache
+    threshold: float
+    leaks: list[Pair]  # train image (a) vs val/test image (b)
+    duplicates: list[Pair]  # byte-identical files anywhere in the cache
+    suspects: list[Suspect]  # lowest self-confidence first
+    balance: dict[str, list[int]]  # split (or "all") -> images per class
+    map_rows: np.ndarray  # (M,) rows shown on the map
+    map_xy: np.ndarray  # (M, 2) their first two principal components
+    notes: list[str] = field(default_factory=list)
+    out: str | None = None  # the folder written (inspect.html, map.png), if any
+    warnings: list[str] = field(default_factory=list)  # e.g. images that could not be opened for thumbnails
+    without_leaks: dict | None = None  # a fit's test top-1 without its leaked rows: n, removed, top1
+
+    def lines(self) -> list[str]:
+        """What was found, in a few lines for the user."""
+        same = sum(bool(p.same_bytes) for p in self.leaks)
+        lines = [f"{self.cache.n} images, {len(self.cache.classes)} classes",
+                 f"leaks across splits: {len(self.leaks)} near-identical pairs ({same} byte-identical)",
+                 f"duplicate files: {len(self.duplicates)} byte-identical pairs",
+                 f"suspect labels: {len(self.suspects)} (lowest out-of-fold probability of the given label)"]
+        if self.out:
+            lines.append(f"written: {display_path(self.out)}/inspect.html (open it in a browser), "
+                         f"{display_path(self.out)}/map.png")
+        return lines
+
+    def leaked_rows(self) -> set[int]:
+        """Val/test rows with a near-identical train image."""
+        return {p.b for p in self.leaks}
+
+
+def _unit(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    Z = X - mean
+    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+
+
+def similar_pairs(cache: Cache, queries: np.ndarray, references: np.ndarray, threshold: float,
+                  mean: np.ndarray | None = None, same_set: bool = False) -> list[Pair]:
+    """Pairs (reference a, query b) whose centred features have cosine >= threshold, searched in
+    blocks (memory O(BLOCK_ROWS x (D + BLOCK_ROWS))). same_set: queries == references (and sorted),
+    each pair once."""
+    if len(queries) == 0 or len(references) == 0:
+        return []
+    mean = cache_mean(cache) if mean is None else mean
+    if len(queries) * len(references) * cache.dim > EXACT_SEARCH_LIMIT and _faiss() is not None:
+        return _faiss_pairs(cache, queries, references, threshold, mean, same_set)
+    pairs = []
+    for qi, (q_idx, Q) in enumerate(cache.blocks(queries, BLOCK_ROWS, np.float32)):
+        Q = _unit(Q, mean)
+        for ri, (r_idx, R) in enumerate(cache.blocks(references, BLOCK_ROWS, np.float32)):
+            if same_set and ri < qi:
+                continue  # the same block pair, seen the other way round
+            sims = Q @ _unit(R, mean).T
+            for i, j in zip(*np.nonzero(sims >= threshold)):
+                a, b = int(references[r_idx[j]]), int(queries[q_idx[i]])
+                if same_set:
+                    if a == b or (ri == qi and a > b):
+                        continue  # itself, or the diagonal block's pair seen the other way round
+                    a, b = min(a, b), max(a, b)
+                pairs.append(Pair(a, b, float(sims[i, j])))
+    return sorted(pairs, key=lambda p: -p.similarity)
+
+
+def _faiss():
+    try:
+        import faiss  # optional: the approximate search for sizes where the exact one is slow
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_pairs(cache: Cache, queries, references, threshold, mean, same_set) -> list[Pair]:
+    """The same search through faiss's HNSW index (approximate, for sizes where exact is slow):
+    the 10 nearest references of each query, kept when above the threshold."""
+    faiss = _faiss()
+    index = faiss.IndexHNSWFlat(cache.dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = 128  # recall over speed: a missed leak is worse than a slower search
+    for _, R in cache.blocks(references, BLOCK_ROWS, np.float32):
+        index.add(np.ascontiguousarray(_unit(R, mean), dtype=np.float32))
+    pairs = []
+    for q_idx, Q in cache.blocks(queries, BLOCK_ROWS, np.float32):
+        sims, found = index.search(np.ascontiguousarray(_unit(Q, mean), dtype=np.float32), 10)
+        for i, j in zip(*np.nonzero((sims >= threshold) & (found >= 0))):
+            a, b = int(references[found[i, j]]), int(queries[q_idx[i]])
+            if a != b and (not same_set or a < b):
+                pairs.append(Pair(a, b, float(sims[i, j])))
+    return sorted({(p.a, p.b): p for p in pairs}.values(), key=lambda p: -p.similarity)
+
+
+def cache_mean(cache: Cache) -> np.ndarray:
+    """(D,) mean feature, accumulated block by block in float64."""
+    total = np.zeros(cache.dim)
+    for _, X in cache.blocks(None, BLOCK_ROWS, np.float32):
+        total += X.sum(0, dtype=np.float64)
+    return (total / max(cache.n, 1)).astype(np.float32)
+
+
+def mark_same_bytes(cache: Cache, pairs: list[Pair]) -> None:
+    """Set pair.same_bytes by hashing the two files (only the files of the pairs are read)."""
+    digests: dict[int, str | None] = {}
+    for p in pairs:
+        for row in (p.a, p.b):
+            if row not in digests:
+                digests[row] = file_digest(image_path(cache, row))
+        if digests[p.a] is not None and digests[p.b] is not None:
+            p.same_bytes = digests[p.a] == digests[p.b]
+
+
+def image_path(cache: Cache, row: int) -> str:
+    """The file of `row`, exactly (its bytes joined to the cache's image folder)."""
+    return os.fsdecode(os.path.join(os.fsencode(cache.image_dir or ""), cache.path_bytes[row]))
+
+
+def file_digest(path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def suspect_labels(cache: Cache, rows: np.ndarray, C: float, normalize: str = "standard", top: int = 24,
+                   seed: int = 0) -> tuple[list[Suspect], np.ndarray]:
+    """Rank labelled rows by the out-of-fold probability of their given label (cleanlab's
+    self-confidence) under stratified k-fold cross-validation of the head (same C, same
+    normalization). Returns the `top` lowest and the out-of-fold probabilities (len(rows), K).
+
+    A few lines of scikit-learn rather than cleanlab: the rule is one argsort, and cleanlab's
+    find_label_issues would refit the same model again through its own wrapper."""
+    y = cache.labels[rows]
+    counts = np.bincount(y, minlength=len(cache.classes))
+    folds = int(min(SUSPECT_FOLDS, counts[counts > 0].min()))
+    if folds < 2 or (counts > 0).sum() < 2:
+        return [], np.zeros((len(rows), len(cache.classes)))
+    X = cache.features(rows, dtype=np.float64)
+    prep = {"standard": [StandardScaler()], "l2": [Normalizer()], "none": []}[normalize]
+    model = make_pipeline(*prep, LogisticRegression(C=C, max_iter=300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        proba = cross_val_predict(model, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                  method="predict_proba")
+    present = np.flatnonzero(counts > 0)  # cross_val_predict's columns are the classes present
+    full = np.zeros((len(rows), len(cache.classes)))
+    full[:, present] = proba
+    given = full[np.arange(len(rows)), y]
+    order = np.argsort(given, kind="stable")[:top]
+    return [Suspect(int(rows[i]), int(y[i]), float(given[i]), int(full[i].argmax()), float(full[i].max()))
+            for i in order if full[i].argmax() != y[i]], full
+
+
+def data_map(cache: Cache, max_points: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(M,) rows and (M, 2) coordinates: the first two principal components of the features
+    (at most max_points rows, drawn evenly)."""
+    rows = np.arange(cache.n)
+    if cache.n > max_points:
+        rows = np.unique(np.linspace(0, cache.n - 1, max_points).round().astype(np.int64))
+    X = cache.features(rows)
+    if len(rows) < 3:
+        return rows, np.zeros((len(rows), 2))
+    return rows, PCA(2, random_state=seed).fit_transform(X)
+
+
+def class_balance(cache: Cache) -> dict[str, list[int]]:
+    """Images per class, per split (or "all" without splits)."""
+    K = len(cache.classes)
+    if cache.split is None:
+        return {"all": np.bincount(cache.labels, minlength=K).tolist()}
+    return {s: np.bincount(cache.labels[cache.split == s], minlength=K).tolist()
+            for s in ("train", "val", "test") if (cache.split == s).any()}
+
+
+def labelled_and_held_out(cache: Cache, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """Train(+val) rows, the rows held out from them (val/test), and how they were told apart."""
+    if cache.split is not None and (cache.split != "train").any():
+        train = np.flatnonzero(cache.split == "train")
+        return train, np.flatnonzero(cache.split != "train"), "train vs val/test"
+    s = make_splits(cache, seed)  # no split folders: the same seeded split `fit` makes
+    return np.sort(np.concatenate([s.train, s.val])), s.test, f"train+val vs test of fit's split (seed {seed})"
+
+
+def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float = 0.1, top: int = 24, seed: int = 0) -> Inspection:
+    """Leaks, byte-identical duplicates, suspect labels, a map and the class balance of a cache.
+
+    data: a cache path or a Cache. C: the regularisation of the head cross-validated for suspect
+    labels. top: how many suspects to keep. (`pipeline.inspect` also writes inspect.html.)
+    """
+    check_settings(threshold, C, top)
+    cache = data if isinstance(data, Cache) else read_cache(data)
+    if cache.n == 0:
+        raise SettingError(f"{cache.path} holds no images")
+    mean = cache_mean(cache)
+    labelled, held_out, how = labelled_and_held_out(cache, seed)
+    leaks = similar_pairs(cache, held_out, labelled, threshold, mean)
+    everything = np.arange(cache.n)
+    candidates = similar_pairs(cache, everything, everything, max(threshold, 0.995), mean, same_set=True)
+    mark_same_bytes(cache, leaks + candidates)
+    duplicates = [p for p in candidates if p.same_bytes]
+    suspects, _ = suspect_labels(cache, labelled, C, top=top, seed=seed)
+    rows, xy = data_map(cache, seed=seed)
+    notes = [f"leaks: {how}, cosine of mean-centred features >= {threshold:g}"]
+    if any(p.same_bytes is None for p in leaks + candidates):
+        notes.append("some image files could not be read, so byte identity is unknown for their pairs")
+    return Inspection(cache, threshold, leaks, duplicates, suspects, class_balance(cache), rows, xy, notes)
+
+
+def check_settings(threshold: float, C: float, top: int) -> None:
+    validate("threshold", threshold, [Interval(Real, 0, 1, closed="right")], "--threshold")
+    validate("C", C, [Interval(Real, 0, None, closed="neither")], "--C")
+    validate("top", top, [Interval(Integral, 1, None)], "--top")
+
+
+def inspect_fit(result) -> Inspection:
+    """The data sections of a fit's report (a FitResult): leaks between its own train+val and
+    evaluated rows, suspect labels under cross-validation of its own head (same C and
+    normalization), bounded in cost, and its test top-1 without the leaked rows."""
+    cache, notes = result.cache, []
+    labelled = np.sort(np.concatenate([result.splits.train, result.splits.val]))
+    mean = cache_mean(cache)
+    # The held-out rows the scores are on, against the rows the scoring model learned from.
+    held, seen = {"test": (result.splits.test, labelled), "val": (result.splits.val, result.splits.train),
+                  "cv": (result.splits.test, labelled)}[result.evaluated_on]
+    leaks = []
+    if len(held) * len(seen) * cache.dim <= LEAK_SEARCH_LIMIT:
+        leaks = similar_pairs(cache, held, seen, LEAK_THRESHOLD, mean)
+        mark_same_bytes(cache, leaks)
+    else:
+        notes.append("leak search skipped: too large for a fit report; run `transfer inspect` on the cache")
+    sample = labelled
+    if len(labelled) > SUSPECT_ROWS:
+        sample = labelled[np.linspace(0, len(labelled) - 1, SUSPECT_ROWS).round().astype(np.int64)]
+        notes.append(f"suspect labels: {SUSPECT_ROWS} of the {len(labelled)} train+val images were cross-validated")
+    suspects, _ = suspect_labels(cache, sample, result.C, result.settings.normalize, seed=result.settings.seed)
+    rows, xy = data_map(cache, seed=result.settings.seed)
+    against = {"test": "train+val vs test", "val": "train vs val (the split scored)",
+               "cv": "nothing held out (scores are cross-validated)"}[result.evaluated_on]
+    notes.insert(0, f"leaks: {against}, cosine of mean-centred features >= {LEAK_THRESHOLD:g}")
+    found = Inspection(cache, LEAK_THRESHOLD, leaks, [], suspects, class_balance(cache), rows, xy, notes)
+    scored, proba = result.predictions
+    leaked = found.leaked_rows()
+    clean = np.array([r not in leaked for r in scored])
+    if leaked and result.evaluated_on == "test" and clean.any():
+        right = proba.argmax(1) == cache.labels[scored]
+        found.without_leaks = {"n": int(clean.sum()), "removed": int((~clean).sum()), "top1": float(right[clean].mean())}
+    return found

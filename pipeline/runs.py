@@ -1,0 +1,103 @@
+"""The calls that compute and then write a run folder: fit, run_experiment, inspect.
+
+Each is one call from Python and one `transfer` command, with the same run-folder policy
+(`files.run_folder`): `out=None` writes nothing, `out="auto"` reserves `reports/<name>-<time>`,
+any other folder is checked before the work starts; a folder appears only when complete. These
+calls compose the stages (fitting, reports) and sit above them; nothing below imports this.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from .devices import session, this_process
+from .errors import Interrupted
+from .files import AUTO, new_folder, run_folder
+from .fitting.experiment import ExperimentRequest, ExperimentResult, finish_saved, run_all, saved_runs
+from .fitting.probe import FitResult, as_cache, fit_head, python_command
+from .fitting.settings import FitSettings
+from .reports import inspection as inspection_mod
+from .reports.experiment import write_experiment
+from .reports.fit_run import write_fit_run
+from .reports.inspection import LEAK_THRESHOLD, Inspection
+from .reports.pages import write_inspection
+
+
+def fit(data, out: str | os.PathLike | None = None, *, command: str | None = None, progress=None,
+        **settings) -> FitResult:
+    """Fit the new last layer on cached features by the linear-probe protocol; no network is run.
+
+    data: a cache path, a `Cache`, or arrays `(X, y, classes, split)`: X (N, D), y (N,) int,
+    classes (K,) names, split (N,) of "train"/"val"/"test" or None (then a seeded stratified split).
+    settings: FitSettings fields (C=None chooses C on the validation split, class_weight, normalize,
+    pca, solver="auto"|"sklearn"|"streamed", device, ...).
+    out: a run folder to write (head, metrics, report, plots); "auto": reports/<cache name>-<time>;
+    None writes nothing. progress: True for bars, or a progress.Progress. Under torchrun every rank
+    fits its slice of the rows with the streamed solver and rank 0 alone writes `out` and reports.
+
+    >>> result = fit("cache/photos.h5")                       # C chosen on the validation split
+    >>> result.scores["top1"], result.head.weight.shape       # (K, D) folded Linear weights
+    """
+    cache = as_cache(data)
+    leads = this_process().leads
+    name = os.path.splitext(os.path.basename(cache.path or "arrays"))[0]
+    try:
+        with run_folder(out if leads else None, name) as folder:
+            with session():
+                result = fit_head(cache, FitSettings.from_kwargs(**settings), progress if leads else None)
+            if folder is not None:
+                write_fit_run(result, folder, command or python_command(cache, result.settings))
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while fitting: nothing was written (a run folder appears only when "
+                          "complete)") from None
+    return result
+
+
+def run_experiment(req: ExperimentRequest, progress=None) -> ExperimentResult:
+    """Many heads and settings on cached features only (see fitting.experiment); with req.out
+    ("auto" or a folder), results.csv, summary.md and the plots are written there, and an
+    interrupted experiment resumes from OUT.partial when run again (req.out is set to the folder)."""
+    auto = req.out == AUTO
+    with run_folder(req.out, "experiments") as folder:
+        req.out = folder
+        try:
+            result = run_all(req, progress)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            if folder is None:
+                raise Interrupted("interrupted: nothing was saved (no out folder)") from None
+            again = (req.command or "run_experiment") + (f" --out {shlex.quote(folder)}" if auto else "")
+            raise Interrupted(f"interrupted: {saved_runs(folder)} finished runs are saved in {folder}.partial; "
+                              f"resume with: {again}") from None
+        if folder is not None:
+            write_experiment(result, folder, req.command)
+            finish_saved(folder)
+    return result
+
+
+def inspect(data, out: str | os.PathLike | None = None, *, threshold: float | None = None, C: float = 0.1,
+            top: int = 24, seed: int = 0) -> Inspection:
+    """Leaks, byte-identical duplicates, suspect labels, a map and the class balance of a cache.
+
+    data: a cache path or a Cache. out: a folder to write inspect.html and map.png into ("auto":
+    reports/inspect-<cache name>-<time>; None: nothing is written). C: the regularisation of the
+    head cross-validated for suspect labels. top: how many suspects to keep. threshold: the cosine
+    of mean-centred features above which two images are the same picture (None: LEAK_THRESHOLD).
+
+    >>> found = inspect("cache/photos.h5")
+    >>> [(found.cache.paths[p.a], found.cache.paths[p.b]) for p in found.leaks]
+    """
+    threshold = LEAK_THRESHOLD if threshold is None else threshold
+    inspection_mod.check_settings(threshold, C, top)
+    path = getattr(data, "path", None) or os.fspath(data)
+    with run_folder(out, f"inspect-{os.path.splitext(os.path.basename(path))[0]}") as folder:
+        found = inspection_mod.inspect(data, threshold=threshold, C=C, top=top, seed=seed)
+        if folder is not None:
+            with new_folder(folder) as tmp:
+                found.warnings = write_inspection(found, tmp)
+            found.out = folder
+    return found

@@ -1,0 +1,169 @@
+"""Stage 3: ship it. The fitted head as a torch Linear (head.pt) and the model in one or more
+formats (model.pt, model.onnx, model.pt2), each written under a temporary name, checked against
+scikit-learn as loaded back (`parity`), and renamed into place only when every check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import head as head_mod
+from ..cache import Cache, read_cache
+from ..errors import SettingError, TransferError
+from ..files import display_path, make_folder_for, remove_quietly, size_text, write_atomically
+from ..fitting.probe import FitResult
+from . import formats as formats_mod
+from . import parity as checks
+from .model import build, linear_state
+
+
+@dataclass
+class ExportResult:
+    model_path: str  # model.pt (or the one other format written): uint8 images in, probabilities out
+    head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
+    parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
+    paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
+
+    def lines(self) -> list[str]:
+        """What was checked and written, in a few lines for the user."""
+        h = self.parity["cached_features"]
+        lines = [f"parity: torch Linear vs scikit-learn on {h['rows']} cached rows: max |p diff| "
+                 f"{h['max_abs_diff']:.1e} (<= {h['tolerance']:.0e}), same argmax"]
+        for fmt, path in self.paths.items():
+            checked = self.parity[fmt]
+            name, e = os.path.basename(path), checked["end_to_end"]
+            if fmt != "torchscript":  # model.pt's head is the torch Linear above
+                h = checked["cached_features"]
+                lines.append(f"parity: {name}'s head vs scikit-learn on {h['rows']} cached rows: max |p diff| "
+                             f"{h['max_abs_diff']:.1e} (<= {h['tolerance']:.0e}), same argmax")
+            if "skipped" in e:
+                lines.append(f"parity: {name} end to end not checked: {e['skipped']}")
+                continue
+            lines.append(f"parity: {name} on {e['images']} original images vs scikit-learn: max |p diff| "
+                         f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
+            if "reference" in e:
+                lines.append(f"  (reference: {e['reference']}; cached features at cosine >= "
+                             f"{e['cached_feature_cosine_min']:.4f})")
+        lines += [f"model: {display_path(path)} ({size_text(os.path.getsize(path))})" for path in self.paths.values()]
+        return lines + [f"head: {display_path(self.head_path)}"]
+
+
+def export(source, out: str | os.PathLike | None = None, formats="torchscript",
+           weights: str | os.PathLike | None = None, skip_image_parity: bool = False) -> ExportResult:
+    """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
+
+    source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
+    write into (default: the run folder), or the model file's path (*.pt, *.onnx or *.pt2, one
+    format). formats: "torchscript" (model.pt), "onnx" (model.onnx), "pt2" (model.pt2), a list
+    of them, or "all". A FitResult that was never written needs `out`; its head files (head.npz,
+    head.json) are written there too. weights: the backbone's weights file, when the one recorded
+    at extraction has moved (it must have the recorded sha256). skip_image_parity: skip only the
+    check on original images (for photos edited since extraction); the cached-feature checks run.
+
+    >>> exported = export(fit("cache/photos.h5"), "models/photos", formats="all")
+    >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
+    """
+    chosen = formats_mod.parse_formats(formats)
+    if isinstance(source, FitResult):
+        head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
+    else:
+        run_dir = os.fspath(source)
+        head = head_mod.load(run_dir)
+        reference = head_mod.sklearn_from_arrays(head)
+        cache = read_cache(head.meta["provenance"]["cache"])
+    if cache.path is None:
+        raise SettingError("export: this head was fitted on arrays in memory, with no backbone to ship; "
+                           "`pipeline.shipping.model.linear_state(result.head)` is its torch.nn.Linear state_dict")
+    if out is None and run_dir is None:
+        raise SettingError("export: this fit was not written to a run folder; pass out= (a folder) to write to")
+    out = os.fspath(out) if out is not None else run_dir
+    paths = _model_paths(out, chosen)
+    folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
+    make_folder_for(os.path.join(folder, "head.pt"))
+    if isinstance(source, FitResult) and os.path.abspath(folder) != os.path.abspath(run_dir or ""):
+        head_mod.save(head, folder)  # so the folder describes its model on its own
+    return _export(head, reference, cache, paths, folder, weights, skip_image_parity)
+
+
+def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
+    """format -> the file to write: out/model.pt etc., or `out` itself when it names one file."""
+    named = [f for f, suffix in formats_mod.FORMATS.items() if out.lower().endswith(suffix)]
+    if not named:
+        return {f: os.path.join(out, "model" + formats_mod.FORMATS[f]) for f in chosen}
+    if chosen != named:
+        raise SettingError(f"--out {out} names one {named[0]} file but the format asked for is {', '.join(chosen)}; "
+                           "give a folder, or --format " + named[0])
+    return {named[0]: out}
+
+
+def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str,
+            weights: str | None = None, skip_image_parity: bool = False) -> ExportResult:
+    """parity.json: {"cached_features": the torch Linear, FORMAT: {"file", "cached_features", "end_to_end"}}."""
+    linear = checks.on_features(head, reference, cache)
+    report: dict = {"cached_features": linear}
+    model, backbone = build(head, weights)
+    _check_free_space(model, paths, folder)
+    for fmt, path in paths.items():  # model.pt's head is the torch Linear checked above
+        report[fmt] = {"file": os.path.basename(path), "cached_features": linear if fmt == "torchscript" else
+                       checks.format_on_features(fmt, model, reference, cache)}
+    program = formats_mod.image_program(model) if {"onnx", "pt2"} & set(paths) else None  # both start from it
+    # Every file is written under a temporary name and checked as loaded back from it; only when all
+    # agree with scikit-learn are they renamed into place.
+    written, memo = {}, {}
+    try:
+        for fmt, path in paths.items():
+            name = os.path.basename(path)
+            written[fmt] = tmp = f"{path}.writing-{os.getpid()}"
+            try:
+                formats_mod.write(fmt, model, tmp, program)
+            except (OSError, RuntimeError) as e:  # a full disk, a vanished folder, the writer's own failure
+                reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
+                raise TransferError(f"writing {name} into {display_path(folder)} failed: "
+                                    f"{(reason or [type(e).__name__])[0][:200]}; no model file was written") from None
+            runner, _ = formats_mod.load(tmp, torch.device("cpu"), fmt)
+            report[fmt]["end_to_end"] = ({"skipped": "asked for (--skip-image-parity)"} if skip_image_parity else
+                                         checks.end_to_end(runner.images, reference, cache, name, backbone, memo))
+        head_path = os.path.join(folder, "head.pt")
+        write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
+        for fmt, path in paths.items():
+            os.replace(written.pop(fmt), path)
+    finally:
+        for tmp in written.values():
+            remove_quietly(tmp)
+    parity_path = os.path.join(folder, "parity.json")
+    try:  # keep what an earlier export checked for the formats not rewritten now
+        with open(parity_path) as f:
+            report = {**json.load(f), **report}
+    except (OSError, ValueError):
+        pass
+    write_atomically(lambda p: _write_json(report, p), parity_path)
+    model_path = paths.get("torchscript") or next(iter(paths.values()))
+    return ExportResult(model_path, head_path, report, dict(paths))
+
+
+# Beyond the weights, a model file holds its code, graph and metadata: measured under 5% of
+# EfficientNet-Lite0's model.pt; 10% and 16 MiB leave room for a few more.
+SPACE_MARGIN, SPACE_EXTRA = 1.10, 16 * 2**20
+
+
+def _check_free_space(model: nn.Module, paths: dict[str, str], folder: str) -> None:
+    """Refuse before writing when the folder cannot hold every model file at once (they are all
+    written under temporary names before any is renamed into place)."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    need = int(len(paths) * (weights * SPACE_MARGIN + SPACE_EXTRA))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        names = ", ".join(os.path.basename(p) for p in paths.values())
+        raise TransferError(f"not enough free space in {display_path(folder)} for {names}: about "
+                            f"{need / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free; no model file was written")
+
+
+def _write_json(doc: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)

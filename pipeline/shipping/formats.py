@@ -1,0 +1,358 @@
+"""The files a model ships as, and one way to run any of them.
+
+Three formats hold the same model — uint8 RGB images (N, 3, H, W) of any size -> probabilities (N, K):
+the extraction's Pillow-exact resize and centre crop, normalization, the frozen backbone, the Linear,
+softmax — and the same metadata (transfer.json: classes, backbone, weights, preprocessing, ...):
+
+- torchscript  model.pt    torch.jit; metadata in the archive's extra file transfer.json
+- onnx         model.onnx  the torch.export-based ONNX exporter; metadata in metadata_props["transfer.json"];
+                           runs under onnxruntime with no torch installed
+- pt2          model.pt2   a torch.export ExportedProgram (`torch.export.load`); metadata in its extra file
+
+model.onnx and model.pt2 resize with `resize.resize_crop_exportable` (the same bits as model.pt's
+`pil_resize`, written so that torch.export can trace it with symbolic N, H and W).
+
+`write` writes one format, `load` reads any of them into a `Runner`, and `head_probabilities` runs
+just the head (Linear + softmax) in a format's own runtime, for the parity check on cached features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from itertools import groupby
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export.passes import move_to_device_pass
+
+from ..errors import InputFileError, SettingError, TransferError
+from ..resize import resize_crop_exportable
+
+FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # format -> file suffix
+MODEL_FORMAT = "transfer.model"  # transfer.json's "format": a model file written by `transfer export`
+METADATA_KEY = "transfer.json"
+# transfer.json's sha256 of the file's own tensors (name, dtype, bytes, in name order), checked on load:
+# a damaged weight loads without complaint in every runtime (zip members' CRCs are not verified).
+DIGEST_KEY = "tensors_sha256"
+ONNX_OPSET = 18  # onnxruntime >= 1.14 runs it
+ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
+
+
+def parse_formats(formats) -> list[str]:
+    """'onnx', 'all', or a list of names -> format names in FORMATS order."""
+    names = [formats] if isinstance(formats, str) else list(formats)
+    if "all" in names:
+        return list(FORMATS)
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise SettingError(f"format (--format) {', '.join(map(str, unknown)) or 'none'}: expected "
+                           f"{', '.join(FORMATS)} or all")
+    return [f for f in FORMATS if f in names]
+
+
+def format_of(path: str) -> str:
+    """The format a model file holds, by its suffix (anything else is taken for TorchScript)."""
+    for name, suffix in FORMATS.items():
+        if name != "torchscript" and path.lower().endswith(suffix):
+            return name
+    return "torchscript"
+
+
+class ExportableModel(nn.Module):
+    """A TransferModel's forward with the resize torch.export can trace: (N, 3, H, W) uint8 -> (N, K)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        crops = resize_crop_exportable(images, m.resize_to, m.crop, m.mode == "bicubic", m.vertical_first_rule)
+        return m.classify(crops)
+
+
+class HeadModel(nn.Module):
+    """Just the head of a TransferModel: features (N, D) float32 -> probabilities (N, K)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head, self.l2_normalize = model.head, model.l2_normalize
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.l2_normalize:
+            features = features / torch.linalg.vector_norm(features, 2.0, dim=[1], keepdim=True).clamp_min(1e-12)
+        return torch.softmax(self.head(features), dim=1)
+
+
+def _program(module: nn.Module, example: torch.Tensor, dims: dict) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(module.eval(), (example,), dynamic_shapes=(dims,))
+
+
+def image_program(model: nn.Module) -> torch.export.ExportedProgram:
+    """torch.export of the whole model, dynamic in batch, height and width."""
+    Dim = torch.export.Dim
+    dims = {0: Dim("batch", min=1), 2: Dim("height", min=1, max=65535), 3: Dim("width", min=1, max=65535)}
+    return _program(ExportableModel(model), torch.zeros(2, 3, 240, 320, dtype=torch.uint8), dims)
+
+
+def _onnx_bytes(program: torch.export.ExportedProgram, metadata: str | None) -> bytes:
+    """An ExportedProgram through the torch.export-based ONNX exporter, checked by onnx.checker."""
+    import onnx  # only model.onnx needs it (0.8 s to import)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
+                                         input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+    proto = onnx_program.model_proto
+    _name_axes(proto)
+    if metadata is not None:
+        onnx.helper.set_model_props(proto, {METADATA_KEY: _with_digest(metadata, _onnx_digest(proto))})
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def _name_axes(proto) -> None:
+    """The exporter names dynamic axes s0, s1, ...: call the input's batch, height and width so."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    names = {"batch": dims[0].dim_param}
+    if len(dims) == 4:
+        names.update(height=dims[2].dim_param, width=dims[3].dim_param)
+    renamed = {old: new for new, old in names.items() if old}
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in renamed:
+                d.dim_param = renamed[d.dim_param]
+
+
+def write(fmt: str, model: nn.Module, path: str, program: torch.export.ExportedProgram | None = None) -> None:
+    """Write `model` (a TransferModel, in eval mode) to `path` in format `fmt`, its metadata inside.
+    program: its `image_program`, when already made (onnx and pt2 both start from it)."""
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices
+            scripted = torch.jit.script(model)
+            metadata = _with_digest(model.metadata, _torch_digest(scripted.state_dict().items()))
+            with open(path, "wb") as f:  # a file object: torch's path argument cannot hold non-UTF-8 names
+                torch.jit.save(scripted, f, _extra_files={METADATA_KEY: metadata})
+    elif fmt == "pt2":
+        program = program or image_program(model)
+        metadata = _with_digest(model.metadata, _program_digest(program))
+        with open(path, "wb") as f:
+            torch.export.save(program, f, extra_files={METADATA_KEY: metadata})
+    elif fmt == "onnx":
+        data = _onnx_bytes(program or image_program(model), model.metadata)
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        raise SettingError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _digest(named: dict, as_bytes) -> str:
+    """sha256 over each entry's name, dtype, size and bytes, in name order; as_bytes(value) ->
+    (dtype name, flat uint8 array), called one entry at a time."""
+    h = hashlib.sha256()
+    for name in sorted(named):
+        dtype, data = as_bytes(named[name])
+        h.update(f"{name}|{dtype}|{data.size}|".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[str, np.ndarray]:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return str(t.dtype), t.view(torch.uint8).numpy()
+
+
+def _torch_digest(named) -> str:
+    return _digest({k: v for k, v in named if isinstance(v, torch.Tensor)}, _tensor_bytes)
+
+
+def _program_digest(program: torch.export.ExportedProgram) -> str:
+    return _torch_digest([*program.state_dict.items(), *program.constants.items()])
+
+
+def _onnx_digest(proto) -> str:
+    from onnx import numpy_helper  # only model.onnx needs it
+
+    def as_bytes(init) -> tuple[str, np.ndarray]:
+        a = np.ascontiguousarray(numpy_helper.to_array(init)).reshape(-1)
+        return str(a.dtype), a.view(np.uint8)
+
+    return _digest({init.name: init for init in proto.graph.initializer}, as_bytes)
+
+
+def _with_digest(metadata: str, digest: str) -> str:
+    return json.dumps({**json.loads(metadata), DIGEST_KEY: digest})
+
+
+def head_probabilities(fmt: str, model: nn.Module, features: np.ndarray) -> np.ndarray:
+    """The head alone, (N, D) features -> (N, K) float64 probabilities, run as format `fmt` runs it:
+    TorchScript, a torch.export program after a save/load round trip, or ONNX under onnxruntime."""
+    head = HeadModel(model).eval()
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            run = torch.jit.script(head)
+        with torch.inference_mode():
+            return run(x).double().numpy()
+    program = _program(head, x[:2] if len(x) >= 2 else torch.cat([x, x]), {0: torch.export.Dim("batch", min=1)})
+    if fmt == "pt2":
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        with torch.inference_mode():
+            return torch.export.load(buffer).module()(x).double().numpy()
+    session = _onnx_session(_onnx_bytes(program, None), torch.device("cpu"))
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].astype(np.float64)
+
+
+# --- loading and running ---------------------------------------------------------------------------
+
+class Runner:
+    """A loaded model of any format. `images(x)`: (N, 3, H, W) uint8 -> (N, K) float32 numpy.
+    For batches of images of different sizes: `prepare(image)` each (3, H, W) uint8, then `run(prepared)`."""
+
+    format: str
+
+    def images(self, x: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def prepare(self, image: torch.Tensor):
+        return image.contiguous()
+
+    def run(self, prepared: list) -> np.ndarray:
+        """Consecutive images of one size go through the model together."""
+        out = []
+        for _, group in groupby(prepared, key=lambda t: tuple(t.shape)):
+            out.append(self.images(torch.stack(list(group))))
+        return np.concatenate(out)
+
+
+class TorchScriptRunner(Runner):
+    format = "torchscript"
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module, device
+
+    def images(self, x):
+        with torch.inference_mode():
+            return self.module(x.to(self.device)).float().cpu().numpy()
+
+    def prepare(self, image):  # model.pt crops each image itself, so any sizes batch together
+        with torch.inference_mode():
+            return self.module.preprocess(image.to(self.device))
+
+    def run(self, prepared):
+        with torch.inference_mode():
+            return self.module.classify(torch.stack(prepared)).float().cpu().numpy()
+
+
+class ProgramRunner(Runner):
+    format = "pt2"
+
+    def __init__(self, program: torch.export.ExportedProgram, device: torch.device):
+        if device.type != "cpu":
+            program = move_to_device_pass(program, device)
+        self.module, self.device = program.module(), device
+
+    def images(self, x):
+        with torch.inference_mode():
+            return self.module(x.to(self.device).contiguous()).float().cpu().numpy()
+
+
+class OnnxRunner(Runner):
+    format = "onnx"
+
+    def __init__(self, session):
+        self.session = session
+
+    def images(self, x):
+        return self.session.run(None, {ONNX_INPUT: x.cpu().contiguous().numpy()})[0]
+
+
+def _onnx_proto(data: bytes):
+    import onnx  # only model.onnx needs it
+
+    return onnx.load_from_string(data)
+
+
+def _onnx_session(data: bytes, device: torch.device):
+    try:
+        import onnxruntime as ort  # optional where model.onnx is only run, and 1 s to import
+    except ImportError:
+        raise TransferError("running model.onnx needs onnxruntime: pip install onnxruntime") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    return ort.InferenceSession(data, options, providers=providers)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+DESCRIPTIONS = {"torchscript": "a TorchScript model", "onnx": "an ONNX model", "pt2": "a torch.export program (.pt2)"}
+
+
+def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runner, dict]:
+    """Read a model file of format `fmt` (default: by its suffix) -> (Runner, its transfer.json metadata,
+    or {} when it has none). Raises InputFileError when the file is not of that format."""
+    fmt = fmt or format_of(path)
+    try:
+        if fmt == "onnx":
+            with open(path, "rb") as f:  # bytes: onnxruntime's path argument cannot hold non-UTF-8 names
+                data = f.read()
+            session = _onnx_session(data, device)
+            runner, metadata = OnnxRunner(session), session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+            tensors = lambda: _onnx_digest(_onnx_proto(data))  # noqa: E731
+        elif fmt == "pt2":
+            extra = {METADATA_KEY: ""}
+            with open(path, "rb") as f, _quiet("torch.export"):  # it logs a traceback before raising
+                program = torch.export.load(f, extra_files=extra)
+            runner, metadata = ProgramRunner(program, device), extra[METADATA_KEY]
+            tensors = lambda: _program_digest(program)  # noqa: E731
+        else:
+            extra = {METADATA_KEY: ""}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                with open(path, "rb") as f:
+                    module = torch.jit.load(f, map_location=device, _extra_files=extra)
+            runner, metadata = TorchScriptRunner(module.eval(), device), extra[METADATA_KEY]
+            tensors = lambda: _torch_digest(module.state_dict().items())  # noqa: E731
+    except TransferError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each runtime raises its own types for "not this format"
+        raise InputFileError(f"{os.fsdecode(path)} is not {DESCRIPTIONS[fmt]} written by `transfer export` "
+                             f"({type(e).__name__})") from None
+    try:
+        meta = json.loads(metadata or "{}")
+    except json.JSONDecodeError:
+        return runner, {}
+    expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    if expected:  # models exported before the digest existed are loaded unchecked
+        try:
+            found = tensors()
+        except Exception as e:  # noqa: BLE001 - unreadable tensors are damage too
+            found = f"unreadable ({type(e).__name__})"
+        if found != expected:
+            raise InputFileError(f"{os.fsdecode(path)} is damaged: its weights are not the ones written at export "
+                                 f"(sha256 of its tensors {found[:12]}, recorded {expected[:12]}); export it again")
+    return runner, meta

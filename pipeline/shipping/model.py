@@ -1,0 +1,164 @@
+"""The model every format ships: uint8 images of any size -> the extraction's resize, crop and
+normalization -> frozen backbone -> Linear -> softmax (TransferModel), rebuilt from a head's
+provenance, and the metadata each model file carries.
+"""
+
+# No `from __future__ import annotations` here: TorchScript reads TransferModel's annotations as types.
+import json
+import os
+from typing import List
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import head as head_mod
+from ..backbones import Backbone, Preprocessing, load_arguments, load_backbone, recorded_preprocessing
+from ..backbones.weights import looks_like_path
+from ..errors import InputFileError, TransferError
+from ..resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize
+from .formats import MODEL_FORMAT
+
+
+class TransferModel(nn.Module):
+    """uint8 RGB images (N, 3, H, W), any H and W -> class probabilities (N, K) in `classes` order.
+
+    Also `preprocess(image)` for one (3, H, W) image -> (3, S, S) uint8 crop, and
+    `classify(crops)` for (N, 3, S, S) uint8 crops: so images of different sizes can be batched.
+    """
+
+    classes: List[str]
+    metadata: str
+
+    def __init__(self, backbone: nn.Module, weight: torch.Tensor, bias: torch.Tensor, l2_normalize: bool,
+                 prep: Preprocessing, classes: list[str], metadata: dict):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+        self.l2_normalize = l2_normalize
+        self.resize_to = prep.resize
+        self.squash = prep.resize_mode == "squash"
+        self.crop = prep.crop
+        self.mode = prep.interpolation
+        self.vertical_first_rule = prep.pass_order == VERTICAL_FIRST_IF_TALLER_CUT
+        self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.classes = list(classes)
+        self.metadata = json.dumps(metadata)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 -> (N, 3, S, S) uint8: short side to `resize_to` (Pillow's resize,
+        bit for bit), then the centre crop, with torchvision's size and offset rules."""
+        h, w = x.shape[-2], x.shape[-1]
+        if self.squash:  # timm's crop_mode "squash": both sides to resize_to
+            nh, nw = self.resize_to, self.resize_to
+        elif h <= w:
+            nh, nw = self.resize_to, int(self.resize_to * w / h)
+        else:
+            nh, nw = int(self.resize_to * h / w), self.resize_to
+        if nh != h or nw != w:
+            x = pil_resize(x, nh, nw, self.mode == "bicubic", self.vertical_first_rule)
+        top = int(round((nh - self.crop) / 2.0))
+        left = int(round((nw - self.crop) / 2.0))
+        return x[:, :, top:top + self.crop, left:left + self.crop]
+
+    @torch.jit.export
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, S, S) uint8."""
+        return self._resize_crop(image.unsqueeze(0))[0]
+
+    @torch.jit.export
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 -> (N, D) backbone features, as cached at extraction."""
+        x = (crops.float() / 255.0 - self.mean) / self.std
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
+
+    @torch.jit.export
+    def classify(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 -> (N, K) probabilities."""
+        features = self.embed(crops)
+        if self.l2_normalize:
+            features = features / torch.linalg.vector_norm(features, 2.0, dim=[1], keepdim=True).clamp_min(1e-12)
+        return torch.softmax(self.head(features), dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 RGB -> (N, K) probabilities."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError("expected a uint8 tensor of RGB images shaped (N, 3, H, W)")
+        return self.classify(self._resize_crop(images))
+
+
+def linear_state(head: head_mod.LinearHead) -> dict:
+    """The head as a torch.nn.Linear(D, K) state_dict (float32)."""
+    return {"weight": torch.from_numpy(head.weight).float(), "bias": torch.from_numpy(head.bias).float()}
+
+
+def torch_proba(head: head_mod.LinearHead, features: np.ndarray) -> np.ndarray:
+    """Probabilities from the float32 torch Linear, as model.pt computes them after the backbone."""
+    linear = nn.Linear(head.dim, len(head.classes))
+    linear.load_state_dict(linear_state(head))
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    with torch.inference_mode():
+        if head.l2_normalize:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.softmax(linear(x), dim=1).double().numpy()
+
+
+def rebuild_backbone(provenance: dict, weights: str | None = None) -> Backbone:
+    """The extraction's backbone, from the cache's provenance; the weights must be the same file.
+    weights: the weights file where it is now, if it moved (checked against the recorded sha256)."""
+    arguments = load_arguments(provenance)  # the same weights, layer and flip averaging
+    if weights is not None:
+        arguments["weights"] = os.fspath(weights)
+    elif looks_like_path(arguments["weights"] or "") and not os.path.isfile(arguments["weights"]):
+        raise InputFileError(f"the weights file {arguments['weights']} the features were extracted with is gone; "
+                             "`transfer export RUN_DIR --weights FILE` (export(..., weights=FILE)) takes it from "
+                             f"where it is now (sha256 {provenance.get('weights_sha256')})")
+    source = arguments["weights"]
+    backbone = load_backbone(**arguments)
+    if backbone.weights_sha256 != (provenance.get("weights_sha256") or ""):
+        raise TransferError(f"the weights at {source} are not the ones the features were extracted with "
+                            f"(sha256 {backbone.weights_sha256[:12]} vs {str(provenance.get('weights_sha256'))[:12]})")
+    if backbone.dim != int(provenance.get("dim") or 0):
+        raise TransferError(f"{arguments['name']} now gives {backbone.dim}-d features, the cache holds "
+                            f"{provenance.get('dim')}-d ones (layer {provenance.get('layer')!r})")
+    return backbone
+
+
+def build_model(head: head_mod.LinearHead, weights: str | None = None) -> TransferModel:
+    """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this
+    head. weights: see rebuild_backbone."""
+    return build(head, weights)[0]
+
+
+def build(head: head_mod.LinearHead, weights: str | None = None) -> tuple[TransferModel, Backbone]:
+    provenance = head.meta["provenance"]
+    backbone = rebuild_backbone(provenance, weights)
+    prep = recorded_preprocessing(provenance)
+    model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
+                          head.l2_normalize, prep, head.classes, model_metadata(head))
+    return model.eval(), backbone
+
+
+def model_metadata(head: head_mod.LinearHead) -> dict:
+    p = head.meta["provenance"]
+    return {
+        "format": MODEL_FORMAT,
+        "classes": head.classes,
+        "backbone": p["backbone"],
+        "weights": p["weights"],
+        "weights_sha256": p["weights_sha256"],
+        "layer": p["layer"],
+        "tta": p.get("tta", "none"),
+        "preprocessing": p["preprocessing"],
+        "extraction_precision": p["precision"],
+        "l2_normalize": head.l2_normalize,
+        "C": head.meta.get("C"),
+        "input": "uint8 RGB tensor (N, 3, H, W), any size",
+        "output": "probabilities (N, K) in the order of classes",
+    }
