@@ -378,11 +378,12 @@ def _run(argv: list[str]) -> None:
         _fail(f"{e.format_message()}{hint}", 2, debug)
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code, debug)
-    except click.exceptions.Abort:
-        _fail("aborted", 130, debug)
+    except click.exceptions.Abort as e:  # click turns Ctrl-C into Abort; the library's Interrupted says what was kept
+        cause = e.__cause__
+        _fail(str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "aborted", 130, debug)
     except _Exit as e:
         _fail(str(e), e.code, debug)
-    except KeyboardInterrupt as e:  # the library's Interrupted says what was kept
+    except KeyboardInterrupt as e:
         _fail(str(e) or "interrupted", 130, debug)
     except OSError as e:  # a destination that cannot be written: read-only, full, no permission
         _fail(f"{_rank_prefix()}{_os_error_line(e)}", 1, debug)

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402
-from pipeline.images import decode_image, image_tensor  # noqa: E402
+from pipeline.images import decode_image  # noqa: E402
+from pipeline.shipping.formats import image_tensor  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 # attributes write_cache sets itself (as tests/conftest.py's subset_cache leaves them out)

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.shipping import formats  # noqa: E402
 from pipeline.backbones import load_backbone  # noqa: E402
 from pipeline.shipping.model import TransferModel  # noqa: E402
-from pipeline.images import decode_image, image_tensor  # noqa: E402
+from pipeline.images import decode_image  # noqa: E402
+from pipeline.shipping.formats import image_tensor  # noqa: E402
 from pipeline.shipping.predict import load_model  # noqa: E402
 
 VAL = ROOT.parent / "shared" / "data" / "hymenoptera" / "val"

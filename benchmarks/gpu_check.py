@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
 from pipeline import devices  # noqa: E402
 from pipeline.extraction import decode as decoding  # noqa: E402
-from pipeline.images import decode_image, image_tensor, scan_image_folder  # noqa: E402
+from pipeline.images import decode_image, scan_image_folder  # noqa: E402
+from pipeline.shipping.formats import image_tensor  # noqa: E402
 
 # The real photos: ../shared beside a developer's checkout, or shared/ inside it (the device machines
 # receive only the checkout: copy the photos into an ignored folder of it and pass --photos).
@@ -377,7 +378,7 @@ def photos_steps(report: Report, tmp: Path, device: torch.device) -> None:
     cache_path = tmp / "torch.h5"
     result = pipeline.fit(str(cache_path), C=1.0)
     exported = pipeline.export(result, str(tmp / "model"))
-    e = exported.parity["end_to_end"]
+    e = exported.parity["torchscript"]["end_to_end"]
     report.add("export", f"fit (top-1 {result.scores['top1']:.3f} on {result.evaluated_on}) + export",
                f"model.pt vs scikit-learn on {e['images']} photos: max |p diff| {e['max_abs_diff']:.1e}; "
                f"cached bf16 cosine >= {e.get('cached_feature_cosine_min', float('nan')):.4f}",

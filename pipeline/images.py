@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import TransferError
@@ -359,8 +358,3 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background.alpha_composite(rgba)
         return background.convert("RGB")
     return img.convert("RGB")
-
-
-def image_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> (3, H, W) uint8 tensor: what model.pt takes."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)

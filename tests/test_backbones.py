@@ -455,7 +455,7 @@ def test_timm_preprocessing_modes_model_pt_cannot_reproduce_are_refused():
 def test_squash_preprocessing_is_reproduced_by_model_pt_bit_for_bit():
     from pipeline.backbones import Preprocessing
     from pipeline.shipping.model import TransferModel
-    from pipeline.images import image_tensor
+    from pipeline.shipping.formats import image_tensor
 
     prep = Preprocessing(resize=70, crop=64, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
                          resize_mode="squash")

@@ -105,7 +105,8 @@ def test_model_onnx_runs_where_torch_cannot_be_imported(shipped, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     label, probability = out.stdout.split()
-    from pipeline.images import decode_image, image_tensor
+    from pipeline.images import decode_image
+    from pipeline.shipping.formats import image_tensor
 
     with torch.inference_mode():
         p = torch.jit.load(shipped / "model.pt")(image_tensor(decode_image(str(tmp_path / "photo.jpg")))[None])[0]
@@ -221,7 +222,8 @@ def test_real_photos_onnx_and_pt2_agree_with_model_pt(hymenoptera_lite0, tmp_pat
     import pipeline
     from pipeline import read_cache
     from pipeline.shipping.model import build_model
-    from pipeline.images import decode_image, image_tensor
+    from pipeline.images import decode_image
+    from pipeline.shipping.formats import image_tensor
 
     info = read_cache(hymenoptera_lite0)
     train = subset_cache(hymenoptera_lite0, tmp_path / "train.h5", np.flatnonzero(info.split == "train"))

@@ -159,7 +159,6 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             processed, summary.input_seconds = _extract_rows(
                 plan.partial, plan.embedder, plan.listing.root, [plan.listing.paths[p] for p in plan.positions],
                 plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter)
-            progress.close()
             left = plan.partial.progress()
             if left.finished != left.total:
                 raise TransferError(f"{plan.target}: {left.total - left.finished} rows still pending after the run")

@@ -165,7 +165,8 @@ def plan(req: ExperimentRequest, dim: int) -> list[Run]:
         if pca is not None and pca > dim:
             raise SettingError(f"PCA dimension {pca} is larger than the feature dimension {dim}")
     validate("repeats", req.repeats, [Interval(Integral, 1, None)], "--repeats")
-    validate("jobs", req.jobs, [None, Interval(Integral, 1, None)], "--jobs")
+    if req.jobs is not None:  # None: default_jobs()
+        validate("jobs", req.jobs, [Interval(Integral, 1, None)], "--jobs")
     validate("solver", req.solver, FitSettings.CONSTRAINTS["solver"], "--solver")
     runs = []
     combos = list(itertools.product(*(req.grid[k] for k in GRID_KEYS)))

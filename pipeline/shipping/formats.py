@@ -45,6 +45,11 @@ ONNX_OPSET = 18  # onnxruntime >= 1.14 runs it
 ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
 
 
+def image_tensor(image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor: what every format takes (batched as (N, 3, H, W))."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 def parse_formats(formats) -> list[str]:
     """'onnx', 'all', or a list of names -> format names in FORMATS order."""
     names = [formats] if isinstance(formats, str) else list(formats)

@@ -14,8 +14,9 @@ from ..backbones import Backbone, recorded_preprocessing
 from ..cache import Cache, cache_entries
 from ..errors import TransferError
 from ..files import display_path
-from ..images import DecodeError, decode_image, image_tensor
+from ..images import DecodeError, decode_image
 from . import formats
+from .formats import image_tensor
 from .model import TransferModel, torch_proba
 
 FEATURE_TOLERANCE = 1e-5  # max |p_torch - p_sklearn| on cached features

@@ -19,11 +19,11 @@ import torch
 from ..devices import resolve_device
 from ..errors import InputFileError, SettingError
 from ..files import display_path, make_folder_for, write_atomically
-from ..images import DecodeError, decode_image, image_tensor, is_image_name, walk_files
+from ..images import DecodeError, decode_image, is_image_name, walk_files
 from ..progress import resolve
 from ..settings import Interval, validate
 from . import formats
-from .formats import MODEL_FORMAT, Runner
+from .formats import MODEL_FORMAT, Runner, image_tensor
 
 TOP_K = [None, Interval(Integral, 1, None)]
 BATCH_SIZE = [Interval(Integral, 1, None)]
