@@ -19,6 +19,17 @@ HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
 needs_hymenoptera = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"real photos not found at {HYMENOPTERA}")
 
 
+# A test that uses one of these is slow: a real network over real photos, or a fitted and exported run.
+HEAVY_FIXTURES = {"hymenoptera_lite0", "planted", "binary_run", "three_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests that need a heavy session fixture `slow` (`make test-fast` leaves them out)."""
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def write_image(path: Path, seed: int, size=(48, 36), fmt: str | None = None) -> Path:
     """A small smooth colour image, different for every seed."""
     rng = np.random.default_rng(seed)

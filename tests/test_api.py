@@ -29,6 +29,7 @@ def test_importing_the_package_is_light_and_names_are_the_functions():
     assert set(pipeline.__all__) >= {"extract", "read_cache", "write_cache", "fit", "export", "load_model", "predict"}
 
 
+@pytest.mark.slow
 def test_python_and_cli_fits_give_identical_heads(tmp_path):
     X, y, classes = blobs(30, 3, 8, seed=3, spread=2.5)
     split = (["train", "train", "val", "test"] * 30)[:90]
@@ -80,6 +81,7 @@ def _readme_python() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_python_section_runs_as_written(tmp_path):
     make_folder(tmp_path / "photos", {"ants": 3, "bees": 3}, splits=("train", "val", "test"), ext=".jpg")
     (tmp_path / "new_photos").mkdir()

@@ -25,6 +25,7 @@ def crops(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,layer,pool,later", CUTS, ids=[c[0] for c in CUTS])
 def test_layer_features_equal_a_pooled_forward_hook_and_later_layers_are_cut_off(name, layer, pool, later):
     b = load_backbone(name, "random", layer=layer)
@@ -45,6 +46,7 @@ def test_layer_features_equal_a_pooled_forward_hook_and_later_layers_are_cut_off
     assert b.layer == b.layer_module == layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "timm:test_vit"])
 def test_flip_tta_is_the_mean_of_two_reference_forwards(name):
     b = load_backbone(name, "random", tta="flip")

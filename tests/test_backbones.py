@@ -31,6 +31,7 @@ def vgg16_state_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_vgg16_features_equal_torchvision_reference(tmp_path, vgg16_state_file):
     images = tmp_path / "images"
     paths = [write_image(images / "a" / "x.jpg", 1, size=(320, 200)),
@@ -60,6 +61,7 @@ def test_vgg16_features_equal_torchvision_reference(tmp_path, vgg16_state_file):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_backbone_is_frozen_in_eval_mode_with_the_right_width():
     for name, dim in [("vgg11_bn", 4096), ("resnet50", 2048), ("efficientnet_lite0", 1280)]:
         b = load_backbone(name, "random")
@@ -100,6 +102,7 @@ def test_weights_file_for_another_architecture_is_refused(tmp_path):
         load_backbone("vgg11", str(path))
 
 
+@pytest.mark.slow
 def test_a_file_whose_dropped_classifier_has_other_classes_loads_and_gives_the_same_features(tmp_path):
     """A VGG fine-tuned to 10 classes: its last layer is the one cut off, so only it may differ."""
     torch.manual_seed(5)
@@ -165,6 +168,7 @@ def test_offline_without_cached_weights_names_the_file_and_the_flag(tmp_path, mo
     assert "--weights /path/to/vgg16-397923af.pth" in message
 
 
+@pytest.mark.slow
 def test_torchvision_weights_found_in_the_hub_cache_are_used(tmp_path, monkeypatch, vgg16_state_file):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
@@ -178,6 +182,7 @@ def test_unknown_weights_name_lists_the_known_ones():
         load_backbone("vgg16", "IMAGENET9K")
 
 
+@pytest.mark.slow
 def test_lite0_weights_load_from_either_key_layout(tmp_path):
     packaged = load_backbone("efficientnet_lite0")  # lukemelas-style keys, remapped
     assert packaged.pretrained
@@ -190,6 +195,7 @@ def test_lite0_weights_load_from_either_key_layout(tmp_path):
         assert torch.equal(packaged.network(x), again.network(x))
 
 
+@pytest.mark.slow
 @needs_hymenoptera
 def test_lite0_weights_are_really_imagenet_pretrained(hymenoptera_lite0):
     """The full network (cached pooled features -> the dropped ImageNet classifier) calls most
@@ -470,6 +476,7 @@ def test_squash_preprocessing_is_reproduced_by_model_pt_bit_for_bit():
 
 # --- model.pt for other backbones ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [("--backbone", "timm:test_vit"),
                                   ("--backbone", "mobilenet_v3_small", "--layer", "features.9", "--tta", "flip")],
                          ids=["timm-vit", "mobilenet-layer-flip"])

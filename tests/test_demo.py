@@ -6,6 +6,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import read_cache
 from pipeline.demo import write_digits
 from tests.conftest import ROOT, run_cli
@@ -17,6 +19,7 @@ def test_write_digits_is_a_stratified_split_tree(tmp_path):
     assert sorted(p.name for p in (tmp_path / "d" / "val").iterdir()) == [str(i) for i in range(10)]
 
 
+@pytest.mark.slow
 def test_the_demo_runs_end_to_end_and_its_try_it_line_works_from_elsewhere(tmp_path):
     result = run_cli("demo", "--workdir", tmp_path / "demo", "--per-class", "2", cwd=tmp_path)
     assert result.code == 0, result.err

@@ -182,3 +182,19 @@ def test_dataset_yields_uint8_tensors_and_reasons_and_collate_separates_them(tmp
     assert batch.indices.tolist() == [1, 2]
     assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.uint8
     assert batch.failed == [(0, "not a recognised image format")]
+
+
+def test_an_interrupted_extraction_leaves_no_decoding_thread_behind(tmp_path):
+    """The prefetching thread, done with its source while the consumer stopped, used to block forever
+    on a full queue: every interrupted extraction left one behind (and its batches in memory)."""
+    import pipeline
+    from tests.conftest import Stop, StopAfterFirstBatch
+
+    root = make_folder(tmp_path / "images", {"a": 4, "b": 3})
+    with pytest.raises(Stop):
+        pipeline.extract(root, tmp_path / "c.h5", backbone="efficientnet_lite0", weights="random", device="cpu",
+                         batch_size=3, workers=0, progress=StopAfterFirstBatch())
+    for t in threading.enumerate():
+        if t.name == "transfer-decode":
+            t.join(timeout=5)
+            assert not t.is_alive()

@@ -67,6 +67,7 @@ def test_slices_are_disjoint_contiguous_and_cover_everything_without_padding():
             assert np.array_equal(np.concatenate(slices), np.arange(n))
 
 
+@pytest.mark.slow
 def test_two_ranks_assemble_the_cache_one_process_writes(images, single, tmp_path):
     out = tmp_path / "two.h5"
     proc = torchrun(images, out)
@@ -78,6 +79,7 @@ def test_two_ranks_assemble_the_cache_one_process_writes(images, single, tmp_pat
     assert not list(tmp_path.glob("two.h5.*"))  # shards and locks are gone
 
 
+@pytest.mark.slow
 def test_a_killed_rank_leaves_no_cache_and_a_rerun_finishes_the_job(images, single, tmp_path):
     out = tmp_path / "two.h5"
     shard = Path(shard_path_of(str(out), 1, 2))
@@ -107,6 +109,7 @@ def test_a_killed_rank_leaves_no_cache_and_a_rerun_finishes_the_job(images, sing
     assert_same_cache(single, out)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_is_named_with_its_shard(images, tmp_path):
     out = tmp_path / "two.h5"
     Path(shard_path_of(str(out), 1, 2)).mkdir()  # rank 1 cannot create its shard file

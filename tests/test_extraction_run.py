@@ -63,6 +63,7 @@ def test_rerunning_the_same_command_does_nothing(tmp_path, tiny_folder):
     assert out.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_a_cache_from_other_settings_is_refused_unless_overwrite(tmp_path, tiny_folder):
     out = tmp_path / "c.h5"
     assert run_cli("extract", tiny_folder, "--out", out, *LITE, "--precision", "fp32").code == 0
@@ -125,6 +126,7 @@ def test_an_unfinished_extraction_with_other_settings_is_not_discarded(tmp_path,
     assert resumed.code == 0 and "resumed after 2" in resumed.out, resumed.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, min_cosine", [("bf16", 0.9999), ("fp32", 0.999999)])
 def test_a_rows_features_barely_depend_on_the_batch_it_was_computed_in(tmp_path, precision, min_cosine):
     """The README's promise for torchrun slices, incremental updates and a resume with another

@@ -41,6 +41,7 @@ GRID = ("--grid", "C=0.01,1,auto", "--grid", "normalize=standard,l2", "--train-f
         "--repeats", "2", "--jobs", "2")
 
 
+@pytest.mark.slow
 def test_grid_over_two_caches_writes_results_summary_and_plots(caches, tmp_path):
     a, b, _ = caches
     out = tmp_path / "exp"
@@ -60,6 +61,7 @@ def test_grid_over_two_caches_writes_results_summary_and_plots(caches, tmp_path)
     assert "run" in result.err and "/s" in result.err  # the progress bar over runs
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_results(caches, tmp_path):
     a, _, _ = caches
     first, second = tmp_path / "one", tmp_path / "two"
@@ -71,6 +73,7 @@ def test_same_seed_gives_the_same_results(caches, tmp_path):
     assert strip(read_rows(first / "results.csv")) != strip(read_rows(tmp_path / "three" / "results.csv"))
 
 
+@pytest.mark.slow
 def test_repeats_draw_different_subsamples_and_report_mean_and_std(caches, tmp_path):
     a, _, _ = caches
     out = tmp_path / "lc"

@@ -49,6 +49,7 @@ def test_separable_three_classes_are_learned_and_scored_on_test(three_class):
     assert lr.coef_.shape == (3, 16)  # one row per class: softmax over all of them
 
 
+@pytest.mark.slow
 def test_binary_case(tmp_path):
     X, y, classes = blobs(50, 2, 8, seed=2, spread=2.5)
     path = make_cache(tmp_path / "two.h5", X, y, ["ants", "bees"], split_names(y))
@@ -58,6 +59,7 @@ def test_binary_case(tmp_path):
     assert np.array(result.scores["confusion_matrix"]).sum() == result.splits.sizes()["test"]
 
 
+@pytest.mark.slow
 def test_the_choice_of_C_never_sees_test_labels(tmp_path):
     X, y, classes = blobs(40, 3, 16, seed=3, spread=4.0)
     splits = split_names(y)
@@ -72,6 +74,7 @@ def test_the_choice_of_C_never_sees_test_labels(tmp_path):
     assert a.scores["top1"] != b.scores["top1"]  # ...which do change the reported score
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_and_a_new_seed_a_new_split(tmp_path):
     X, y, classes = blobs(30, 3, 10, seed=4, spread=3.0)
     path = make_cache(tmp_path / "nosplit.h5", X, y, classes)  # no split folders: seeded split
@@ -114,6 +117,7 @@ def test_fixed_C_skips_the_sweep(three_class):
     assert result.C == 0.5 and result.sweep == []
 
 
+@pytest.mark.slow
 def test_fit_command_writes_a_complete_run_folder(three_class, tmp_path):
     run = tmp_path / "run"
     result = run_cli("fit", three_class, "--out", run, "--no-export")
@@ -297,6 +301,7 @@ def test_report_md_lists_failed_images_and_survives_odd_class_names(tmp_path):
     assert metrics["failed_images"]["count"] == 1
 
 
+@pytest.mark.slow
 def test_a_tiny_validation_split_chooses_C_by_cross_validation_without_seeing_test(tmp_path):
     X, y, classes = blobs(20, 2, 8, seed=9, spread=3.0)  # 40 images, 4 of each class in val
     split = split_names(y, val=0.2, test=0.2)
@@ -317,6 +322,7 @@ def test_a_tiny_validation_split_chooses_C_by_cross_validation_without_seeing_te
     assert "cross-validation" in report and "pooled out-of-fold top-1" in report
 
 
+@pytest.mark.slow
 def test_without_a_test_split_cross_validated_scores_are_named_as_such(tmp_path):
     X, y, classes = blobs(12, 3, 6, seed=4, spread=2.0)
     path = make_cache(tmp_path / "tv.h5", X, y, classes, split_names(y, test=0.0))

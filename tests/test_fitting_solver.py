@@ -237,6 +237,7 @@ def test_experiment_passes_the_solver_on_and_records_it():
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
 def test_two_torchrun_ranks_fit_what_one_process_fits(tmp_path):
     """`torchrun --nproc-per-node=2 cli.py fit`: ranks share the rows (scaler and loss/gradient summed

@@ -10,10 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT, needs_hymenoptera
 
 
+@pytest.mark.slow
 @needs_hymenoptera
 def test_gpu_check_runs_every_step_on_the_cpu_and_passes(tmp_path):
     out = tmp_path / "out"

@@ -86,6 +86,7 @@ def test_each_broken_file_raises_decode_error_with_its_reason(tmp_path, name):
     assert expected[name] in info.value.reason
 
 
+@pytest.mark.slow
 def test_unreadable_file_reports_permission_denied(tmp_path):
     path = write_image(tmp_path / "locked.png", 1)
     os.chmod(path, 0)
@@ -119,6 +120,7 @@ def test_our_own_pixel_limit_refuses_before_decoding(tmp_path, monkeypatch):
     assert loads == []
 
 
+@pytest.mark.slow
 def test_extraction_records_every_broken_file_and_keeps_going(tmp_path):
     images = tmp_path / "images"
     write_image(images / "good" / "a.png", 1)
@@ -263,6 +265,7 @@ def test_random_bytes_only_ever_raise_decode_error(tmp_path, prefix, body):
         assert image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_a_folder_whose_own_name_is_not_utf8_extracts_fits_and_predicts(tmp_path):
     """`/data/caf\\xe9/`: the folder's path is stored losslessly and every stage works from it."""
     folder = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"))

@@ -82,6 +82,7 @@ def check_consistent(out: Path, partial: Path, ref_features: np.ndarray) -> int:
 broken_row = N_IMAGES // 2  # "b/broken.png" sorts first in class b
 
 
+@pytest.mark.slow
 def test_sigkill_at_many_moments_then_rerun_equals_an_uninterrupted_run(images, reference, tmp_path):
     ref_paths, ref_labels, ref_features = read_cache(reference)
     out = tmp_path / "c.h5"
@@ -127,6 +128,7 @@ def test_sigkill_at_many_moments_then_rerun_equals_an_uninterrupted_run(images, 
     assert not list(tmp_path.glob("c.h5.*"))
 
 
+@pytest.mark.slow
 def test_a_rerun_redoes_only_the_uncommitted_rows(images, reference, tmp_path):
     out = tmp_path / "c.h5"
     partial = Path(cache.partial_path(str(out)))
@@ -145,6 +147,7 @@ def test_a_rerun_redoes_only_the_uncommitted_rows(images, reference, tmp_path):
     assert f"extracted {N_IMAGES + 1 - kept} images (resumed after {kept})" in resumed.out
 
 
+@pytest.mark.slow
 def test_fit_refuses_a_cache_that_is_still_being_written(images, tmp_path):
     out = tmp_path / "c.h5"
     partial = Path(cache.partial_path(str(out)))
@@ -163,6 +166,7 @@ def test_fit_refuses_a_cache_that_is_still_being_written(images, tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_disk_full_while_committing_is_reported_and_committed_rows_stay(tmp_path, monkeypatch, images):
     """Fault injection at the lowest write: HDF5 fails with ENOSPC during the third commit."""
     calls = {"n": 0}
@@ -192,6 +196,7 @@ def test_disk_full_while_committing_is_reported_and_committed_rows_stay(tmp_path
     assert resumed.code == 0 and f"resumed after {2 * BATCH}" in resumed.out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a small tmpfs")
 def test_a_really_full_disk_keeps_committed_rows_and_resumes(images, tmp_path):
     disk = tmp_path / "disk"
@@ -249,6 +254,7 @@ def edit_folder(folder: Path) -> None:
     (folder / "b" / "img020.png").rename(folder / "a" / "moved" / "img020.png")
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_update_then_rerun_equals_the_uninterrupted_update(images, reference, tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(images, folder)  # copy2 keeps sizes and mtimes: the reference cache describes these files

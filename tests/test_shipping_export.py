@@ -21,6 +21,7 @@ from pipeline.images import decode_image
 from tests.conftest import (HYMENOPTERA, ROOT, assert_one_line_error, needs_hymenoptera, run_cli,
                             subset_cache, write_image)
 
+@pytest.mark.slow  # a fitted and exported run
 @pytest.mark.parametrize("run_name", ["binary_run", "three_run"])
 def test_parity_is_checked_and_recorded(request, run_name):
     run = request.getfixturevalue(run_name)
@@ -53,6 +54,7 @@ def test_a_head_that_disagrees_with_scikit_learn_is_not_exported(three_run, tmp_
                                                            if p.name not in ("model.pt", "head.pt", "parity.json"))
 
 
+@pytest.mark.slow
 def test_a_model_pt_that_disagrees_end_to_end_is_not_exported(three_run, tmp_path, monkeypatch):
     from pipeline import export as export_function
 
@@ -107,6 +109,7 @@ print(json.dumps({"classes": list(model.classes), "meta": json.loads(extra["tran
 """
 
 
+@pytest.mark.slow
 def test_model_pt_works_with_plain_torch_and_matches_predict(three_run, tmp_path):
     files = sorted((three_run.parent / "three-images" / "test").rglob("*.png"))
     write_image(tmp_path / "odd-size.png", 99, size=(301, 177))  # any size
@@ -166,6 +169,7 @@ def test_model_pt_runs_on_cuda(three_run):
     np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_export_command_rewrites_the_model_to_another_path(three_run, tmp_path):
     result = run_cli("export", three_run, "--out", tmp_path / "shipped.pt")
     assert result.code == 0, result.err
@@ -214,6 +218,7 @@ def test_real_photos_model_pt_on_raw_val_files(hymenoptera_lite0, tmp_path):
     assert accuracy >= 0.92, accuracy
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
 def test_cpp_example_loads_model_pt_with_libtorch_alone(three_run, tmp_path):
     """examples/cpp/classify.cpp, built against the libtorch inside the torch wheel, names the same class
@@ -237,6 +242,7 @@ def test_cpp_example_loads_model_pt_with_libtorch_alone(three_run, tmp_path):
     assert float(probability) == pytest.approx(float(p.max()), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_export_takes_a_moved_weights_file_with_weights_and_refuses_another(tmp_path):
     """The backbone is rebuilt from the weights file recorded at extraction: moved, export says how to
     go on; --weights NEWPATH must be the same file (sha256); the recorded preprocessing is shipped."""
@@ -327,6 +333,7 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(binary_run, tm
     assert not (run / "model.pt").exists() and not (run / "head.pt").exists() and not list(run.glob("*.writing-*"))
 
 
+@pytest.mark.slow
 def test_photos_edited_after_extraction_are_named_and_can_be_skipped(tmp_path):
     from tests.conftest import fitted_run
 

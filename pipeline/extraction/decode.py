@@ -293,18 +293,22 @@ class BatchStream:
     def _produce(self) -> None:
         try:
             for batch in self._source:
-                item = (batch, None)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._offer((batch, None)):
                     return
-            self._queue.put((None, None))
+            self._offer((None, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            self._queue.put((None, e))
+            self._offer((None, e))
+
+    def _offer(self, item) -> bool:
+        """Put `item` in the queue unless the consumer stopped (it then never takes more, and a
+        blocking put on a full queue would keep this thread forever); False when it stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self):
         return self
