@@ -1,6 +1,6 @@
 """How fast is the exact (Pillow-equal) resize + centre crop in torch, against Pillow's own C?
 
-    python benchmarks/resize_speed.py [--repeat 5] [--baseline 454b516]
+    python benchmarks/resize_speed.py [--repeat 5] [--baseline 454b516] [--memory]
 
 For a few real sizes (375x500, 1944x2592, 1x3000) and the real photos in ../shared/data/hymenoptera
 (every 10th, summed; skipped when absent) times, with the EfficientNet-Lite0-like preprocessing (short
@@ -9,6 +9,9 @@ side to 256 bicubic, centre crop 224): Pillow's resize + crop (what extraction r
 both read from the --baseline commit, and the new `resize_crop`: eager, TorchScript-scripted, in a
 torch.export program (as model.pt2 runs it) and in ONNX under onnxruntime (as model.onnx). Each figure
 is the best of --repeat runs after one warm-up; every result is checked equal to Pillow's.
+
+--memory instead measures how much the resize of one image adds to the peak resident memory, each
+method and size in a fresh process whose address space is capped (MEMORY_CAP beyond what it holds).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ RESIZE, CROP = 256, 224
 RULE = pillow_pass_order() == VERTICAL_FIRST_IF_TALLER_CUT
 PHOTOS = os.path.join(os.path.dirname(ROOT), "shared", "data", "hymenoptera")
 DENSE_LIMIT = 2 * 2**30  # the old pil_resize's dense (out x in) float64 matrix: skipped above this
+MEMORY_CAP = 4 * 2**30
 
 
 def baseline_module(commit: str) -> types.ModuleType:
@@ -51,10 +55,8 @@ class ResizeCrop(torch.nn.Module):
         return resize_crop(images, RESIZE, CROP, True, RULE)
 
 
-def exported_and_onnx():
-    """The new resize in one torch.export program with symbolic N, H, W, and that program in onnxruntime."""
-    import onnxruntime as ort
-
+def export_both():
+    """The new resize in one torch.export program with symbolic N, H, W, and that program as ONNX (proto)."""
     Dim = torch.export.Dim
     shapes = ({0: Dim("n", min=1), 2: Dim("h", min=1, max=65535), 3: Dim("w", min=1, max=65535)},)
     with warnings.catch_warnings():
@@ -65,9 +67,16 @@ def exported_and_onnx():
         exported = time.perf_counter()
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=18, verbose=False)
     print(f"torch.export: {exported - started:.1f} s; ONNX conversion: {time.perf_counter() - exported:.1f} s")
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return program, onnx_program.model_proto
+
+
+def onnx_runner(model):
+    """model: an ONNX file's path or bytes -> a function running it in onnxruntime (CPU) on a uint8 tensor."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return program.module(), lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
 def methods(old, scripted, program, onnx):
@@ -122,20 +131,76 @@ def _dense_bytes(x: torch.Tensor) -> int:
     return max(nh * h, nw * w) * 8
 
 
+def _status(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def probe(method: str, height: int, width: int, baseline: str, onnx_path: str) -> None:
+    """In a fresh process: the peak resident memory one resize adds (input and warm-up excluded)."""
+    import resource
+
+    if method == "onnx":
+        fn = onnx_runner(onnx_path)
+    else:
+        old = baseline_module(baseline) if method.startswith("old") else None
+        fn = {"old pil_resize": lambda x: methods(old, None, None, None)["old pil_resize + crop (model.pt)"](x),
+              "old exportable": lambda x: old.resize_crop_exportable(x, RESIZE, CROP, True, RULE),
+              "new": lambda x: resize_crop(x, RESIZE, CROP, True, RULE)}[method]
+    fn(torch.zeros(1, 3, 30, 40, dtype=torch.uint8))  # threads, their arenas
+    x = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current resident size
+    before = _status("VmRSS")
+    limit = _status("VmSize") + MEMORY_CAP
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        fn(x)
+    except (MemoryError, RuntimeError) as e:
+        print(f"over the {MEMORY_CAP / 2**30:.0f} GB cap ({type(e).__name__})")
+        return
+    print(f"+{(_status('VmHWM') - before) / 2**20:.0f} MB")
+
+
+def memory(baseline: str) -> None:
+    import tempfile
+
+    _, proto = export_both()
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = os.path.join(folder, "resize.onnx")
+        with open(onnx_path, "wb") as f:
+            f.write(proto.SerializeToString())
+        for h, w in [(1, 4000), (1944, 2592), (4000, 6000)]:
+            print(f"{h}x{w} ({3 * h * w / 2**20:.0f} MB input): peak resident memory added by one resize", flush=True)
+            for method, name in [("old pil_resize", "old pil_resize + crop"),
+                                 ("old exportable", "old resize_crop_exportable, eager"),
+                                 ("new", "new resize_crop, eager"), ("onnx", "new resize_crop, onnxruntime")]:
+                done = subprocess.run([sys.executable, __file__, "--probe", method, str(h), str(w), "--baseline",
+                                       baseline, "--onnx", onnx_path], capture_output=True, text=True, cwd=ROOT)
+                result = done.stdout.strip() or f"failed: {done.stderr.strip().splitlines()[-1:]}"
+                print(f"    {name:40s} {result}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--baseline", default="454b516", help="the commit holding the old resize (default: the "
                                                               "last one before the banded resize)")
+    parser.add_argument("--memory", action="store_true", help="measure memory instead of time")
+    parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        return probe(args.probe[0], int(args.probe[1]), int(args.probe[2]), args.baseline, args.onnx)
+    if args.memory:
+        return memory(args.baseline)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Pillow {Image.__version__}; "
           f"resize {RESIZE} bicubic, crop {CROP}; pass order {pillow_pass_order()}; load average "
           f"{os.getloadavg()[0]:.2f} (other processes on these cores slow torch's many small parallel ops)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(resize_crop)
-    program, onnx = exported_and_onnx()
-    table = methods(baseline_module(args.baseline), scripted, program, onnx)
+    program, proto = export_both()
+    table = methods(baseline_module(args.baseline), scripted, program.module(), onnx_runner(proto.SerializeToString()))
     rng = np.random.default_rng(0)
     for h, w in [(375, 500), (1944, 2592), (1, 3000)]:
         bench(f"{h}x{w} random pixels", [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)], table, args.repeat)
