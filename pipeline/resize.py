@@ -7,8 +7,8 @@ from Pillow by 1-2 grey levels, which moved probabilities by up to 3e-2 with a r
 backbone (measured); no library ships an exact torch port, so this is one: the same filter
 weights, the same 22-bit fixed point rounding and the same order of the two passes as Pillow's
 libImaging/Resample.c. Each pass resamples only the lines the centre crop keeps (every output line
-depends on its own weights alone, so this is exact), 32 outputs at a time by one matmul over
-the window of input they read: memory O(input + output x window), never an (in x out) matrix.
+depends on its own weights alone, so this is exact), a group of outputs at a time by one matmul
+over the window of input they read: memory O(input + output x window), never an (in x out) matrix.
 The integer sums are done in float64: exact (they stay below 2**31, as in Pillow's int32), and
 unlike int32 matmul it exists on CUDA and is the faster one in onnxruntime (int32 was ~20% faster
 in eager torch on this 2-core CPU, 35-50% slower in onnxruntime; measured on 375x500 to 6000x4000).
@@ -153,12 +153,27 @@ def _two_passes(x: torch.Tensor, h_start: torch.Tensor, h_weights: torch.Tensor,
     if first_vertical:
         lo = h_start[0]
         y = _window(x, -1, lo + torch.arange(h_span), by_index)
-        y = _resample(y, -2, v_start, v_weights, out_h, torch.zeros_like(lo), by_index)
+        y = _first_pass(y, -2, v_start, v_weights, out_h, by_index)
         return _resample(y, -1, h_start, h_weights, out_w, lo, by_index)
     lo = v_start[0]
     y = _window(x, -2, lo + torch.arange(v_span), by_index)
-    y = _resample(y, -1, h_start, h_weights, out_w, torch.zeros_like(lo), by_index)
+    y = _first_pass(y, -1, h_start, h_weights, out_w, by_index)
     return _resample(y, -2, v_start, v_weights, out_h, lo, by_index)
+
+
+def _first_pass(x: torch.Tensor, dim: int, start: torch.Tensor, weights: torch.Tensor, count: int,
+                by_index: bool) -> torch.Tensor:
+    """_resample of the whole image along dim; eagerly 512 lines across at a time (lines are independent),
+    which keeps each window in the CPU's caches: 2-4x faster on 12-24 MP photos (measured)."""
+    zero = torch.zeros_like(start[0])
+    if by_index:
+        return _resample(x, dim, start, weights, count, zero, by_index)
+    across = -1 if dim == -2 else -2
+    parts: List[torch.Tensor] = []
+    for i in range(0, x.shape[across], 512):
+        part = x.narrow(across, i, min(512, x.shape[across] - i))
+        parts.append(_resample(part, dim, start, weights, count, zero, by_index))
+    return torch.cat(parts, across)
 
 
 def _resize_crop(x: torch.Tensor, nh: int, nw: int, top: int, left: int, out_h: int, out_w: int, bicubic: bool,
@@ -166,25 +181,33 @@ def _resize_crop(x: torch.Tensor, nh: int, nw: int, top: int, left: int, out_h: 
     """(..., H, W) uint8 -> (..., out_h, out_w) uint8: rows top.. and columns left.. of Pillow's resize
     to (nh, nw), in Pillow's pass order (vertical_first_rule: Pillow 13's; False: always horizontal first)."""
     h, w = x.shape[-2], x.shape[-1]
-    # 32 outputs per matmul: more waste multiplications on zeros, fewer make smaller matmuls (measured).
-    h_start, h_weights = _weights(w, nw, left, out_w, bicubic, 32)
-    v_start, v_weights = _weights(h, nh, top, out_h, bicubic, 32)
+    by_index = False
+    if not torch.jit.is_scripting():
+        by_index = _exporting(h, w)
+    # Outputs per matmul (measured): eagerly 16, with 512-line chunks, keeps the windows in cache;
+    # in an exported graph 32 makes fewer nodes (a faster export) and is faster in onnxruntime.
+    group = 32 if by_index else 16
+    h_start, h_weights = _weights(w, nw, left, out_w, bicubic, group)
+    v_start, v_weights = _weights(h, nh, top, out_h, bicubic, group)
     h_span, v_span = _span(out_w, w, nw, bicubic), _span(out_h, h, nh, bicubic)
     if torch.jit.is_scripting():
         first_vertical = vertical_first_rule and vertical_first(h, w, nh, nw)
         return _two_passes(x, h_start, h_weights, v_start, v_weights, h_span, v_span, out_h, out_w, first_vertical,
                            False)
     return _eager_or_exported(x, (h_start, h_weights, v_start, v_weights), h_span, v_span, out_h, out_w,
-                              vertical_first_rule, (h, w, nh, nw))
+                              vertical_first_rule, (h, w, nh, nw), by_index)
 
 
-def _eager_or_exported(x, weights, h_span, v_span, out_h, out_w, vertical_first_rule, sizes):
-    """_two_passes eagerly or under torch.export. Where the sizes are symbolic, the windows are gathered
-    by index and the pass order is chosen in the graph by torch.cond. (A function of its own because
-    TorchScript compiles neither torch.cond nor closures, even in a branch it never takes.)"""
-    known = all(isinstance(v, int) for v in sizes)
-    by_index = not known or torch.compiler.is_compiling()
-    if known or not vertical_first_rule:
+def _exporting(h, w) -> bool:
+    """Whether the sizes are symbolic or torch.export traces: then windows are gathered by index."""
+    return not (isinstance(h, int) and isinstance(w, int)) or torch.compiler.is_compiling()
+
+
+def _eager_or_exported(x, weights, h_span, v_span, out_h, out_w, vertical_first_rule, sizes, by_index):
+    """_two_passes eagerly or under torch.export, where symbolic sizes make torch.cond choose the pass
+    order in the graph. (A function of its own because TorchScript compiles neither torch.cond nor
+    closures, even in a branch it never takes.)"""
+    if all(isinstance(v, int) for v in sizes) or not vertical_first_rule:
         first_vertical = vertical_first_rule and vertical_first(*sizes)
         return _two_passes(x, *weights, h_span, v_span, out_h, out_w, first_vertical, by_index)
 
