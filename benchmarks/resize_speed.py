@@ -141,6 +141,8 @@ def probe(method: str, height: int, width: int, baseline: str, onnx_path: str) -
 
     if method == "onnx":
         fn = onnx_runner(onnx_path)
+    elif method == "pt2":
+        fn = torch.export.load(onnx_path[:-len(".onnx")] + ".pt2").module()
     else:
         old = baseline_module(baseline) if method.startswith("old") else None
         fn = {"old pil_resize": lambda x: methods(old, None, None, None)["old pil_resize + crop (model.pt)"](x),
@@ -164,16 +166,18 @@ def probe(method: str, height: int, width: int, baseline: str, onnx_path: str) -
 def memory(baseline: str) -> None:
     import tempfile
 
-    _, proto = export_both()
+    program, proto = export_both()
     with tempfile.TemporaryDirectory() as folder:
         onnx_path = os.path.join(folder, "resize.onnx")
         with open(onnx_path, "wb") as f:
             f.write(proto.SerializeToString())
+        torch.export.save(program, os.path.join(folder, "resize.pt2"))
         for h, w in [(1, 4000), (1944, 2592), (4000, 6000)]:
             print(f"{h}x{w} ({3 * h * w / 2**20:.0f} MB input): peak resident memory added by one resize", flush=True)
             for method, name in [("old pil_resize", "old pil_resize + crop"),
                                  ("old exportable", "old resize_crop_exportable, eager"),
-                                 ("new", "new resize_crop, eager"), ("onnx", "new resize_crop, onnxruntime")]:
+                                 ("new", "new resize_crop, eager"), ("pt2", "new resize_crop, torch.export program"),
+                                 ("onnx", "new resize_crop, onnxruntime")]:
                 done = subprocess.run([sys.executable, __file__, "--probe", method, str(h), str(w), "--baseline",
                                        baseline, "--onnx", onnx_path], capture_output=True, text=True, cwd=ROOT)
                 result = done.stdout.strip() or f"failed: {done.stderr.strip().splitlines()[-1:]}"
