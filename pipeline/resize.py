@@ -9,9 +9,9 @@ weights, the same 22-bit fixed point rounding and the same order of the two pass
 libImaging/Resample.c. Each pass resamples only the lines the centre crop keeps (every output line
 depends on its own weights alone, so this is exact), a group of outputs at a time by one matmul
 over the window of input they read: memory O(input + output x window), never an (in x out) matrix.
-The integer sums are done in float64: exact (they stay below 2**31, as in Pillow's int32), and
-unlike int32 matmul it exists on CUDA and is the faster one in onnxruntime (int32 was ~20% faster
-in eager torch on this 2-core CPU, 35-50% slower in onnxruntime; measured on 375x500 to 6000x4000).
+The integer sums are done in float64: exact (they stay below 2**31, as in Pillow's int32). int32
+matmuls (measured, 375x500 to 6000x4000) were no faster in eager torch on the CPU (within +-15%),
+35-50% slower in onnxruntime, and torch has no int32 matmul on CUDA.
 
 torchvision's Resize on a PIL image calls Image.resize with reducing_gap None, so Pillow's
 `reduce()` is not part of the path reproduced here and there is deliberately no reduce step.
@@ -110,8 +110,8 @@ def _weights(in_size: int, out_size: int, first: int, count: int, bicubic: bool,
 
 
 def _clip8(s: torch.Tensor) -> torch.Tensor:
-    """Resample.c's clip8 of float64 sums that started at 0 (overwriting them): (s + 2**21) >> 22,
-    clamped to 0..255, as uint8. Exact: s is an integer and the scaling a power of two."""
+    """Resample.c's clip8 of float64 sums (overwriting them; Pillow starts its sums at 1 << 21 instead):
+    (s + 2**21) >> 22 clamped to 0..255, as uint8. Exact: s is an integer and the scaling a power of 2."""
     return s.add_(2097152.0).mul_(1.0 / 4194304.0).floor_().clamp_(0.0, 255.0).to(torch.uint8)
 
 
@@ -221,7 +221,8 @@ def resize_crop(images: torch.Tensor, resize: int, crop: int, bicubic: bool, ver
                 squash: bool = False) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, crop, crop) uint8, equal to torchvision's Resize(resize) (both sides
     to resize when squash) on a PIL image, bilinear or bicubic, then CenterCrop(crop). Works eagerly
-    on any device, in TorchScript, and under torch.export with symbolic N, H and W (then ONNX)."""
+    on any device (the GPU decode path: stack same-size images), in TorchScript, and under
+    torch.export with symbolic N, H and W (then ONNX). Any leading dimensions, any strides."""
     nh, nw, top, left = crop_box(images.shape[-2], images.shape[-1], resize, crop, squash)
     return _resize_crop(images, nh, nw, top, left, crop, crop, bicubic, vertical_first_rule)
 
@@ -239,7 +240,8 @@ def resize_crop_exportable(images: torch.Tensor, resize: int, crop: int, bicubic
 
 
 def coefficients(in_size: int, out_size: int, bicubic: bool) -> torch.Tensor:
-    """(out_size, in_size) float64: Pillow's fixed-point weights as a dense matrix (decoding.py)."""
+    """(out_size, in_size) float64: Pillow's fixed-point weights as a dense matrix (decoding.py's GPU
+    path uses it until it calls resize_crop; then it can go)."""
     start, weights = _weights(in_size, out_size, 0, out_size, bicubic, 1)
     columns = (start.view(-1, 1) + torch.arange(weights.shape[-1])).clamp(max=in_size)
     dense = torch.zeros(out_size, in_size + 1, dtype=torch.float64)
