@@ -5,7 +5,7 @@
 Exports a module that resizes the short side to 256 (bicubic) and centre-crops 224 - what
 EfficientNet-Lite0's model does before the network - with the legacy exporter (dynamo=False) and the
 torch.export-based one (dynamo=True), at a fixed and at a dynamic input size, first with model.pt's
-`pil_resize` and then with `resize_crop_exportable`; runs what exports under onnxruntime (CPU) and
+`pil_resize` and then with `resize_crop`; runs what exports under onnxruntime (CPU) and
 compares its crops with Pillow's, bit for bit, at sizes from 1x1 to 2592x1944. Prints one line per try.
 """
 
@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.backbones import Preprocessing  # noqa: E402
-from pipeline.resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize, pillow_pass_order, resize_crop_exportable  # noqa: E402
+from pipeline.resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize, pillow_pass_order, resize_crop  # noqa: E402
 
 RESIZE, CROP = 256, 224
 RULE = pillow_pass_order() == VERTICAL_FIRST_IF_TALLER_CUT
@@ -45,7 +45,7 @@ class PilResizeCrop(torch.nn.Module):
 
 class ExportableResizeCrop(torch.nn.Module):
     def forward(self, x):
-        return resize_crop_exportable(x, RESIZE, CROP, True, RULE)
+        return resize_crop(x, RESIZE, CROP, True, RULE)
 
 
 def pillow_crop(pixels: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 HORIZONTAL_FIRST = "horizontal-first"
 VERTICAL_FIRST_IF_TALLER_CUT = "vertical-first-if-height-cut-exceeds-twice-width-cut"
@@ -233,27 +234,9 @@ def pil_resize(images: torch.Tensor, height: int, width: int, bicubic: bool,
     return _resize_crop(images, height, width, 0, 0, height, width, bicubic, vertical_first_rule)
 
 
-def resize_crop_exportable(images: torch.Tensor, resize: int, crop: int, bicubic: bool,
-                           vertical_first_rule: bool = True) -> torch.Tensor:
-    """The former name of `resize_crop` (shorter mode), kept while callers move over."""
-    return resize_crop(images, resize, crop, bicubic, vertical_first_rule)
-
-
-def coefficients(in_size: int, out_size: int, bicubic: bool) -> torch.Tensor:
-    """(out_size, in_size) float64: Pillow's fixed-point weights as a dense matrix (decoding.py's GPU
-    path uses it until it calls resize_crop; then it can go)."""
-    start, weights = _weights(in_size, out_size, 0, out_size, bicubic, 1)
-    columns = (start.view(-1, 1) + torch.arange(weights.shape[-1])).clamp(max=in_size)
-    dense = torch.zeros(out_size, in_size + 1, dtype=torch.float64)
-    dense.scatter_add_(1, columns, weights[:, 0])
-    return dense[:, :in_size]
-
-
 @functools.lru_cache(maxsize=1)
 def pillow_pass_order() -> str:
     """Which pass order the installed Pillow uses, found by resizing one small probe image."""
-    from PIL import Image
-
     pixels = np.random.default_rng(0).integers(0, 256, size=(64, 16), dtype=np.uint8)
     shown = np.asarray(Image.fromarray(pixels).resize((12, 20), Image.BILINEAR))
     probe = torch.from_numpy(pixels.copy())

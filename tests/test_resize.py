@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.backbones import Preprocessing
 from pipeline.resize import (HORIZONTAL_FIRST, VERTICAL_FIRST_IF_TALLER_CUT, crop_box, pil_resize, pillow_pass_order,
-                             resize_crop, resize_crop_exportable, vertical_first)
+                             resize_crop, vertical_first)
 from tests.conftest import HYMENOPTERA, ROOT
 
 RULE = pillow_pass_order() == VERTICAL_FIRST_IF_TALLER_CUT  # whatever this Pillow does
@@ -86,7 +86,6 @@ def test_resize_crop_at_other_sizes_and_the_old_name():
             pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
             expected = pillow_crop(pixels, resize, crop, "bicubic")
             assert torch.equal(resize_crop(batch(pixels), resize, crop, True, RULE)[0], expected), (resize, crop)
-            assert torch.equal(resize_crop_exportable(batch(pixels), resize, crop, True, RULE)[0], expected)
 
 
 def test_crop_box_is_torchvisions_rule():

@@ -4,7 +4,7 @@
   (`Preprocessing.pil_transform`), in DataLoader workers or inline.
 - `torch`: JPEG files are read as bytes, decoded in batches by `torchvision.io.decode_jpeg` on the
   extraction device (nvJPEG on a GPU, libjpeg-turbo on the CPU), then resized and cropped there with
-  Pillow's own filter weights (`resize.coefficients`: the same numbers as Pillow, bit for bit).
+  Pillow's own filter weights and rounding (`resize.resize_crop`: the same bits as Pillow).
   Anything else - other formats, CMYK, files Pillow would call truncated or too large, and
   whatever `decode_jpeg` rejects - takes the Pillow path, one image at a time.
 
@@ -14,7 +14,6 @@ the same libjpeg-turbo (they do here: benchmarks/extract_throughput.py checks it
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
@@ -31,7 +30,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..devices import Choice
 from ..images import HASH_NAME, MAX_PIXELS, DecodeError, content_hash, decode_image, short_reason
-from ..resize import VERTICAL_FIRST_IF_TALLER_CUT, coefficients
+from .. import resize
+from ..resize import VERTICAL_FIRST_IF_TALLER_CUT
 
 DECODE_CHOICES = ("auto", "pil", "torch")
 ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
@@ -218,61 +218,23 @@ def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
     return x.flip(flips) if flips else x
 
 
-def crop_box(height: int, width: int, resize: int, crop: int) -> tuple[int, int, int, int]:
-    """torchvision's Resize(resize) then CenterCrop(crop) on an image of this size: the resized
-    (height, width) and the crop's (top, left)."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(resize * long / short)
-    nh, nw = (new_long, resize) if width <= height else (resize, new_long)
-    return nh, nw, int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-
-
-@functools.lru_cache(maxsize=64)
-def _weights(in_size: int, out_size: int, first: int, count: int, bicubic: bool, device: str) -> torch.Tensor:
-    """(count, in_size) float64: Pillow's fixed-point weights of outputs first..first+count-1."""
-    return coefficients(in_size, out_size, bicubic)[first:first + count].to(device)
-
-
-def _clip8(s: torch.Tensor) -> torch.Tensor:
-    return torch.floor((s + 2097152.0) / 4194304.0).clamp_(0.0, 255.0)  # Pillow's rounding and clip
-
-
 def resize_crop(images: list[torch.Tensor], prep) -> list[torch.Tensor]:
     """(3, H, W) uint8 images (any sizes, one device) -> (3, S, S) uint8 crops equal to
-    `prep.pil_transform()` on the same pixels. Only the rows and columns the crop keeps are
-    resampled (each output line of a pass depends on its own weights alone, so this is exact);
-    sums of integers in float64 are exact. Images of one size are resized together."""
+    `prep.pil_transform()` on the same pixels (`resize.resize_crop`, bit for bit). Images of one
+    size are resized together, CHUNK at a time."""
     out: list[torch.Tensor | None] = [None] * len(images)
     groups: dict[tuple[int, int], list[int]] = {}
     for k, x in enumerate(images):
         groups.setdefault(tuple(x.shape[-2:]), []).append(k)
-    for (h, w), members in groups.items():
+    bicubic, rule = prep.interpolation == "bicubic", prep.pass_order == VERTICAL_FIRST_IF_TALLER_CUT
+    for members in groups.values():
         for start in range(0, len(members), CHUNK):
             part = members[start:start + CHUNK]
-            crops = _resize_crop_same_size(torch.stack([images[k] for k in part]), h, w, prep)
+            crops = resize.resize_crop(torch.stack([images[k] for k in part]), prep.resize, prep.crop, bicubic, rule,
+                                       prep.resize_mode == "squash")
             for k, crop in zip(part, crops):
                 out[k] = crop
     return out
-
-
-def _resize_crop_same_size(x: torch.Tensor, h: int, w: int, prep) -> torch.Tensor:
-    """(B, 3, h, w) uint8 -> (B, 3, S, S) uint8, in the pass order of pipeline/resize.py."""
-    nh, nw, top, left = crop_box(h, w, prep.resize, prep.crop)
-    bicubic, device, s = prep.interpolation == "bicubic", str(x.device), prep.crop
-
-    def horizontal(y):  # (..., rows, w) -> (..., rows, S)
-        return _clip8(y @ _weights(w, nw, left, s, bicubic, device).t()) if nw != w else y[..., left:left + s]
-
-    def vertical(y):  # (..., h, cols) -> (..., S, cols)
-        return _clip8(_weights(h, nh, top, s, bicubic, device) @ y) if nh != h else y[..., top:top + s, :]
-
-    y = x.double()
-    cut_h, cut_w = h - nh, w - nw
-    if prep.pass_order == VERTICAL_FIRST_IF_TALLER_CUT and cut_h > 0 and cut_h > 2 * cut_w:
-        y = horizontal(vertical(y))
-    else:
-        y = vertical(horizontal(y))
-    return y.to(torch.uint8)
 
 
 # --- batches for the extraction loop -----------------------------------------------------------------

@@ -9,8 +9,8 @@ softmax — and the same metadata (transfer.json: classes, backbone, weights, pr
                            runs under onnxruntime with no torch installed
 - pt2          model.pt2   a torch.export ExportedProgram (`torch.export.load`); metadata in its extra file
 
-model.onnx and model.pt2 resize with `resize.resize_crop_exportable` (the same bits as model.pt's
-`pil_resize`, written so that torch.export can trace it with symbolic N, H and W).
+All three resize with `resize.resize_crop` (Pillow's bits; traceable by torch.export with symbolic
+N, H and W).
 
 `write` writes one format, `load` reads any of them into a `Runner`, and `head_probabilities` runs
 just the head (Linear + softmax) in a format's own runtime, for the parity check on cached features.
@@ -33,7 +33,7 @@ from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from ..errors import InputFileError, SettingError, TransferError
-from ..resize import resize_crop_exportable
+from ..resize import resize_crop
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # format -> file suffix
 MODEL_FORMAT = "transfer.model"  # transfer.json's "format": a model file written by `transfer export`
@@ -79,7 +79,7 @@ class ExportableModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
-        crops = resize_crop_exportable(images, m.resize_to, m.crop, m.mode == "bicubic", m.vertical_first_rule)
+        crops = resize_crop(images, m.resize_to, m.crop, m.mode == "bicubic", m.vertical_first_rule, m.squash)
         return m.classify(crops)
 
 

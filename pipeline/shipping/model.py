@@ -16,7 +16,7 @@ from .. import head as head_mod
 from ..backbones import Backbone, Preprocessing, load_arguments, load_backbone, recorded_preprocessing
 from ..backbones.weights import looks_like_path
 from ..errors import InputFileError, TransferError
-from ..resize import VERTICAL_FIRST_IF_TALLER_CUT, pil_resize
+from ..resize import VERTICAL_FIRST_IF_TALLER_CUT, resize_crop
 from .formats import MODEL_FORMAT
 
 
@@ -54,18 +54,7 @@ class TransferModel(nn.Module):
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, 3, S, S) uint8: short side to `resize_to` (Pillow's resize,
         bit for bit), then the centre crop, with torchvision's size and offset rules."""
-        h, w = x.shape[-2], x.shape[-1]
-        if self.squash:  # timm's crop_mode "squash": both sides to resize_to
-            nh, nw = self.resize_to, self.resize_to
-        elif h <= w:
-            nh, nw = self.resize_to, int(self.resize_to * w / h)
-        else:
-            nh, nw = int(self.resize_to * h / w), self.resize_to
-        if nh != h or nw != w:
-            x = pil_resize(x, nh, nw, self.mode == "bicubic", self.vertical_first_rule)
-        top = int(round((nh - self.crop) / 2.0))
-        left = int(round((nw - self.crop) / 2.0))
-        return x[:, :, top:top + self.crop, left:left + self.crop]
+        return resize_crop(x, self.resize_to, self.crop, self.mode == "bicubic", self.vertical_first_rule, self.squash)
 
     @torch.jit.export
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
