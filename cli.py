@@ -89,8 +89,16 @@ def cli(debug: bool) -> None:
               help="Replace (some of) the backbone's preprocessing, e.g. resize=256,crop=224,interpolation=bilinear,"
                    "mean=0.485/0.456/0.406,std=0.229/0.224/0.225 (also resize_mode=shorter|squash) "
                    "[default: the weights' own; for a file, the published checkpoint it matches].")
+@click.option("--webdataset", "shards", multiple=True, metavar="[SPLIT=]SHARDS",
+              help="WebDataset tar shards instead of IMAGE_DIR, e.g. 'shards/{000000..000099}.tar' (brace ranges and "
+                   "{a,b}; repeatable; SPLIT= (train, val, test) gives the split of a shard list). Read without "
+                   "unpacking; resumable; under torchrun each rank reads whole shards.")
+@click.option("--label-key", default="cls", show_default=True, metavar="EXT|json:FIELD",
+              help="With --webdataset: a sample's label is the text of its member KEY.EXT, or FIELD of KEY.json.")
+@click.option("--split-key", default=None, metavar="EXT|json:FIELD",
+              help="With --webdataset: a sample's split (train, val or test), like --label-key.")
 def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, decode, workers,
-            overwrite, check_content, retry_failed, seed, preprocessing):
+            overwrite, check_content, retry_failed, seed, preprocessing, shards, label_key, split_key):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -102,8 +110,24 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
         image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta, batch_size=batch_size, device=device,
         precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
         manifest=manifest, check_content=check_content, retry_failed=retry_failed, preprocessing=preprocessing,
-        progress=True)
+        webdataset=list(shards) or None, label_key=label_key, split_key=split_key, progress=True)
     _echo_all(summary.lines())
+
+
+@cli.command()
+@click.argument("parts", metavar="PART.h5...", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="The merged cache to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
+def merge(parts, out, overwrite):
+    """Join caches of one extraction (parts written by engine workers, or caches of subsets) into one.
+
+    The rows come out in the order `transfer extract` writes them, as if one extraction had run;
+    parts extracted differently (backbone, weights, preprocessing, precision, ...), of another
+    image folder, or holding the same file are refused.
+    """
+    merged = pipeline.merge_caches(list(parts), out, overwrite=overwrite, progress=True)
+    _echo(f"merged {len(parts)} parts: {merged.n} images, {len(merged.failed)} failed, "
+          f"{len(merged.classes)} classes -> {merged.path}")
 
 
 class _CValue(click.ParamType):
@@ -149,7 +173,7 @@ def _fit_options(f):
 
 
 @cli.command()
-@click.argument("cache_file", metavar="CACHE.h5", type=click.Path(path_type=str))
+@click.argument("cache_files", metavar="CACHE.h5...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "run_dir", type=click.Path(path_type=str), default=None,
               help="Run folder to write [default: reports/<cache name>-<timestamp>].")
 @click.option("--C", "C", type=_CValue(), default="auto", show_default=True,
@@ -162,14 +186,16 @@ def _fit_options(f):
 @click.option("--skip-image-parity", is_flag=True,
               help="Skip the export's check of the model on original images (for photos edited since extraction); "
                    "the checks on cached features still run.")
-def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
+def fit(cache_files, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
         solver, device, export, formats, skip_image_parity):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
     the model is refit on train+val and scored on test when there is one. Under torchrun
     (--solver streamed or auto) the ranks share the rows and rank 0 writes the run folder.
+    Several caches of one extraction (parts, e.g. part-*.h5) are read as one, without merging.
     """
+    cache_file = cache_files[0] if len(cache_files) == 1 else list(cache_files)
     result = pipeline.fit(cache_file, run_dir or "auto", command=_command_line(), progress=True, C=C,
                           class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize, pca=pca,
                           train_fraction=train_fraction, repeat=repeat, C_selection=C_selection, solver=solver,

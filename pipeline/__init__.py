@@ -20,6 +20,7 @@ _WHERE = {
     "extract": "extraction", "ExtractSummary": "extraction", "ExtractState": "extraction",
     "ExtractPlan": "extraction",
     "read_cache": "cache", "write_cache": "cache", "Cache": "cache",
+    "Embedder": "extraction.embedder", "merge_caches": "cache", "PartsCache": "cache",
     "fit": "runs", "FitResult": "fitting.probe", "FitSettings": "fitting.settings",
     "LinearHead": "head",
     "export": "shipping.export", "ExportResult": "shipping.export",

@@ -26,7 +26,7 @@ from ..errors import IncompatibleCachesError, InputFileError, SettingError, Tran
 from ..files import display_path, make_folder_for, remove_quietly, remove_stale_temporaries, temporary_name
 from ..progress import resolve
 from .format import (BYTES, COPY_ROWS, FORMAT, FORMAT_VERSION, STR, ListingDigest, describe_difference, identity,
-                     objects, os_reason, quiet_h5py_teardown, read_attrs, write_attrs)
+                     objects, os_reason, quiet_h5py_teardown, write_attrs)
 from .reader import SPLIT_NAMES, Cache, read_cache
 
 PER_FILE = ("sizes", "mtime_ns", "content_hash")  # kept when every part records them

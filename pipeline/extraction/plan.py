@@ -27,7 +27,7 @@ from ..files import display_path, make_folder_for
 from ..images import ImageListing, content_hashes, scan_image_folder
 from ..settings import SEED, Interval, Options, validate_all
 from . import decode as decoding
-from . import distributed
+from . import distributed, webdataset
 from .manifest import read_manifest
 from .update import plan_update
 
@@ -54,6 +54,9 @@ class ExtractRequest:
     check_content: bool = False  # an update compares files by content hash, not size and mtime
     retry_failed: bool = False  # images that failed in the cache go through the network again
     preprocessing: str | dict | None = None  # replaces (some of) the backbone's: "resize=256,crop=224,..."
+    webdataset: str | list[str] | None = None  # tar shards ("shards/{000..099}.tar", [SPLIT=]...) instead of image_dir
+    label_key: str = "cls"  # a sample's label in its shard: member KEY.<ext>, or json:FIELD of KEY.json
+    split_key: str | None = None  # a sample's split, likewise (or SPLIT= before a shard list)
 
     CONSTRAINTS = {
         "batch_size": [None, Interval(Integral, 1, None)],
@@ -67,9 +70,20 @@ class ExtractRequest:
     def check(self) -> None:
         """Every option, before anything is read or built."""
         validate_all(vars(self), self.CONSTRAINTS)
-        if (self.image_dir is None) == (self.manifest is None):
-            raise SettingError("give either an image folder (IMAGE_DIR) or a manifest (--manifest FILE.csv|.jsonl)"
-                               + (", not both" if self.manifest is not None else ""))
+        given = [x is not None for x in (self.image_dir, self.manifest, self.webdataset)]
+        if sum(given) != 1:
+            raise SettingError("give either an image folder (IMAGE_DIR), a manifest (--manifest FILE.csv|.jsonl) "
+                               "or tar shards (--webdataset 'shards/{000..099}.tar')"
+                               + (", not several" if sum(given) > 1 else ""))
+        if self.webdataset is not None:
+            webdataset.check_key("--label-key", self.label_key)
+            webdataset.check_key("--split-key", self.split_key)
+            if self.check_content:
+                raise SettingError("--check-content reads image files; with --webdataset a member's size and "
+                                   "mtime in its tar header tell a changed image")
+            if self.decode == "torch":
+                raise SettingError("--decode torch reads JPEG files; tar members are decoded by Pillow "
+                                   "(--decode pil or auto)")
         check_backbone_name(self.backbone)
         if self.preprocessing is not None:
             preprocessing_values(self.preprocessing)
@@ -143,7 +157,10 @@ def make_plan(req: ExtractRequest, place: Place) -> ExtractPlan:
     device = devices.resolve_device(req.device, place)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # streams, events and pinned copies all on this GPU
-    listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
+    if req.webdataset is not None:
+        listing = webdataset.read_shards(req.webdataset, req.label_key, req.split_key)
+    else:
+        listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
     target = distributed.shard_path(req.out, place)
     cache.remove_stale_temporaries(target, "creating")
     backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta,
@@ -152,9 +169,12 @@ def make_plan(req: ExtractRequest, place: Place) -> ExtractPlan:
     earlier = _earlier_run(req, target, meta)
     precision = _agreed(place, devices.resolve_precision(req.precision, device, earlier.get("precision")))
     decode = decoding.resolve_decode(req.decode, device, earlier.get("decode"))
+    if req.webdataset is not None:
+        decode = devices.Choice("pil", "tar members are decoded by Pillow")
     meta.update(precision=precision.value, precision_choice=precision.why, decode=decode.value)
     workers = req.workers if req.workers is not None else _default_workers(device, place.local_world_size)
-    positions = distributed.my_positions(len(listing), place)
+    positions = (webdataset.my_positions(listing, place) if isinstance(listing, webdataset.ShardListing)
+                 else distributed.my_positions(len(listing), place))
     embedder = Embedder(backbone, device, precision.value)
     plan = ExtractPlan(req, place, listing, backbone, embedder, precision, decode, None, workers, meta, target,
                        positions, notes=list(listing.notes))
@@ -211,6 +231,8 @@ def _metadata(req: ExtractRequest, backbone: Backbone, listing: ImageListing) ->
     if listing.manifest is not None:
         meta["manifest"] = os.path.abspath(listing.manifest)
         meta["extra_columns"] = list(listing.extras)
+    if isinstance(listing, webdataset.ShardListing):
+        meta.update(webdataset.describe(listing, req.label_key, req.split_key))
     if "timm" in backbone.versions:
         meta["timm_version"] = backbone.versions["timm"]
     return meta

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -22,7 +23,7 @@ from ..errors import Interrupted, SettingError, TransferError
 from ..files import display_path, size_text
 from ..progress import resolve
 from . import decode as decoding
-from . import distributed
+from . import distributed, webdataset
 from .plan import ExtractPlan, ExtractRequest, make_plan
 
 
@@ -156,9 +157,12 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             reporter = distributed.progress_reporter(place, req.out, progress, plan.total)
             reporter.start(plan.already)
             loop_started = time.perf_counter()
+            shards = None
+            if isinstance(plan.listing, webdataset.ShardListing):  # tar members, read shard by shard
+                shards = functools.partial(webdataset.batches, plan.listing, plan.positions)
             processed, summary.input_seconds = _extract_rows(
                 plan.partial, plan.embedder, plan.listing.root, [plan.listing.paths[p] for p in plan.positions],
-                plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter)
+                plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter, shards)
             left = plan.partial.progress()
             if left.finished != left.total:
                 raise TransferError(f"{plan.target}: {left.total - left.finished} rows still pending after the run")
@@ -200,16 +204,20 @@ def committed_so_far(out: str) -> str:
 
 
 def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, paths: list[str], prep,
-                  batch_size: int, workers: int, decode: str, reporter) -> tuple[int, float]:
+                  batch_size: int, workers: int, decode: str, reporter, shards=None) -> tuple[int, float]:
     """Run every pending row of `shard` through the network; commit batch by batch. Returns the
-    rows done and the seconds spent waiting for decoded images."""
+    rows done and the seconds spent waiting for decoded images. shards: for tar members,
+    (rows, prep, batch_size, workers, device) -> batches (webdataset.batches)."""
     rows = shard.pending_rows().tolist()
     if not rows:
         return 0, 0.0
     cuda = embedder.device.type == "cuda"
     processed = 0
     in_flight = None  # GPU only: the previous batch, its features copied back while this one computes
-    batches = decoding.batches(root, paths, rows, prep, batch_size, workers, embedder.device, decode)
+    if shards is not None:
+        batches = shards(rows, prep, batch_size, workers, embedder.device)
+    else:
+        batches = decoding.batches(root, paths, rows, prep, batch_size, workers, embedder.device, decode)
     try:
         with shard:
             for batch in batches:

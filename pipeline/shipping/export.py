@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import head as head_mod
-from ..cache import Cache, read_cache
+from ..cache import Cache, open_caches
 from ..errors import SettingError, TransferError
 from ..files import display_path, make_folder_for, remove_quietly, size_text, write_atomically
 from ..fitting.probe import FitResult
@@ -76,7 +76,7 @@ def export(source, out: str | os.PathLike | None = None, formats="torchscript",
         run_dir = os.fspath(source)
         head = head_mod.load(run_dir)
         reference = head_mod.sklearn_from_arrays(head)
-        cache = read_cache(head.meta["provenance"]["cache"])
+        cache = open_caches(head.meta["provenance"]["cache"])  # a path, or the parts a fit read as one
     if cache.path is None:
         raise SettingError("export: this head was fitted on arrays in memory, with no backbone to ship; "
                            "`pipeline.shipping.model.linear_state(result.head)` is its torch.nn.Linear state_dict")
