@@ -74,7 +74,7 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
     s = m["scores"]
     top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
     lines = [
-        f"# Fit report: {os.path.basename(m['cache'] or 'arrays in memory')}",
+        f"# Fit report: {_cache_name(m['cache'])}",
         "",
         f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
         f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
@@ -120,3 +120,10 @@ def _failed_lines(failed: dict) -> list[str]:
 def _cell(text: str) -> str:
     """Any text as one markdown table cell: no line breaks, pipes escaped."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _cache_name(cache) -> str:
+    """The cache's file name; parts read as one (a list) are named by the first and their count."""
+    if isinstance(cache, list):
+        return f"{os.path.basename(cache[0])} and {len(cache) - 1} more parts"
+    return os.path.basename(cache or "arrays in memory")
