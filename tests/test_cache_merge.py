@@ -50,7 +50,8 @@ def test_parts_merge_into_the_cache_a_single_extraction_writes(tiny_lite0, tmp_p
     np.testing.assert_array_equal(merged.features(), single.features())
     assert merged.provenance["merged_from"] == ["part-000.h5", "part-001.h5", "part-002.h5"]
     # `extract` itself takes the merged cache for its own: nothing left to do.
-    again = pipeline.extract(root, tmp_path / "merged.h5", backbone=LITE[1], weights=LITE[3], batch_size=4)
+    again = pipeline.extract(root, tmp_path / "merged.h5", backbone=LITE[1], weights=LITE[3], batch_size=4,
+                             precision="fp32")
     assert again.state is pipeline.ExtractState.ALREADY_COMPLETE and again.done == single.n
     # Read in place, the parts are the same rows.
     view = PartsCache(parts)

@@ -23,7 +23,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def embedder() -> pipeline.Embedder:
-    return pipeline.Embedder("efficientnet_lite0", "random", batch_size=4)
+    return pipeline.Embedder("efficientnet_lite0", "random", batch_size=4, precision="fp32")
 
 
 def test_bytes_and_pixels_give_extracts_features_and_a_bad_image_fails_its_row_only(tiny_lite0, embedder):

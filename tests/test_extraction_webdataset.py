@@ -24,7 +24,8 @@ from pipeline.errors import SettingError
 from pipeline.extraction import webdataset
 from tests.conftest import LITE, ROOT, Stop, StopAfterFirstBatch, assert_one_line_error, run_cli
 
-OPTIONS = dict(backbone=LITE[1], weights=LITE[3], batch_size=4)
+OPTIONS = dict(backbone=LITE[1], weights=LITE[3], batch_size=4, precision="fp32")
+FP32 = ("--batch-size", "4", "--precision", "fp32")
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -67,7 +68,7 @@ def assert_same_as_folder(got, single) -> None:
 def test_shards_give_the_cache_of_the_same_files_as_a_folder(tiny_lite0, shards, tmp_path):
     out = tmp_path / "wds.h5"
     result = run_cli("extract", "--webdataset", f"train={shards}/train-{{000..001}}.tar",
-                     "--webdataset", f"val={shards}/val-{{000..001}}.tar", "--out", out, *LITE, "--batch-size", "4")
+                     "--webdataset", f"val={shards}/val-{{000..001}}.tar", "--out", out, *LITE, *FP32)
     assert result.code == 0, result.err
     assert "12 cached, 1 failed" in result.out
     assert "skipped (no label (its .cls member)): train-000.tar:stray/unlabelled" in result.out
@@ -145,8 +146,8 @@ def test_two_torchrun_ranks_split_the_shards_and_assemble_the_same_cache(tiny_li
     out = tmp_path / "two.h5"
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(ROOT / "cli.py"), "extract",
                            "--webdataset", f"train={shards}/train-{{000..001}}.tar",
-                           "--webdataset", f"val={shards}/val-{{000..001}}.tar", "--out", str(out), *LITE,
-                           "--batch-size", "4"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           "--webdataset", f"val={shards}/val-{{000..001}}.tar", "--out", str(out), *LITE, *FP32],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "2 ranks" in proc.stderr and not list(tmp_path.glob("two.h5.*"))

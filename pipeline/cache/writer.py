@@ -94,8 +94,6 @@ def _separate_failed(features, labels, split, paths, failed):
     ok = reasons == ""
     s = None if split is None else np.asarray(list(split), dtype=object)
     names = np.asarray(list(paths), dtype=object)
-    if not ok.any():
-        raise SettingError("write_cache: every row failed; a cache needs at least one row with features")
     bad = (list(names[~ok]), list(reasons[~ok]), y[~ok].astype(np.int64), None if s is None else list(s[~ok]))
     return X[ok], y[ok], None if s is None else list(s[ok]), list(names[ok]), bad
 
