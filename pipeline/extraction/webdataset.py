@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ class ShardListing(ImageListing):
 class _Sample:
     key: str
     image: "_Member | None" = None
-    side: dict = field(default_factory=dict)  # extension -> member (label, json, split)
+    side: dict = field(default_factory=dict)  # extension -> the member's bytes (label, json, split)
 
 
 def read_shards(specs, label_key: str = "cls", split_key: str | None = None) -> ShardListing:
@@ -126,24 +127,23 @@ def read_shards(specs, label_key: str = "cls", split_key: str | None = None) -> 
         samples, problem = _samples(path, wanted)
         if problem:
             notes.append(f"shard {display_path(path)}: {problem}; its {len(samples)} samples before that are listed")
-        with open(path, "rb") as f:
-            for sample in samples.values():
-                where = f"{display_path(os.path.basename(path))}:{sample.key}"
-                if sample.image is None:
-                    skipped.append((where, "no image member"))
-                    continue
-                label = _field(f, sample, label_key)
-                if not label:
-                    skipped.append((where, f"no label ({_describe(label_key)})"))
-                    continue
-                split = shard_split if split_key is None else _field(f, sample, split_key)
-                if split_key is not None and not split:
-                    skipped.append((where, f"no split ({_describe(split_key)})"))
-                    continue
-                if split is not None and split not in SPLIT_NAMES:
-                    raise InputFileError(f"shard {display_path(path)} sample {sample.key}: unknown split {split!r}; "
-                                         f"expected one of {', '.join(SPLIT_NAMES)}")
-                found.append((split, label, _clean(sample.image.name), s, sample.image))
+        for sample in samples.values():
+            where = f"{display_path(os.path.basename(path))}:{sample.key}"
+            if sample.image is None:
+                skipped.append((where, "no image member"))
+                continue
+            label = _field(sample, label_key)
+            if not label:
+                skipped.append((where, f"no label ({_describe(label_key)})"))
+                continue
+            split = shard_split if split_key is None else _field(sample, split_key)
+            if split_key is not None and not split:
+                skipped.append((where, f"no split ({_describe(split_key)})"))
+                continue
+            if split is not None and split not in SPLIT_NAMES:
+                raise InputFileError(f"shard {display_path(path)} sample {sample.key}: unknown split {split!r}; "
+                                     f"expected one of {', '.join(SPLIT_NAMES)}")
+            found.append((split, label, _clean(sample.image.name), s, sample.image))
     if not found:
         raise InputFileError(f"--webdataset: the {len(shards)} shards hold no labelled images "
                              f"({skipped[0][0]}: {skipped[0][1]})" if skipped else
@@ -179,31 +179,37 @@ def read_shards(specs, label_key: str = "cls", split_key: str | None = None) -> 
 
 
 def _samples(path: str, wanted: set[str]) -> tuple[dict[str, _Sample], str]:
-    """key -> _Sample of one shard (headers only), and what stopped the listing early ("" if nothing)."""
+    """key -> _Sample of one shard (headers and label members only), and what stopped the listing
+    early ("" if nothing). The shard is mapped into memory: only the pages holding headers and
+    label members are ever read from disk."""
     samples: dict[str, _Sample] = {}
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         magic = f.read(3)
         if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
             raise InputFileError(f"shard {display_path(path)} is compressed; shards must be plain .tar files "
                                  "(WebDataset's default), which can be read without unpacking")
-        f.seek(0)
-        try:
-            for member in _members(f, os.fstat(f.fileno()).st_size):
-                name = _clean(member.name)
-                folder, _, base = name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot or not stem:
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                sample = samples.setdefault(key, _Sample(key))
-                if is_image_name(name) and sample.image is None:
-                    sample.image = member
-                elif ext.lower() in wanted:
-                    sample.side.setdefault(ext.lower(), member)
-        except _NotTar as e:
-            if not samples:
-                raise InputFileError(f"shard {display_path(path)} is not a tar file ({e})") from None
-            return samples, f"unreadable after {len(samples)} samples ({e})"
+        if size < 512:
+            raise InputFileError(f"shard {display_path(path)} is not a tar file ({size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                for member in _members(data, size):
+                    name = _clean(member.name)
+                    folder, _, base = name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    if not dot or not stem:
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem
+                    sample = samples.setdefault(key, _Sample(key))
+                    if is_image_name(name) and sample.image is None:
+                        sample.image = member
+                    elif ext.lower() in wanted and ext.lower() not in sample.side:
+                        small = member.size <= SIDE_MEMBER_BYTES
+                        sample.side[ext.lower()] = data[member.offset_data:member.offset_data + member.size] if small else b""
+            except _NotTar as e:
+                if not samples:
+                    raise InputFileError(f"shard {display_path(path)} is not a tar file ({e})") from None
+                return samples, f"unreadable after {len(samples)} samples ({e})"
     return samples, ""
 
 
@@ -221,15 +227,14 @@ class _NotTar(Exception):
     pass
 
 
-def _members(f, file_size: int):
+def _members(data, file_size: int):
     """The regular files of an uncompressed tar (ustar, pax and GNU long names), from their 512-byte
     headers alone: data is skipped by seeking. Hand-written because `tarfile` parses each header
-    in Python objects at ~10x the cost (benchmarks/shards_vs_folder.py); `tarfile` wrote the test
+    in Python objects at several times the cost (benchmarks/shards_vs_folder.py); `tarfile` wrote the test
     shards in every format read here. Raises _NotTar at a header that is not one."""
     offset, pax, long_name = 0, {}, None
     while True:
-        f.seek(offset)
-        block = f.read(512)
+        block = data[offset:offset + 512]
         if len(block) < 512:
             if offset < file_size:
                 raise _NotTar(f"truncated header at byte {offset}")
@@ -239,13 +244,12 @@ def _members(f, file_size: int):
         if _checksum(block) != _number(block[148:156]):
             raise _NotTar(f"bad header checksum at byte {offset}")
         size, kind = _number(block[124:136]), block[156:157]
-        data = offset + 512
-        following = data + (size + 511) // 512 * 512
+        start = offset + 512
+        following = start + (size + 511) // 512 * 512
         if kind in (b"x", b"L"):
             if size > SIDE_MEMBER_BYTES:
                 raise _NotTar(f"an extended header of {size} bytes at byte {offset}")
-            f.seek(data)
-            payload = f.read(size)
+            payload = data[start:start + size]
             if kind == b"x":
                 pax = _pax(payload)
             else:
@@ -254,10 +258,10 @@ def _members(f, file_size: int):
             name = pax.get("path") or long_name or _ustar_name(block)
             size = int(pax.get("size", size))
             if kind in (b"0", b"\0", b"7"):
-                yield _Member(name, data, size, int(float(pax.get("mtime", _number(block[136:148])))))
-                if data + size > file_size:  # listed (it fails when read); nothing after it is
+                yield _Member(name, start, size, int(float(pax.get("mtime", _number(block[136:148])))))
+                if start + size > file_size:  # listed (it fails when read); nothing after it is
                     raise _NotTar(f"the file ends inside member {name}")
-            following = data + (size + 511) // 512 * 512
+            following = start + (size + 511) // 512 * 512
             pax, long_name = {}, None
         offset = following
 
@@ -313,14 +317,13 @@ def _describe(key: str) -> str:
     return f"field {key[5:]!r} of its .json member" if key.startswith("json:") else f"its .{key} member"
 
 
-def _field(f, sample: _Sample, key: str) -> str:
+def _field(sample: _Sample, key: str) -> str:
     """The text of member KEY.EXT, or field FIELD of KEY.json, stripped ("" when absent)."""
     kind, _, name = key.partition(":") if key.startswith("json:") else ("", "", key)
-    info = sample.side.get("json" if kind else name.lower())
-    if info is None or info.size > SIDE_MEMBER_BYTES:
+    raw = sample.side.get("json" if kind else name.lower())
+    if not raw:
         return ""
-    f.seek(info.offset_data)
-    text = f.read(info.size).decode("utf-8", "replace").strip()
+    text = raw.decode("utf-8", "replace").strip()
     if not kind:
         return text
     try:
