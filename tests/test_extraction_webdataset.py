@@ -152,3 +152,18 @@ def test_two_torchrun_ranks_split_the_shards_and_assemble_the_same_cache(tiny_li
     assert proc.returncode == 0, proc.stderr
     assert "2 ranks" in proc.stderr and not list(tmp_path.glob("two.h5.*"))
     assert_same_as_folder(read_cache(out), read_cache(tiny_lite0[1]))
+
+
+def test_the_listing_marks_duplicates_skips_what_is_no_sample_and_never_trusts_names(tmp_path):
+    for k in range(2):
+        with tarfile.open(tmp_path / f"d-{k}.tar", "w") as tar:
+            add(tar, "./a/x.jpg", b"jpeg?")  # the same image name in both shards
+            add(tar, "./a/x.cls", b"cat")
+            add(tar, f"/abs/y{k}.png", b"png?")  # absolute names stay inside the listing
+            add(tar, f"/abs/y{k}.cls", b" dog\n")
+            add(tar, f"notes{k}.txt", b"no image here")
+    listing = webdataset.read_shards(f"{tmp_path}/d-{{0..1}}.tar")
+    assert listing.paths == ["a/x.jpg", "a/x.jpg", "abs/y0.png", "abs/y1.png"] and listing.classes == ["cat", "dog"]
+    assert list(listing.failures) == [1] and listing.failures[1].startswith("duplicate: shard d-0.tar")
+    assert [why for _, why in listing.skipped] == ["no image member"] * 2
+    assert listing.shard_of.tolist() == [0, 1, 0, 1] and listing.sizes.tolist() == [5, 5, 4, 4]
