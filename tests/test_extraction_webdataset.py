@@ -115,7 +115,7 @@ def test_brace_patterns_and_bad_shard_lists_stop_in_one_line(shards, tmp_path):
     assert_one_line_error(run_cli("extract", "--webdataset", f"{shards}/train-{{000..002}}.tar",
                                   "--out", tmp_path / "c.h5", *LITE), "train-002.tar does not exist")
     assert_one_line_error(run_cli("extract", shards, "--webdataset", f"{shards}/train-000.tar",
-                                  "--out", tmp_path / "c.h5", *LITE), "not several")
+                                  "--out", tmp_path / "c.h5", *LITE), "not both")
     assert_one_line_error(run_cli("extract", "--webdataset", f"{shards}/train-000.tar", "--label-key", "json:",
                                   "--out", tmp_path / "c.h5", *LITE), "--label-key 'json:'")
 

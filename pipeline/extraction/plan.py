@@ -74,7 +74,7 @@ class ExtractRequest:
         if sum(given) != 1:
             raise SettingError("give either an image folder (IMAGE_DIR), a manifest (--manifest FILE.csv|.jsonl) "
                                "or tar shards (--webdataset 'shards/{000..099}.tar')"
-                               + (", not several" if sum(given) > 1 else ""))
+                               + ({2: ", not both", 3: ", only one"}.get(sum(given), "")))
         if self.webdataset is not None:
             webdataset.check_key("--label-key", self.label_key)
             webdataset.check_key("--split-key", self.split_key)
