@@ -19,14 +19,15 @@ import click
 import pipeline  # light: its names load on first use, so `transfer --help` imports no torch
 from pipeline.devices import this_process
 from pipeline.errors import TransferError
-from pipeline.files import default_run_dir
+from pipeline.files import default_run_dir, terminal_text
 
 DEBUG_FLAG = "--debug"
 
 
 def _echo(text: str = "", err: bool = False) -> None:
-    """click.echo, with names that are not UTF-8 shown as \\xNN escapes (never an encoding error)."""
-    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+    """click.echo of text that may hold names from outside: bytes that are not UTF-8 shown as \\xNN
+    and control characters as \\x1b etc. (never an encoding error, never a terminal escape sequence)."""
+    click.echo(terminal_text(text), err=err)
 
 
 def _echo_all(lines: list[str], err: bool = False) -> None:
