@@ -198,6 +198,27 @@ def test_transfer_model_module_is_scriptable_with_any_head():
     assert scripted.classes == ["w", "x", "y", "z"]
 
 
+def test_class_names_that_are_not_utf8_survive_into_model_pt_and_predict(tmp_path):
+    """TorchScript strings are UTF-8: model.classes shows such a name as \\xNN, the metadata keeps its bytes."""
+    import os
+
+    import pipeline
+    from pipeline.backbones import Preprocessing
+    from pipeline.shipping import formats
+
+    name = os.fsdecode(b"caf\xe9")
+    prep = Preprocessing(8, 8, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = TransferModel(pool, torch.zeros(2, 3), torch.tensor([9.0, 0.0]), False, prep, [name, "tea"],
+                          {"format": formats.MODEL_FORMAT, "classes": [name, "tea"]})
+    formats.write("torchscript", model.eval(), str(tmp_path / "model.pt"))  # was: Could not cast attribute 'classes'
+    assert torch.jit.load(str(tmp_path / "model.pt")).classes == ["caf\\xe9", "tea"]
+    loaded = pipeline.load_model(tmp_path / "model.pt", "cpu")
+    assert [os.fsencode(c) for c in loaded.classes] == [b"caf\xe9", b"tea"]  # the exact bytes
+    result = run_cli("predict", tmp_path / "model.pt", write_image(tmp_path / "p.png", 1, size=(16, 12)))
+    assert result.code == 0 and "caf\\xe9 1.000" in result.out, result.out + result.err
+
+
 @needs_hymenoptera
 def test_real_photos_model_pt_on_raw_val_files(hymenoptera_lite0, tmp_path):
     """Fit on the train photos' features only, then run model.pt on the raw val files: top-1 >= 0.92."""
@@ -302,7 +323,7 @@ def test_a_damaged_model_file_is_refused_when_loaded(binary_run, tmp_path):
     assert pipeline.load_model(model, "cpu").classes == ["ants", "bees"]  # intact: checked and loaded
     _damage(model)
     assert torch.jit.load(str(model)) is not None  # torch itself notices nothing
-    with pytest.raises(InputFileError, match="model.pt is damaged: its weights are not the ones written at export"):
+    with pytest.raises(InputFileError, match="model.pt is damaged or was edited: its weights"):
         pipeline.load_model(model, "cpu")
     image = tmp_path / "x.png"
     write_image(image, 1)
