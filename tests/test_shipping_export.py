@@ -371,3 +371,52 @@ def test_photos_edited_after_extraction_are_named_and_can_be_skipped(tmp_path):
     parity = json.loads((run / "parity.json").read_text())
     assert parity["torchscript"]["end_to_end"] == {"skipped": "asked for (--skip-image-parity)"}
     assert parity["cached_features"]["max_abs_diff"] <= 1e-5  # the cached-feature check still ran
+
+
+@pytest.fixture
+def synthetic_runs(tmp_path):
+    """Two fit runs (A, B) of one synthetic cache: quick, and enough for the checks export makes
+    before it builds a backbone."""
+    import pipeline
+    from tests.conftest import blobs, make_cache
+
+    X, y, classes = blobs(10, 2, 4)
+    cache = make_cache(tmp_path / "c.h5", X, y, classes, splits=["train", "val"] * 10)
+    for name, C in (("A", 1.0), ("B", 0.01)):  # the head files alone: what export reads of a run
+        (tmp_path / name).mkdir()
+        head_mod.save(pipeline.fit(cache, None, C=C).head, str(tmp_path / name))
+    (tmp_path / "B" / "report.md").write_text("# B's report")
+    return tmp_path
+
+
+def test_export_refuses_a_folder_holding_another_runs_files_and_an_empty_out(synthetic_runs):
+    import pipeline
+    from pipeline.errors import InputFileError, SettingError
+
+    b = synthetic_runs / "B"
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    for out in (b, b / "model.pt"):
+        with pytest.raises(InputFileError, match="holds another run's files .*head.json"):
+            pipeline.export(synthetic_runs / "A", out)
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    assert_one_line_error(run_cli("export", synthetic_runs / "A", "--out", b), "holds another run's files")
+    with pytest.raises(SettingError, match="--out .* is empty"):
+        pipeline.export(synthetic_runs / "A", "")  # was: written into the current folder
+    assert_one_line_error(run_cli("export", synthetic_runs / "A", "--out", ""), "is empty")
+
+
+def test_export_removes_temporaries_of_killed_exports_and_names_a_replaced_cache(synthetic_runs):
+    import pipeline
+    from pipeline.errors import InputFileError
+    from tests.conftest import blobs
+    from tests.test_files import _dead_pid
+
+    a = synthetic_runs / "A"
+    left = a / f"model.pt.writing-{_dead_pid()}"  # what `kill -9` during an export leaves
+    left.write_bytes(b"13.9 MB of a half-written model")
+    assert_one_line_error(run_cli("export", a))  # fails later: a synthetic cache has no backbone to ship
+    assert not left.exists()
+    X, y, classes = blobs(10, 2, 8)  # the cache replaced by an extraction of another dimension
+    pipeline.write_cache(synthetic_runs / "c.h5", X, y, classes=classes, overwrite=True)
+    with pytest.raises(InputFileError, match="no longer the one this head was fitted on .*8-d features, the head takes 4-d"):
+        pipeline.export(a)
