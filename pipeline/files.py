@@ -49,6 +49,11 @@ def _escape(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def quoted(name) -> str:
+    """A name in quotes inside a message: 'caf\\xe9' (repr would show the surrogate, '\\udce9')."""
+    return f"'{_utf8(name)}'"
+
+
 def terminal_text(text) -> str:
     """Text safe to print on a terminal: control characters (ESC, BEL, CR, ...) shown escaped as
     \\x1b, \\x07, \\x0d, and undecodable bytes as \\xNN, the way `display_path` shows them.
