@@ -163,3 +163,20 @@ def test_float_labels_and_row_numbers_are_refused_everywhere(tmp_path):
     with pytest.raises(SettingError, match="row numbers must be integers"):
         cache_.features([1.5])
     assert cache_.features([1, 0]).shape == (2, 4) and cache_.features(np.array([], dtype=np.int64)).shape == (0, 4)
+
+
+def test_huge_finite_features_are_one_line_in_fit_and_inspect(tmp_path):
+    """3e38 is finite, but its square is not: fit and inspect failed with "unexpected LinAlgError"."""
+    from pipeline.errors import SettingError
+    from tests.conftest import assert_one_line_error, blobs, make_cache, run_cli
+
+    X, y, classes = blobs(12, 2, 4)
+    path = make_cache(tmp_path / "c.h5", X, y, classes)
+    with h5py.File(path, "r+") as f:  # as a hand-made or damaged file holds them
+        f["features"][3, 1] = 3e38
+    for command in ("fit", "inspect"):
+        result = run_cli(command, path, "--out", tmp_path / command, "--C", "1")
+        assert_one_line_error(result, "features of magnitude 3e+38, over the 1e+12")
+        assert not (tmp_path / command).exists()
+    with pytest.raises(SettingError, match="features of magnitude 3e\\+38"):
+        write_cache(tmp_path / "w.h5", np.where(X == X[3, 1], 3e38, X), y, classes=classes)

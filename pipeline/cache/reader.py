@@ -21,6 +21,9 @@ from .format import COPY_ROWS, FORMAT, FORMAT_VERSION, partial_path, read_attrs
 from .partial import PartialCache, Progress, existing_shards
 
 SPLIT_NAMES = ("train", "val", "test")
+# The largest feature magnitude accepted. Network features are O(1)-O(1e3); beyond 1e12 the sums of
+# squares that standardization, PCA and the solvers compute overflow float32 (3.4e38) on large caches.
+FEATURE_LIMIT = 1e12
 
 
 class Cache:
@@ -118,9 +121,7 @@ class Cache:
                 else:  # sparse: read only the wanted rows (h5py needs them increasing and unique)
                     unique, back = np.unique(want, return_inverse=True)
                     block = ds[unique][back]
-                if not np.isfinite(block).all():
-                    raise InputFileError(f"{self.path} holds non-finite features (NaN or inf); "
-                                         "re-extract it at fp32")
+                check_values(block, self.path, InputFileError)
                 yield order[lo:lo + block_rows], block.astype(dtype, copy=False)
 
     def _file(self) -> h5py.File:
@@ -162,12 +163,22 @@ class ArrayCache(Cache):
         rows = np.arange(self.n) if rows is None else row_numbers(rows)
         for lo in range(0, len(rows), block_rows):
             block = self._features[rows[lo:lo + block_rows]]
-            if not np.isfinite(block).all():
-                raise InputFileError("the features hold non-finite values (NaN or inf)")
+            check_values(block, None, InputFileError)
             yield np.arange(lo, min(lo + block_rows, len(rows))), block.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"ArrayCache({self.n} rows x {self.dim}, {len(self.classes)} classes)"
+
+
+def check_values(block: np.ndarray, path: str | None, error=InputFileError) -> None:
+    """Features must be finite and at most FEATURE_LIMIT in magnitude; path None: arrays in memory."""
+    where = f"{display_path(path)} holds" if path else "the features hold"
+    if not np.isfinite(block).all():
+        raise error(f"{where} non-finite features (NaN or inf)" + ("; re-extract it at fp32" if path else ""))
+    largest = float(np.abs(block).max()) if block.size else 0.0
+    if largest > FEATURE_LIMIT:
+        raise error(f"{where} features of magnitude {largest:.3g}, over the {FEATURE_LIMIT:.0e} the fitting arithmetic "
+                    "survives (their squares overflow); rescale them" + (", or re-extract it" if path else ""))
 
 
 def integer_labels(labels, where: str, error=SettingError) -> np.ndarray:

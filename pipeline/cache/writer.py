@@ -19,7 +19,7 @@ from ..errors import InputFileError, SettingError, TransferError
 from ..files import display_path, make_folder_for, remove_quietly, remove_stale_temporaries, temporary_name
 from .format import (BYTES, DEFAULT_PROVENANCE, FORMAT, FORMAT_VERSION, STR, ListingDigest, objects, os_reason,
                      quiet_h5py_teardown, write_attrs)
-from .reader import Cache, check_classes, check_rows, integer_labels, read_cache
+from .reader import Cache, check_classes, check_rows, check_values, integer_labels, read_cache
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks, as `extract` writes them
 
@@ -119,8 +119,7 @@ def _check_block(block, i: int, dim: int, has_split: bool, classes: list[str]):
     if X.ndim != 2 or X.shape[1] != dim:
         raise SettingError(f"write_cache: block {i} has features of shape {X.shape}; expected (b, {dim})")
     y = integer_labels(block[1], f"write_cache's block {i}")
-    if not np.isfinite(X).all():
-        raise SettingError(f"write_cache: block {i} holds non-finite features (NaN or inf)")
+    check_values(X, None, SettingError)
     s = None if not has_split else [str(v) for v in block[2]]
     check_rows(len(X), y.astype(np.int64), classes, None if s is None else np.asarray(s, dtype=object),
                f"block {i}", SettingError)
