@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from ..errors import IncompleteCacheError, InputFileError, SettingError
-from ..files import display_path
+from ..files import display_path, not_a_file
 from .format import COPY_ROWS, FORMAT, FORMAT_VERSION, partial_path, read_attrs
 from .partial import PartialCache, Progress, existing_shards
 
@@ -265,6 +265,8 @@ def check_cache(path: str) -> dict:
     shown = display_path(path)
     if os.path.isdir(path):
         raise InputFileError(f"{shown} is a folder; expected a feature cache file (.h5) written by `transfer extract`")
+    if not_a_file(path):
+        raise InputFileError(f"{shown} {not_a_file(path)}; expected a feature cache file (.h5) written by `transfer extract`")
     if not h5py.is_hdf5(path):
         raise InputFileError(f"{shown} is not a feature cache (not an HDF5 file); expected the output of "
                              "`transfer extract`")

@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from ..errors import InputFileError
-from ..files import display_path, quoted
+from ..files import display_path, not_a_file, quoted
 from ..images import SPLIT_NAMES, ImageListing, is_image_name, stat_files
 
 REQUIRED = ("path", "label")
@@ -41,8 +41,8 @@ def read_manifest(manifest: str | os.PathLike) -> ImageListing:
     """List the images of a .csv or .jsonl manifest (see the module docstring)."""
     manifest = os.fspath(manifest)
     shown = display_path(manifest)
-    if not os.path.isfile(manifest):
-        what = "is a folder" if os.path.isdir(manifest) else "does not exist"
+    what = not_a_file(manifest)  # a FIFO is named as one (it was "does not exist"), and never opened
+    if what:
         raise InputFileError(f"manifest {shown} {what}; expected a .csv or .jsonl file with columns path,label[,split]")
     suffix = os.path.splitext(manifest)[1].lower()
     if suffix not in MANIFEST_SUFFIXES:

@@ -18,7 +18,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import InputFileError, SettingError
-from ..files import csv_row, display_path, make_folder_for, write_atomically
+from ..files import csv_row, display_path, make_folder_for, not_a_file, write_atomically
 from ..images import DecodeError, decode_image, is_image_name, walk_files
 from ..progress import resolve
 from ..settings import Interval, validate
@@ -62,8 +62,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto") -> 
     (.onnx: onnxruntime, .pt2: torch.export, anything else: TorchScript)."""
     path = os.fspath(path)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    if not os.path.isfile(path):
-        raise InputFileError(f"model file {path} does not exist")
+    why = not_a_file(path)
+    if why:  # "is a FIFO, not a regular file" as well as "does not exist"
+        raise InputFileError(f"model file {display_path(path)} {why}")
     runner, meta = formats.load(path, device)
     if meta.get("format") != MODEL_FORMAT:
         raise InputFileError(f"{path} is {formats.DESCRIPTIONS[runner.format]} but not one written by `transfer export` "
