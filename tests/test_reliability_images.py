@@ -141,6 +141,7 @@ def test_extraction_records_every_broken_file_and_keeps_going(tmp_path):
     for name, fragment in expected.items():
         assert fragment in failed[f"bad/{name}"], (name, failed[f"bad/{name}"])
     assert "7 failed" in proc.stdout
+    assert "extracted 3 images" in proc.stdout  # the 7 broken files are not counted as extracted (nor in img/s)
 
 
 # --- unusual but valid files -----------------------------------------------------------------
