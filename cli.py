@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import click
 
@@ -359,8 +360,14 @@ def main(argv: list[str] | None = None) -> None:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _run(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings():
+            if DEBUG_FLAG not in argv:
+                # Library warnings (matplotlib's missing glyphs, scikit-learn, torch) are noise on a terminal,
+                # and print names unescaped: what matters the library says itself. --debug shows them.
+                warnings.simplefilter("ignore")
+            _run(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
