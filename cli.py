@@ -232,10 +232,11 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     if out:
         _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
     else:
-        width = min(60, max(len(r.path) for r in results))
-        for r in results:
+        names = [terminal_text(r.path) for r in results]  # as _echo shows them: the columns line up
+        width = min(60, max(len(n) for n in names))
+        for r, name in zip(results, names):
             shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
-            _echo(f"{r.path:<{width}}  {shown}")
+            _echo(f"{name:<{width}}  {shown}")
         if errors:
             _echo(f"{errors} of {len(results)} files could not be read")
     if errors == len(results):

@@ -347,4 +347,8 @@ def test_escape_sequences_in_names_are_printed_escaped(models, tmp_path):
     missing = run_cli("predict", models / "model.pt", folder / f"gone{ESCAPES}.png")
     assert_one_line_error(missing, "\\x1b[2J")
     assert "\x1b" not in missing.err and "\r" not in missing.err
-    assert os.path.exists(photo)
+    from pipeline.progress import Bars
+
+    shown = io.StringIO()
+    Bars(file=shown).note(f"skipped {ESCAPES}")  # the notes above a progress bar (extract's, fit's)
+    assert shown.getvalue() == "skipped \\x1b[2J\\x1b]0;pwned\\x07\\x1b[1A\\x0d\n"
