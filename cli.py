@@ -13,20 +13,22 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import click
 
 import pipeline  # light: its names load on first use, so `transfer --help` imports no torch
 from pipeline.devices import this_process
 from pipeline.errors import TransferError
-from pipeline.files import default_run_dir
+from pipeline.files import default_run_dir, terminal_text
 
 DEBUG_FLAG = "--debug"
 
 
 def _echo(text: str = "", err: bool = False) -> None:
-    """click.echo, with names that are not UTF-8 shown as \\xNN escapes (never an encoding error)."""
-    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+    """click.echo of text that may hold names from outside: bytes that are not UTF-8 shown as \\xNN
+    and control characters as \\x1b etc. (never an encoding error, never a terminal escape sequence)."""
+    click.echo(terminal_text(text), err=err)
 
 
 def _echo_all(lines: list[str], err: bool = False) -> None:
@@ -256,10 +258,11 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     if out:
         _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
     else:
-        width = min(60, max(len(r.path) for r in results))
-        for r in results:
+        names = [terminal_text(r.path) for r in results]  # as _echo shows them: the columns line up
+        width = min(60, max(len(n) for n in names))
+        for r, name in zip(results, names):
             shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
-            _echo(f"{r.path:<{width}}  {shown}")
+            _echo(f"{name:<{width}}  {shown}")
         if errors:
             _echo(f"{errors} of {len(results)} files could not be read")
     if errors == len(results):
@@ -384,8 +387,14 @@ def main(argv: list[str] | None = None) -> None:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _run(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings():
+            if DEBUG_FLAG not in argv:
+                # Library warnings (matplotlib's missing glyphs, scikit-learn, torch) are noise on a terminal,
+                # and print names unescaped: what matters the library says itself. --debug shows them.
+                warnings.simplefilter("ignore")
+            _run(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,7 @@ import tqdm
 import tqdm.auto
 
 from .errors import SettingError
-from .files import display_path
+from .files import terminal_text
 
 
 class Progress(Protocol):
@@ -74,7 +74,7 @@ class Bars:
         self.bar.update(n)
 
     def note(self, text):
-        self._tqdm().write(display_path(text), file=self.file or sys.stderr)  # undecodable bytes as \\xNN
+        self._tqdm().write(terminal_text(text), file=self.file or sys.stderr)  # controls, undecodable bytes escaped
 
     def close(self):
         if self.bar is not None:

@@ -614,6 +614,9 @@ def test_preprocessing_given_on_the_command_line_is_used_and_recorded(tmp_path, 
     ("mean=0.5/0.5", "mean must be three numbers"),
     ("std=0.2/0/0.2", "std must be three positive numbers"),
     ("resize=200,crop=224", "crop 224 is larger than resize 200"),
+    ("resize=100000", "resize 100000 is over the limit of 2048 pixels"),  # was: killed for memory at ~24 GB
+    ("resize=256,resize=300", "resize is given twice"),
+    ("resize=1000,crop=900", "crop 900 is more than 2 times the backbone's own 224"),
 ])
 def test_a_bad_preprocessing_gets_one_line(tmp_path, spec, fragment):
     images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
@@ -621,3 +624,12 @@ def test_a_bad_preprocessing_gets_one_line(tmp_path, spec, fragment):
                      "random", "--preprocessing", spec)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_crop_the_network_cannot_take_is_one_line_before_any_file_is_written(tmp_path):
+    """A ViT's position embeddings fix its input size: 64x64 crops fail in one line, no .partial left."""
+    images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", "--backbone", "vit_b_16", "--weights", "random",
+                     "--preprocessing", "resize=64,crop=64")
+    assert_one_line_error(result, "vit_b_16 cannot take 64x64 crops")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

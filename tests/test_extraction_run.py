@@ -107,6 +107,14 @@ def test_bad_input_gets_one_clear_line_and_leaves_nothing(tmp_path, setup, args,
     assert not list(tmp_path.glob("c.h5*"))
 
 
+def test_an_empty_out_is_refused_before_any_work(tmp_path, tiny_folder):
+    """`--out ''` named the current folder: the whole extraction ran, then failed, leaving ./.partial."""
+    for args in (("--out", ""), ("--out", "c.h5", "--manifest", "")):
+        result = run_cli("extract", *(() if "--manifest" in args else (tiny_folder,)), *args, *LITE, cwd=tmp_path)
+        assert_one_line_error(result, "is empty; give a file or folder name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("extract", tmp_path / "missing", "--out", tmp_path / "c.h5", "--debug")
     assert result.code != 0 and "Traceback" in result.err and "does not exist" in result.err

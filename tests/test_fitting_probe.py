@@ -336,3 +336,16 @@ def test_two_labelled_images_of_a_class_still_choose_C_by_two_folds(tmp_path):
                      ["train", "val", "train", "val", "train", "train"])
     result = fit(few)
     assert any("stratified 2-fold cross-validation" in n for n in result.notes), result.notes
+
+
+def test_notes_show_names_that_are_not_utf8_as_escapes(tmp_path):
+    """A class named with the byte \\xff is shown 'c\\xff' in notes, as everywhere (repr showed '\\udcff')."""
+    import os
+
+    import pipeline
+    from tests.conftest import blobs, make_cache
+
+    X, y, _ = blobs(12, 2, 4)
+    cache = make_cache(tmp_path / "c.h5", X, y, [os.fsdecode(b"c\xff"), "d"], splits=["train", "train", "val"] * 8)
+    notes = " ".join(pipeline.fit(cache).notes)
+    assert "'c\\xff'" in notes and "\\udc" not in notes, notes

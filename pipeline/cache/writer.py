@@ -20,7 +20,7 @@ from ..files import display_path, make_folder_for, remove_quietly, remove_stale_
 from .format import (BYTES, DEFAULT_PROVENANCE, FORMAT, FORMAT_VERSION, STR, ListingDigest, objects, os_reason,
                      quiet_h5py_teardown, write_attrs)
 from ..images import short_reason
-from .reader import Cache, check_classes, check_rows, read_cache
+from .reader import Cache, check_classes, check_rows, check_values, integer_labels, read_cache
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks, as `extract` writes them
 
@@ -156,13 +156,10 @@ def _check_block(block, i: int, dim: int, has_split: bool, classes: list[str]):
         raise SettingError(f"write_cache: block {i} must be (features, labels{', split' if has_split else ''}) "
                            "like the first block")
     X = np.asarray(block[0], dtype=np.float32)
-    y = np.asarray(block[1])
     if X.ndim != 2 or X.shape[1] != dim:
         raise SettingError(f"write_cache: block {i} has features of shape {X.shape}; expected (b, {dim})")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise SettingError(f"write_cache: labels must be integers (indices into classes); block {i} has {y.dtype}")
-    if not np.isfinite(X).all():
-        raise SettingError(f"write_cache: block {i} holds non-finite features (NaN or inf)")
+    y = integer_labels(block[1], f"write_cache's block {i}")
+    check_values(X, None, SettingError)
     s = None if not has_split else [str(v) for v in block[2]]
     check_rows(len(X), y.astype(np.int64), classes, None if s is None else np.asarray(s, dtype=object),
                f"block {i}", SettingError)

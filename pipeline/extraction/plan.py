@@ -23,7 +23,7 @@ from .. import cache, devices
 from ..backbones import TTA_MODES, Backbone, Embedder, check_backbone_name, load_backbone, preprocessing_values
 from ..devices import Choice, Place
 from ..errors import SettingError, TransferError
-from ..files import display_path, make_folder_for
+from ..files import check_path_given, display_path, make_folder_for
 from ..images import ImageListing, content_hashes, scan_image_folder
 from ..settings import SEED, Interval, Options, validate_all
 from . import decode as decoding
@@ -70,6 +70,8 @@ class ExtractRequest:
     def check(self) -> None:
         """Every option, before anything is read or built."""
         validate_all(vars(self), self.CONSTRAINTS)
+        check_path_given(self.out, "--out (the cache file to write)")  # '' would be the current folder
+        check_path_given(self.manifest, "--manifest")
         given = [x is not None for x in (self.image_dir, self.manifest, self.webdataset)]
         if sum(given) != 1:
             raise SettingError("give either an image folder (IMAGE_DIR), a manifest (--manifest FILE.csv|.jsonl) "
@@ -176,6 +178,8 @@ def make_plan(req: ExtractRequest, place: Place) -> ExtractPlan:
     positions = (webdataset.my_positions(listing, place) if isinstance(listing, webdataset.ShardListing)
                  else distributed.my_positions(len(listing), place))
     embedder = Embedder(backbone, device, precision.value)
+    if req.preprocessing is not None:
+        _check_crop_fits(embedder, backbone)
     plan = ExtractPlan(req, place, listing, backbone, embedder, precision, decode, None, workers, meta, target,
                        positions, notes=list(listing.notes))
     start = _starting_point(req, meta, listing, positions, target)
@@ -273,9 +277,13 @@ def _starting_point(req: ExtractRequest, meta: dict, listing: ImageListing, posi
     hashes = None
     if req.check_content and (previous or interrupted):
         hashes = content_hashes(listing.root, listing.paths)
-    if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"]:
+    earlier_dir = None if previous is None else (previous.attrs.get("image_dir_bytes")
+                                                 or os.fsencode(previous.attrs.get("image_dir") or ""))
+    moved = previous is not None and earlier_dir != meta["image_dir_bytes"]
+    if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"] and not moved:
         # The same files under the same names: done, unless a file's size/mtime (or content) changed
-        # or failed images are to be tried again.
+        # or failed images are to be tried again. A folder moved elsewhere is an update that reuses
+        # its unchanged rows and records where the images are now.
         unlisted = {os.fsencode(listing.paths[p]) for p in listing.failures}  # not files: nothing to retry
         retry = req.retry_failed and any(row < 0 and key not in unlisted
                                          for key, row in zip(previous.keys, previous.feature_rows.tolist()))
@@ -287,6 +295,9 @@ def _starting_point(req: ExtractRequest, meta: dict, listing: ImageListing, posi
     # --overwrite recomputes every image (a cache holding exactly this extraction was kept above).
     sources = [s for s in (interrupted, None if req.overwrite else previous) if s is not None]
     update = plan_update(listing, sources, req.check_content, hashes, req.retry_failed)
+    if moved:
+        update.notes.append(f"the images are now in {display_path(meta['image_dir_bytes'])} (the cache named "
+                            f"{display_path(earlier_dir)}); recorded")
     return _NewPartial(update, sources, update.prefill(listing, sources, positions))
 
 
@@ -368,6 +379,18 @@ def _agreed(place: Place, choice: Choice) -> Choice:
     values = devices.gather(place, choice.value)
     return choice if len(set(values)) == 1 else Choice(
         "fp32", f"the ranks resolved different precisions ({', '.join(values)}); all use fp32")
+
+
+def _check_crop_fits(embedder: Embedder, backbone: Backbone) -> None:
+    """With --preprocessing, one crop of the chosen size through the network before any file is
+    written: a size the network cannot take (a ViT's fixed grid) is one line, not a crash mid-run."""
+    size = backbone.preprocessing.crop
+    try:
+        embedder(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise SettingError(f"--preprocessing: {backbone.name} cannot take {size}x{size} crops ({reason}); "
+                           "use the size it was trained at, or one it accepts") from None
 
 
 def _synthetic_forward(embedder: Embedder, size: int) -> Callable[[int], None]:

@@ -41,7 +41,7 @@ class ExtractSummary:
     done: int  # images in the cache
     failed: int
     resumed_from: int  # images already committed when this run started
-    processed: int  # images this run went through
+    processed: int  # images this run went through (failed ones included)
     seconds: float  # wall time of this run
     images_per_second: float  # processed / time spent in the extraction loop
     out_bytes: int
@@ -57,6 +57,7 @@ class ExtractSummary:
     precision: str = ""
     decode: str = ""
     input_seconds: float = 0.0  # time the extraction loop waited for decoded images (this process)
+    failed_now: int = 0  # of the images this run went through, those that failed (decoding, preprocessing)
 
     @property
     def wait_share(self) -> float:
@@ -75,8 +76,11 @@ class ExtractSummary:
         before = ([f"resumed after {self.resumed_from}"] if self.resumed_from else []) + (
             [f"reused {self.reused}"] if self.reused else [])
         resumed = f" ({', '.join(before)})" if before else ""
-        lines = [f"extracted {self.processed} images{resumed} in {self.seconds:.1f} s, "
-                 f"{self.images_per_second:.1f} img/s ({self.wait_share:.0%} of it waiting for decoded images): "
+        # The rate of images extracted: files that failed to decode are not counted as extracted.
+        extracted = self.processed - self.failed_now
+        rate = self.images_per_second * extracted / self.processed if self.processed else 0.0
+        lines = [f"extracted {extracted} images{resumed} in {self.seconds:.1f} s, "
+                 f"{rate:.1f} img/s ({self.wait_share:.0%} of it waiting for decoded images): "
                  f"{self.done} cached, {self.failed} failed",
                  f"cache: {out} ({size_text(self.out_bytes)})"]
         by_reason: dict[str, list[str]] = {}
@@ -160,6 +164,7 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             shards = None
             if isinstance(plan.listing, webdataset.ShardListing):  # tar members, read shard by shard
                 shards = functools.partial(webdataset.batches, plan.listing, plan.positions)
+            failed_before = plan.partial.progress().failed
             processed, summary.input_seconds = _extract_rows(
                 plan.partial, plan.embedder, plan.listing.root, [plan.listing.paths[p] for p in plan.positions],
                 plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter, shards)
@@ -167,7 +172,8 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             if left.finished != left.total:
                 raise TransferError(f"{plan.target}: {left.total - left.finished} rows still pending after the run")
             counts = distributed.finish(place, req.out, reporter, {"already": plan.resumed, "processed": processed,
-                                                                   "reused": plan.reused})
+                                                                   "reused": plan.reused,
+                                                                   "failed": left.failed - failed_before})
             loop_seconds = time.perf_counter() - loop_started
             if counts is None:  # not rank 0: rank 0 assembles
                 summary.processed = processed
@@ -175,6 +181,7 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             summary.resumed_from = sum(c["already"] for c in counts)
             summary.processed = sum(c["processed"] for c in counts)
             summary.reused = sum(c["reused"] for c in counts)
+            summary.failed_now = sum(c["failed"] for c in counts)
             summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
             parts = distributed.all_parts(req.out, place.world_size)
             with cache.WriterLock(req.out) if sharded else contextlib.nullcontext():

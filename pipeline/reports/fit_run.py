@@ -11,7 +11,7 @@ import os
 import joblib
 
 from .. import head as head_mod
-from ..files import display_path, new_folder
+from ..files import display_path, markdown_code, markdown_text, new_folder
 from ..fitting.probe import FitResult
 from . import pages, plots
 from .inspection import inspect_fit
@@ -74,16 +74,16 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
     s = m["scores"]
     top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
     lines = [
-        f"# Fit report: {_cache_name(m['cache'])}",
+        f"# Fit report: {markdown_text(_cache_name(m['cache']))}",
         "",
-        f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
-        f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
+        f"Backbone {markdown_code(m['provenance']['backbone'])} ({markdown_text(m['provenance']['weights'])}), layer "
+        f"{markdown_code(m['provenance']['layer'])}, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
         "",
         *(["The images behind these numbers - worst errors, leaks across splits, suspect labels, a map of the "
             "data - are in [report.html](report.html).", ""] if has_page else []),
         "| | |",
         "|---|---|",
-        f"| scored on | {where}, n = {s['n']} |",
+        f"| scored on | {_cell(where)}, n = {s['n']} |",
         f"| top-1 | {s['top1']:.4f} |",
         f"| top-5 | {top5} |",
         f"| balanced accuracy | {s['balanced_accuracy']:.4f} |",
@@ -94,7 +94,7 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
         f"{'converged' if m['convergence']['converged'] else 'NOT converged: raise --max-iter'} |",
         "",
         "Notes:",
-        *[f"- {n}" for n in m["notes"]],
+        *[f"- {markdown_text(n)}" for n in m["notes"]],
         *_failed_lines(m["failed_images"]),
         "",
         "![confusion matrix](confusion_matrix.png)",
@@ -105,21 +105,21 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
     lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, c in s["per_class"].items():
         lines.append(f"| {_cell(name)} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
-    lines += ["", f"Reproduce: `{m['command']}`", ""]
+    lines += ["", f"Reproduce: {markdown_code(m['command'])}", ""]
     return "\n".join(lines)
 
 
 def _failed_lines(failed: dict) -> list[str]:
     if not failed["count"]:
         return []
-    shown = "; ".join(f"`{_cell(f['path'])}` ({_cell(f['reason'])})" for f in failed["first"][:5])
+    shown = "; ".join(f"{markdown_code(f['path'])} ({markdown_text(f['reason'])})" for f in failed["first"][:5])
     more = f"; ... {failed['count'] - 5} more in metrics.json and the cache" if failed["count"] > 5 else ""
     return [f"- {failed['count']} images could not be used and are not in these scores: {shown}{more}"]
 
 
 def _cell(text: str) -> str:
-    """Any text as one markdown table cell: no line breaks, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Any text as one markdown table cell: inert (no HTML, no markup), pipes escaped."""
+    return markdown_text(text)
 
 
 def _cache_name(cache) -> str:

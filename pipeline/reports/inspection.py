@@ -96,8 +96,14 @@ class Inspection:
 
 
 def _unit(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(b, D) rows -> (b, D + 1): X - mean scaled to norm 1, and a last column that is 1 only for a
+    row equal to the mean, whose centred vector is zero. So identical rows always have cosine 1 -
+    duplicates by definition - even when every row is the same (all centred vectors zero)."""
     Z = X - mean
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    norms = np.linalg.norm(Z, axis=1, keepdims=True)
+    at_mean = norms <= 1e-7 * float(np.linalg.norm(mean)) + np.finfo(np.float32).tiny
+    Z = np.where(at_mean, 0, Z / np.maximum(norms, 1e-12))
+    return np.concatenate([Z, at_mean.astype(Z.dtype)], axis=1)
 
 
 def similar_pairs(cache: Cache, queries: np.ndarray, references: np.ndarray, threshold: float,
@@ -139,7 +145,7 @@ def _faiss_pairs(cache: Cache, queries, references, threshold, mean, same_set) -
     """The same search through faiss's HNSW index (approximate, for sizes where exact is slow):
     the 10 nearest references of each query, kept when above the threshold."""
     faiss = _faiss()
-    index = faiss.IndexHNSWFlat(cache.dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexHNSWFlat(cache.dim + 1, 32, faiss.METRIC_INNER_PRODUCT)  # _unit's extra column
     index.hnsw.efSearch = 128  # recall over speed: a missed leak is worse than a slower search
     for _, R in cache.blocks(references, BLOCK_ROWS, np.float32):
         index.add(np.ascontiguousarray(_unit(R, mean), dtype=np.float32))
