@@ -157,8 +157,9 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
-@click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
-              type=click.Choice(["torchscript", "onnx", "pt2", "all"]), help="Model format(s) to export; repeatable.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["torchscript", "onnx", "pt2", "all"]),
+              help="Model format(s) to export; repeatable [default: torchscript; for a cache that records no backbone, "
+                   "head.pt alone].")
 @click.option("--skip-image-parity", is_flag=True,
               help="Skip the export's check of the model on original images (for photos edited since extraction); "
                    "the checks on cached features still run.")
@@ -208,7 +209,7 @@ def export_cmd(run_dir, model_path, formats, weights, skip_image_parity):
 
 def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None,
                        skip_image_parity: bool = False) -> None:
-    result = pipeline.export(run_dir, model_path, formats=list(formats), weights=weights,
+    result = pipeline.export(run_dir, model_path, formats=list(formats) or None, weights=weights,
                              skip_image_parity=skip_image_parity)
     _echo_all(result.lines())
 

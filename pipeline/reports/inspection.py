@@ -163,6 +163,8 @@ def cache_mean(cache: Cache) -> np.ndarray:
 
 def mark_same_bytes(cache: Cache, pairs: list[Pair]) -> None:
     """Set pair.same_bytes by hashing the two files (only the files of the pairs are read)."""
+    if not cache.image_dir:
+        return  # a write_cache of features made elsewhere: its names point at no folder
     digests: dict[int, str | None] = {}
     for p in pairs:
         for row in (p.a, p.b):

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from .. import head as head_mod
+from ..backbones import parse as parse_backbone
 from ..cache import Cache, read_cache
+from ..cache.format import DEFAULT_PROVENANCE
 from ..errors import SettingError, TransferError
 from ..files import display_path, make_folder_for, remove_quietly, size_text, write_atomically
 from ..fitting.probe import FitResult
@@ -25,10 +27,11 @@ from .model import build, linear_state
 
 @dataclass
 class ExportResult:
-    model_path: str  # model.pt (or the one other format written): uint8 images in, probabilities out
+    model_path: str | None  # model.pt (or the one other format written): uint8 images in, probabilities out
     head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
     parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
     paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
+    skipped: str = ""  # why no model file was written (a cache with no backbone), when none was
 
     def lines(self) -> list[str]:
         """What was checked and written, in a few lines for the user."""
@@ -51,17 +54,20 @@ class ExportResult:
                 lines.append(f"  (reference: {e['reference']}; cached features at cosine >= "
                              f"{e['cached_feature_cosine_min']:.4f})")
         lines += [f"model: {display_path(path)} ({size_text(os.path.getsize(path))})" for path in self.paths.values()]
+        if self.skipped:
+            lines.append(f"model files skipped: {self.skipped}")
         return lines + [f"head: {display_path(self.head_path)}"]
 
 
-def export(source, out: str | os.PathLike | None = None, formats="torchscript",
+def export(source, out: str | os.PathLike | None = None, formats=None,
            weights: str | os.PathLike | None = None, skip_image_parity: bool = False) -> ExportResult:
     """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
 
     source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
     write into (default: the run folder), or the model file's path (*.pt, *.onnx or *.pt2, one
     format). formats: "torchscript" (model.pt), "onnx" (model.onnx), "pt2" (model.pt2), a list
-    of them, or "all". A FitResult that was never written needs `out`; its head files (head.npz,
+    of them, or "all"; None: model.pt, or head.pt alone (ExportResult.skipped says why) when the
+    cache records no backbone to ship (a `write_cache` of features made elsewhere). A FitResult that was never written needs `out`; its head files (head.npz,
     head.json) are written there too. weights: the backbone's weights file, when the one recorded
     at extraction has moved (it must have the recorded sha256). skip_image_parity: skip only the
     check on original images (for photos edited since extraction); the cached-feature checks run.
@@ -69,7 +75,7 @@ def export(source, out: str | os.PathLike | None = None, formats="torchscript",
     >>> exported = export(fit("cache/photos.h5"), "models/photos", formats="all")
     >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
     """
-    chosen = formats_mod.parse_formats(formats)
+    chosen = formats_mod.parse_formats("torchscript" if formats is None else formats)
     if isinstance(source, FitResult):
         head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
     else:
@@ -83,12 +89,42 @@ def export(source, out: str | os.PathLike | None = None, formats="torchscript",
     if out is None and run_dir is None:
         raise SettingError("export: this fit was not written to a run folder; pass out= (a folder) to write to")
     out = os.fspath(out) if out is not None else run_dir
+    missing = missing_backbone(head.meta["provenance"], cache)
+    if missing and formats is not None:
+        raise SettingError(f"export: {missing}; a model file holds the backbone, so none can be written; the new "
+                           "last layer is head.npz and head.pt (a torch.nn.Linear state_dict), which `transfer fit` "
+                           "writes (Python: export with formats=None)")
     paths = _model_paths(out, chosen)
     folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
     make_folder_for(os.path.join(folder, "head.pt"))
     if isinstance(source, FitResult) and os.path.abspath(folder) != os.path.abspath(run_dir or ""):
         head_mod.save(head, folder)  # so the folder describes its model on its own
+    if missing:
+        return _export_head(head, reference, cache, folder, missing)
     return _export(head, reference, cache, paths, folder, weights, skip_image_parity)
+
+
+def missing_backbone(provenance: dict, cache: Cache) -> str:
+    """Why no model file can be built for a head of this provenance ('' when one can): a cache
+    written by `write_cache` records no backbone, or one this library does not know."""
+    name = provenance.get("backbone")
+    if not name or name == DEFAULT_PROVENANCE["backbone"]:
+        return (f"the cache {display_path(cache.path)} records no backbone (written by write_cache without "
+                "provenance['backbone'])")
+    try:
+        parse_backbone(str(name))
+    except TransferError:
+        return f"the cache {display_path(cache.path)} records backbone {name!r}, which transfer cannot build"
+    return ""
+
+
+def _export_head(head: head_mod.LinearHead, reference, cache: Cache, folder: str, why: str) -> ExportResult:
+    """head.pt alone, checked against scikit-learn on the cached features (a cache with no backbone)."""
+    report = {"cached_features": checks.on_features(head, reference, cache)}
+    head_path = os.path.join(folder, "head.pt")
+    write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
+    write_atomically(lambda p: _write_json(report, p), os.path.join(folder, "parity.json"))
+    return ExportResult(None, head_path, report, {}, skipped=f"{why}; head.pt and head.npz hold the new last layer")
 
 
 def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
