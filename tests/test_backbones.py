@@ -385,6 +385,40 @@ def test_timm_weights_offline_name_the_file_to_fetch_and_the_flag(tmp_path, monk
                           "--weights /path/to/model.safetensors")
 
 
+def test_timm_unreachable_hub_fails_within_5_s_with_the_whole_reason(tmp_path, monkeypatch):
+    """No network: the hub client alone retries for ~25 s and its message was cut mid-word. A port
+    that refuses (the real client against 127.0.0.1:9), then a hub that never answers."""
+    import time
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    url = "https://huggingface.co/timm/test_vit.r160_in1k/resolve/main/model.safetensors"
+    started = time.perf_counter()
+    with pytest.raises(TransferError) as refused:
+        load_backbone("timm:test_vit")
+    assert time.perf_counter() - started < 5
+    message = str(refused.value)
+    assert "ConnectError: [Errno 111] Connection refused)" in message and message.endswith(f"{tmp_path})"), message
+    assert url in message and "--weights /path/to/model.safetensors" in message
+
+    def never_answers(*args, **kwargs):
+        time.sleep(30)
+
+    from pipeline.backbones import timm_zoo
+
+    assert timm_zoo.HUB_TIMEOUT <= 3  # the bound below, shortened here to save test time
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", never_answers)
+    monkeypatch.setattr(timm_zoo, "HUB_TIMEOUT", 0.5)
+    started = time.perf_counter()
+    with pytest.raises(TransferError, match="did not answer within 0.5 s"):
+        load_backbone("timm:test_vit")
+    assert time.perf_counter() - started < 2
+
+
 def test_unknown_models_tags_and_layers_get_one_line_naming_what_exists(tmp_path):
     images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
 
