@@ -56,6 +56,9 @@ class ExtractSummary:
     precision: str = ""
     decode: str = ""
     input_seconds: float = 0.0  # time the extraction loop waited for decoded images (this process)
+    setup_seconds: float = 0.0  # before the loop: listing, loading the network, the batch-size probe
+    loop_seconds: float = 0.0  # the extraction loop: decode -> network -> commit (images_per_second's time)
+    batch_probed: bool = False  # whether the setup included a batch-size probe
 
     @property
     def wait_share(self) -> float:
@@ -74,10 +77,16 @@ class ExtractSummary:
         before = ([f"resumed after {self.resumed_from}"] if self.resumed_from else []) + (
             [f"reused {self.reused}"] if self.reused else [])
         resumed = f" ({', '.join(before)})" if before else ""
-        lines = [f"extracted {self.processed} images{resumed} in {self.seconds:.1f} s, "
-                 f"{self.images_per_second:.1f} img/s ({self.wait_share:.0%} of it waiting for decoded images): "
-                 f"{self.done} cached, {self.failed} failed",
-                 f"cache: {out} ({size_text(self.out_bytes)})"]
+        lines = [f"extracted {self.processed} images{resumed} in {self.seconds:.1f} s: {self.done} cached, "
+                 f"{self.failed} failed"]
+        if self.processed:
+            # The rate is over the loop only; the seconds above also hold the set-up and the cache's assembly.
+            setup = "loading the network" + (" and probing the batch size" if self.batch_probed else "")
+            after = max(self.seconds - self.setup_seconds - self.loop_seconds, 0.0)
+            lines.append(f"speed: {self.images_per_second:.1f} img/s over the {self.loop_seconds:.1f} s of the "
+                         f"extraction loop ({self.wait_share:.0%} of it waiting for decoded images); before it "
+                         f"{self.setup_seconds:.1f} s {setup}, after it {after:.1f} s writing the cache")
+        lines.append(f"cache: {out} ({size_text(self.out_bytes)})")
         by_reason: dict[str, list[str]] = {}
         for path, reason in self.skipped:
             by_reason.setdefault(reason, []).append(path)
@@ -156,6 +165,8 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             reporter = distributed.progress_reporter(place, req.out, progress, plan.total)
             reporter.start(plan.already)
             loop_started = time.perf_counter()
+            summary.setup_seconds = loop_started - started
+            summary.batch_probed = plan.batch.why.startswith("probed")
             processed, summary.input_seconds = _extract_rows(
                 plan.partial, plan.embedder, plan.listing.root, [plan.listing.paths[p] for p in plan.positions],
                 plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter)
@@ -172,6 +183,7 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             summary.processed = sum(c["processed"] for c in counts)
             summary.reused = sum(c["reused"] for c in counts)
             summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
+            summary.loop_seconds = loop_seconds
             parts = distributed.all_parts(req.out, place.world_size)
             with cache.WriterLock(req.out) if sharded else contextlib.nullcontext():
                 info = cache.assemble(parts, req.out, plan.meta)
