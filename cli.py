@@ -309,7 +309,7 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 def inspect_cmd(cache_file, out_dir, threshold, C, top):
     """A first look at a cache, no fit needed: leaks across splits, duplicate files, suspect labels,
     a map of the data and the class balance, as one page (inspect.html)."""
-    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top)
+    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top, progress=True)
     _echo_all(found.lines())
     _echo_all([f"warning: {w}" for w in found.warnings], err=True)
 

@@ -159,7 +159,7 @@ class BackboneEntry:
     note: str = ""
 
 
-def list_backbones(source: str | None = None, text: str | None = None, progress=None) -> list[BackboneEntry]:
+def list_backbones(source: str | None = None, text: str | None = None, progress="auto") -> list[BackboneEntry]:
     """Every backbone name (of one source, containing `text`), with its dim and weights status.
 
     Dims come from dims.json, written by `python -m pipeline.backbones.dims` for the installed

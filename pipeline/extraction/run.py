@@ -102,15 +102,15 @@ class ExtractSummary:
 
 
 def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-            progress=None, on_ready: Callable[[ExtractPlan], None] | None = None, **options) -> ExtractSummary:
+            progress="auto", on_ready: Callable[[ExtractPlan], None] | None = None, **options) -> ExtractSummary:
     """Run a frozen pretrained network once over every image under `image_dir` (or listed in
     `manifest=`, a .csv/.jsonl of path,label[,split]) and cache its features in `out` (HDF5; see
     docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
     updates a cache of the same settings whose images changed, running the network only on new and
     changed files. options: backbone, weights, layer, tta, batch_size, device, precision,
     decode, workers, overwrite, seed, manifest, check_content, retry_failed, preprocessing (the
-    `transfer extract` options). progress: True for bars, or a progress.Progress (see
-    pipeline.progress). `on_ready(plan)` is called once before the network runs with the
+    `transfer extract` options). progress: True for bars, False for none, "auto" (bars when
+    interactive), or a progress.Progress (see pipeline.progress). `on_ready(plan)` is called once before the network runs with the
     ExtractPlan (device, precision, batch size, and for an update, plan.update's account).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
