@@ -41,8 +41,27 @@ def _command_line() -> str:
     return shlex.join(prog + click.get_current_context().find_root().obj["argv"])
 
 
+def _version(ctx: click.Context, param, value: bool) -> None:
+    """--version: this package's version and those of the libraries that shape its results."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib import metadata  # only for --version
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(f"{n} {version(n)}" for n in ("torch", "torchvision", "timm", "scikit-learn"))
+    _echo(f"transfer {pipeline.__version__} ({others}; Python {sys.version.split()[0]})")
+    ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors (works anywhere on the line).")
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_version,
+              help="Show the version of transfer and of torch, torchvision, timm and scikit-learn, and exit.")
 def cli(debug: bool) -> None:
     """Transfer learning with a frozen backbone: extract features once, fit a new last layer, export."""
 

@@ -15,6 +15,12 @@ docs/architecture.md shows where each lives.
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("transfer")
+except metadata.PackageNotFoundError:  # a checkout used without `pip install`
+    __version__ = "0+unknown"
 
 _WHERE = {
     "extract": "extraction", "ExtractSummary": "extraction", "ExtractState": "extraction",
