@@ -268,6 +268,20 @@ def weights_status(name: str) -> str:
     return "cached" if os.path.exists(wfile.hub_checkpoint_path(cfg.url)) else "download"
 
 
+def cost_key(model_name: str) -> str:
+    """The key of timm:`model_name`'s parameters and GFLOPs in dims.json: its architecture, or
+    "arch@size" for a tag whose input size is not the architecture's default tag's."""
+    arch = model_name.partition(".")[0]
+    timm = library()
+    try:
+        tag, default = timm.models.get_pretrained_cfg(model_name), timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # an unknown tag: listed names always resolve
+        return arch
+    if tag is None or default is None or tag.input_size == default.input_size:
+        return arch
+    return f"{arch}@{tag.input_size[-1]}"
+
+
 def unsupported(name: str) -> str:
     """Why timm:`name`'s preprocessing cannot be reproduced exactly, or '' when it can."""
     timm = library()
