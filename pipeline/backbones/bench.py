@@ -3,8 +3,8 @@
 A short timed run of the network alone, as `extract` runs it (the same `Embedder`: channels_last,
 autocast at the precision, normalization on the device), on random uint8 crops of the backbone's
 input size. The architecture is what matters, not the weights, so random weights are used and
-nothing is downloaded. Decoding and resizing photos are not included: `extract` adds them (on the
-CPU, Pillow decode and resize cost roughly 5-10 ms per photo and core).
+nothing is downloaded. Decoding and resizing photos are not included: `extract` adds them
+(benchmarks/extract_throughput.py compares the network alone with extract end to end).
 """
 
 from __future__ import annotations
