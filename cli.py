@@ -43,8 +43,17 @@ def _command_line() -> str:
     return shlex.join(prog + click.get_current_context().find_root().obj["argv"])
 
 
+def _version(ctx: click.Context, param, value: bool) -> None:
+    """--version: this package's version and those of the libraries that shape its results."""
+    if value and not ctx.resilient_parsing:
+        _echo(pipeline.version_line())
+        ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors (works anywhere on the line).")
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_version,
+              help="Show the version of transfer and of torch, torchvision, timm and scikit-learn, and exit.")
 def cli(debug: bool) -> None:
     """Transfer learning with a frozen backbone: extract features once, fit a new last layer, export."""
 
@@ -183,8 +192,9 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
-@click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
-              type=click.Choice(["torchscript", "onnx", "pt2", "all"]), help="Model format(s) to export; repeatable.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["torchscript", "onnx", "pt2", "all"]),
+              help="Model format(s) to export; repeatable [default: torchscript; for a cache that records no backbone, "
+                   "head.pt alone].")
 @click.option("--skip-image-parity", is_flag=True,
               help="Skip the export's check of the model on original images (for photos edited since extraction); "
                    "the checks on cached features still run.")
@@ -236,7 +246,7 @@ def export_cmd(run_dir, model_path, formats, weights, skip_image_parity):
 
 def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None,
                        skip_image_parity: bool = False) -> None:
-    result = pipeline.export(run_dir, model_path, formats=list(formats), weights=weights,
+    result = pipeline.export(run_dir, model_path, formats=list(formats) or None, weights=weights,
                              skip_image_parity=skip_image_parity)
     _echo_all(result.lines())
 
@@ -337,39 +347,50 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 def inspect_cmd(cache_file, out_dir, threshold, C, top):
     """A first look at a cache, no fit needed: leaks across splits, duplicate files, suspect labels,
     a map of the data and the class balance, as one page (inspect.html)."""
-    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top)
+    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top, progress=True)
     _echo_all(found.lines())
     _echo_all([f"warning: {w}" for w in found.warnings], err=True)
 
 
 @cli.command(name="backbones")
+@click.argument("names", metavar="[NAME...]", nargs=-1)
 @click.option("--source", type=click.Choice(["builtin", "torchvision", "timm"]), default=None,
               help="Only this source [default: all].")
 @click.option("--filter", "text", default=None, metavar="TEXT", help="Only names containing TEXT (any case).")
+@click.option("--sort", type=click.Choice(["name", "top1", "params", "gflops"]), default="name", show_default=True,
+              help="top1: most accurate first; params, gflops: smallest first (unknown values last).")
 @click.option("--layers", "layers_of", default=None, metavar="MODEL",
-              help="Instead, the layers of MODEL that --layer accepts, one per line: module path, feature dim, pooling.")
-def backbones_command(source, text, layers_of):
-    """List the names --backbone accepts, their feature dims, and whether their weights are here.
-
-    weights: cached / packaged (on this machine), download (fetched on first use), none (random
-    only). Dims come from a table made by a forward pass on PyTorch's meta device (shapes only,
-    no weights) for the installed torchvision and timm; other versions compute them the same way.
-    """
-    if layers_of:
-        usable = [i for i in pipeline.list_layers(layers_of) if not i.problem]
-        click.echo(f"{layers_of}: {len(usable)} layers (module path, feature dim, pooling); "
-                   "default without --layer: the penultimate layer", err=True)
-        for info in usable:
-            click.echo(f"{info.path}\t{info.dim}\t{info.pooling}")
-        return
-    entries = pipeline.list_backbones(source, text, progress=True)
-    if not entries:
-        raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
-    width = max(len(e.name) for e in entries)
-    click.echo(f"{'name':<{width}}  {'dim':>5}  weights")
-    for e in entries:
-        note = f"  (refused: {e.note})" if e.note else ""
-        click.echo(f"{e.name:<{width}}  {e.dim:>5}  {e.weights}{note}")
+              help="Instead, the layers of MODEL that --layer accepts, one per line: module path, feature dim, "
+                   "pooling, and 'default' on the one whose features are used without --layer.")
+@click.option("--bench", is_flag=True,
+              help="Instead, time each backbone NAME on this machine: images/s of the network at --precision "
+                   "(a short run with random weights: nothing is downloaded).")
+@click.option("--device", default="auto", show_default=True, help="--bench: auto, cpu or cuda[:N].")
+@click.option("--precision", default="auto", show_default=True,
+              help="--bench: auto (what extract would choose), fp32, bf16 or fp16.")
+@click.option("--batch-size", type=int, default=None, help="--bench: images per batch [default: 16 on CPU, 64 on GPU].")
+@click.option("--seconds", type=float, default=5.0, show_default=True, help="--bench: timed seconds per backbone.")
+def backbones_command(names, source, text, sort, layers_of, bench, device, precision, batch_size, seconds):
+    """List the names --backbone accepts, to choose one: feature dim, parameters and GFLOPs (multiply-adds
+    per image) of the network extract runs, ImageNet top-1 (%) where torchvision publishes it, and whether
+    the weights are here (cached, packaged, download, none: random only); or time some (--bench NAME...)."""
+    if bool(names) != bench:
+        raise click.UsageError("--bench needs the backbones to time, e.g. transfer backbones --bench resnet50 "
+                               "efficientnet_lite0" if bench else f"NAME ({names[0]}) is for --bench; to list "
+                               "some, use --filter TEXT")
+    if bench:
+        _echo_all(pipeline.bench_backbones(names, device=device, precision=precision, batch_size=batch_size,
+                                           seconds=seconds, progress=True).lines())
+        _echo("(the network alone; extract also decodes and resizes each photo)", err=True)
+    elif layers_of:
+        header, *rows = pipeline.list_layers(layers_of).lines(layers_of)
+        _echo(header, err=True)
+        _echo_all(rows)
+    else:
+        entries = pipeline.list_backbones(source, text, progress=True, sort=sort)
+        if not entries:
+            raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
+        _echo_all(entries.lines())
 
 
 class _Exit(Exception):

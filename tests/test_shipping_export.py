@@ -420,3 +420,36 @@ def test_export_removes_temporaries_of_killed_exports_and_names_a_replaced_cache
     pipeline.write_cache(synthetic_runs / "c.h5", X, y, classes=classes, overwrite=True)
     with pytest.raises(InputFileError, match="no longer the one this head was fitted on .*8-d features, the head takes 4-d"):
         pipeline.export(a)
+
+
+def test_a_cache_without_a_backbone_fits_and_ships_its_head_alone(tmp_path):
+    """Features computed elsewhere (`write_cache`, no backbone): `transfer fit` writes the run, a page
+    without thumbnails or warnings, head.pt checked against scikit-learn, and one line on why no
+    model file; `transfer export` of that run, which asks for a model file, is refused in one line."""
+    from pipeline import write_cache
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(1.5, 1, (30, 8))]).astype(np.float32)
+    cache = tmp_path / "elsewhere.h5"
+    write_cache(cache, X, np.repeat([0, 1], 30), classes=["a", "b"], split=["train", "val", "test"] * 20)
+    run = tmp_path / "run"
+    result = run_cli("fit", cache, "--out", run, "--C", "0.1")
+    assert result.code == 0, result.err
+    assert "warning" not in result.err and "thumbnails" not in result.err
+    skipped = [line for line in result.out.splitlines() if "model" in line and "skipped" in line]
+    assert len(skipped) == 1 and "records no backbone" in skipped[0], result.out
+    assert not [p for p in run.glob("model.*") if p.suffix in (".pt", ".onnx", ".pt2")]
+    assert (run / "head.pt").is_file() and (run / "head.npz").is_file()
+    state = torch.load(run / "head.pt", weights_only=True)
+    linear = torch.nn.Linear(8, 2).double()
+    linear.load_state_dict({k: v.double() for k, v in state.items()})
+    reference = head_mod.sklearn_from_arrays(head_mod.load(run))
+    with torch.no_grad():
+        ours = torch.softmax(linear(torch.from_numpy(X).double()), 1).numpy()
+    assert np.abs(ours - reference.predict_proba(X)).max() < 1e-6
+    page = (run / "report.html").read_text()
+    assert "no image file" in page and "image not found" not in page and "no image folder recorded" in page
+    before = sorted(p.name for p in run.iterdir())
+    refused = run_cli("export", run)
+    assert_one_line_error(refused, "records no backbone", "head.pt")
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -58,6 +58,9 @@ class ExtractSummary:
     decode: str = ""
     input_seconds: float = 0.0  # time the extraction loop waited for decoded images (this process)
     failed_now: int = 0  # of the images this run went through, those that failed (decoding, preprocessing)
+    setup_seconds: float = 0.0  # before the loop: listing, loading the network, the batch-size probe
+    loop_seconds: float = 0.0  # the extraction loop: decode -> network -> commit (images_per_second's time)
+    batch_probed: bool = False  # whether the setup included a batch-size probe
 
     @property
     def wait_share(self) -> float:
@@ -76,13 +79,19 @@ class ExtractSummary:
         before = ([f"resumed after {self.resumed_from}"] if self.resumed_from else []) + (
             [f"reused {self.reused}"] if self.reused else [])
         resumed = f" ({', '.join(before)})" if before else ""
-        # The rate of images extracted: files that failed to decode are not counted as extracted.
+        # Files that failed to decode are not counted as extracted, nor in the rate.
         extracted = self.processed - self.failed_now
         rate = self.images_per_second * extracted / self.processed if self.processed else 0.0
-        lines = [f"extracted {extracted} images{resumed} in {self.seconds:.1f} s, "
-                 f"{rate:.1f} img/s ({self.wait_share:.0%} of it waiting for decoded images): "
-                 f"{self.done} cached, {self.failed} failed",
-                 f"cache: {out} ({size_text(self.out_bytes)})"]
+        lines = [f"extracted {extracted} images{resumed} in {self.seconds:.1f} s: {self.done} cached, "
+                 f"{self.failed} failed"]
+        if self.processed:
+            # The rate is over the loop only; the seconds above also hold the set-up and the cache's assembly.
+            setup = "loading the network" + (" and probing the batch size" if self.batch_probed else "")
+            after = max(self.seconds - self.setup_seconds - self.loop_seconds, 0.0)
+            lines.append(f"speed: {rate:.1f} img/s over the {self.loop_seconds:.1f} s of the "
+                         f"extraction loop ({self.wait_share:.0%} of it waiting for decoded images); before it "
+                         f"{self.setup_seconds:.1f} s {setup}, after it {after:.1f} s writing the cache")
+        lines.append(f"cache: {out} ({size_text(self.out_bytes)})")
         by_reason: dict[str, list[str]] = {}
         for path, reason in self.skipped:
             by_reason.setdefault(reason, []).append(path)
@@ -98,15 +107,15 @@ class ExtractSummary:
 
 
 def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-            progress=None, on_ready: Callable[[ExtractPlan], None] | None = None, **options) -> ExtractSummary:
+            progress="auto", on_ready: Callable[[ExtractPlan], None] | None = None, **options) -> ExtractSummary:
     """Run a frozen pretrained network once over every image under `image_dir` (or listed in
     `manifest=`, a .csv/.jsonl of path,label[,split]) and cache its features in `out` (HDF5; see
     docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
     updates a cache of the same settings whose images changed, running the network only on new and
     changed files. options: backbone, weights, layer, tta, batch_size, device, precision,
     decode, workers, overwrite, seed, manifest, check_content, retry_failed, preprocessing (the
-    `transfer extract` options). progress: True for bars, or a progress.Progress (see
-    pipeline.progress). `on_ready(plan)` is called once before the network runs with the
+    `transfer extract` options). progress: True for bars, False for none, "auto" (bars when
+    interactive), or a progress.Progress (see pipeline.progress). `on_ready(plan)` is called once before the network runs with the
     ExtractPlan (device, precision, batch size, and for an update, plan.update's account).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
@@ -165,6 +174,8 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             if isinstance(plan.listing, webdataset.ShardListing):  # tar members, read shard by shard
                 shards = functools.partial(webdataset.batches, plan.listing, plan.positions)
             failed_before = plan.partial.progress().failed
+            summary.setup_seconds = loop_started - started
+            summary.batch_probed = plan.batch.why.startswith("probed")
             processed, summary.input_seconds = _extract_rows(
                 plan.partial, plan.embedder, plan.listing.root, [plan.listing.paths[p] for p in plan.positions],
                 plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter, shards)
@@ -183,6 +194,7 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             summary.reused = sum(c["reused"] for c in counts)
             summary.failed_now = sum(c["failed"] for c in counts)
             summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
+            summary.loop_seconds = loop_seconds
             parts = distributed.all_parts(req.out, place.world_size)
             with cache.WriterLock(req.out) if sharded else contextlib.nullcontext():
                 info = cache.assemble(parts, req.out, plan.meta)

@@ -13,12 +13,16 @@ import joblib
 from .. import head as head_mod
 from ..files import display_path, markdown_code, markdown_text, new_folder
 from ..fitting.probe import FitResult
+from ..progress import resolve
 from . import pages, plots
 from .inspection import inspect_fit
 
 
-def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
-    """Write the whole run folder (sets result.run_dir); returns its path."""
+def write_fit_run(result: FitResult, run_dir: str, command: str, progress=None) -> str:
+    """Write the whole run folder (sets result.run_dir); returns its path. progress: one phase for
+    the files and plots, one for report.html (leaks, suspect labels, thumbnails)."""
+    progress = resolve(progress)
+    progress.phase("run folder: metrics, report.md, plots", 1, "step")
     with new_folder(run_dir) as tmp:
         joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
         result.head.meta["command"] = command
@@ -33,8 +37,12 @@ def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(display_path(report_markdown(metrics, result.describe_evaluation(), bool(result.sweep),
                                                  result.cache.path is not None)))
-        if result.cache.path is not None:  # the page shows images: it needs a cache of image files
+        progress.advance(1)
+        if result.cache.path is not None:  # the page: leaks and suspect labels need the cache's rows
+            progress.phase("run folder: report.html (leaks, suspect labels, thumbnails)", 1, "step")
             result.warnings += pages.write_fit_page(result, inspect_fit(result), tmp)
+            progress.advance(1)
+    progress.close()
     result.run_dir = run_dir
     return run_dir
 

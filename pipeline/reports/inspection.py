@@ -27,6 +27,7 @@ from ..cache import Cache, read_cache
 from ..errors import SettingError
 from ..files import display_path
 from ..fitting.splits import make_splits
+from ..progress import resolve
 from ..settings import Interval, validate
 
 # Cosine similarity of mean-centred features above which two images count as the same picture
@@ -169,6 +170,8 @@ def cache_mean(cache: Cache) -> np.ndarray:
 
 def mark_same_bytes(cache: Cache, pairs: list[Pair]) -> None:
     """Set pair.same_bytes by hashing the two files (only the files of the pairs are read)."""
+    if not cache.image_dir:
+        return  # a write_cache of features made elsewhere: its names point at no folder
     digests: dict[int, str | None] = {}
     for p in pairs:
         for row in (p.a, p.b):
@@ -253,25 +256,37 @@ def labelled_and_held_out(cache: Cache, seed: int = 0) -> tuple[np.ndarray, np.n
     return np.sort(np.concatenate([s.train, s.val])), s.test, f"train+val vs test of fit's split (seed {seed})"
 
 
-def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float = 0.1, top: int = 24, seed: int = 0) -> Inspection:
+def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float = 0.1, top: int = 24, seed: int = 0,
+            progress=None) -> Inspection:
     """Leaks, byte-identical duplicates, suspect labels, a map and the class balance of a cache.
 
     data: a cache path or a Cache. C: the regularisation of the head cross-validated for suspect
-    labels. top: how many suspects to keep. (`pipeline.inspect` also writes inspect.html.)
+    labels. top: how many suspects to keep. progress: one phase per section (pipeline.progress).
+    (`pipeline.inspect` also writes inspect.html.)
     """
     check_settings(threshold, C, top)
+    progress = resolve(progress)
     cache = data if isinstance(data, Cache) else read_cache(data)
     if cache.n == 0:
         raise SettingError(f"{cache.path} holds no images")
+    progress.phase("inspect: leaks across splits", 1, "step")
     mean = cache_mean(cache)
     labelled, held_out, how = labelled_and_held_out(cache, seed)
     leaks = similar_pairs(cache, held_out, labelled, threshold, mean)
+    progress.advance(1)
+    progress.phase("inspect: duplicates", 1, "step")
     everything = np.arange(cache.n)
     candidates = similar_pairs(cache, everything, everything, max(threshold, 0.995), mean, same_set=True)
     mark_same_bytes(cache, leaks + candidates)
     duplicates = [p for p in candidates if p.same_bytes]
+    progress.advance(1)
+    progress.phase(f"inspect: suspect labels ({SUSPECT_FOLDS}-fold)", 1, "step")
     suspects, _ = suspect_labels(cache, labelled, C, top=top, seed=seed)
+    progress.advance(1)
+    progress.phase("inspect: map", 1, "step")
     rows, xy = data_map(cache, seed=seed)
+    progress.advance(1)
+    progress.close()
     notes = [f"leaks: {how}, cosine of mean-centred features >= {threshold:g}"]
     if any(p.same_bytes is None for p in leaks + candidates):
         notes.append("some image files could not be read, so byte identity is unknown for their pairs")

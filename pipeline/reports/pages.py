@@ -40,6 +40,7 @@ class Tile:
 class _Thumbnails:
     def __init__(self, cache: Cache):
         self.cache, self.done, self.missing = cache, {}, 0
+        self.images = bool(cache.image_dir)  # a write_cache of features made elsewhere has no image folder
 
     def tile(self, row: int, *lines: str) -> Tile:
         if row not in self.done:
@@ -47,6 +48,8 @@ class _Thumbnails:
         return Tile(row, display_path(self.cache.path_bytes[row]), self.done[row], list(lines))
 
     def _thumbnail(self, row: int) -> str | None:
+        if not self.images:
+            return ""  # the page names the file; there is nothing to open
         try:
             image = decode_image(image_path(self.cache, row))
         except DecodeError:
@@ -151,7 +154,9 @@ def write_fit_page(result, inspection: Inspection, folder: str) -> list[str]:
 def _describe(cache: Cache) -> str:
     p = cache.provenance
     return (f"{cache.n} images, {len(cache.classes)} classes; backbone {p.get('backbone')} "
-            f"({p.get('weights')}), {cache.dim}-d features; images in {display_path(cache.image_dir or '?')}")
+            f"({p.get('weights')}), {cache.dim}-d features; " +
+            (f"images in {display_path(cache.image_dir)}" if cache.image_dir else
+             "no image folder recorded (features written with write_cache), so no thumbnails"))
 
 
 def _warnings(thumbs: _Thumbnails) -> list[str]:

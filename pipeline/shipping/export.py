@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .. import head as head_mod
+from ..backbones import parse as parse_backbone
 from ..cache import Cache, open_caches
+from ..cache.format import DEFAULT_PROVENANCE
 from ..errors import InputFileError, SettingError, TransferError
 from ..files import (check_path_given, display_path, make_folder_for, remove_quietly, remove_stale_temporaries,
                      size_text, write_atomically)
@@ -27,10 +29,11 @@ from .model import build, linear_state
 
 @dataclass
 class ExportResult:
-    model_path: str  # model.pt (or the one other format written): uint8 images in, probabilities out
+    model_path: str | None  # model.pt (or the one other format written): uint8 images in, probabilities out
     head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
     parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
     paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
+    skipped: str = ""  # why no model file was written (a cache with no backbone), when none was
 
     def lines(self) -> list[str]:
         """What was checked and written, in a few lines for the user."""
@@ -53,19 +56,23 @@ class ExportResult:
                 lines.append(f"  (reference: {e['reference']}; cached features at cosine >= "
                              f"{e['cached_feature_cosine_min']:.4f})")
         lines += [f"model: {display_path(path)} ({size_text(os.path.getsize(path))})" for path in self.paths.values()]
+        if self.skipped:
+            lines.append(f"model files skipped: {self.skipped}")
         return lines + [f"head: {display_path(self.head_path)}"]
 
 
-def export(source, out: str | os.PathLike | None = None, formats="torchscript",
+def export(source, out: str | os.PathLike | None = None, formats=None,
            weights: str | os.PathLike | None = None, skip_image_parity: bool = False) -> ExportResult:
     """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
 
     source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
     write into (default: the run folder), or the model file's path (*.pt, *.onnx or *.pt2, one
     format). formats: "torchscript" (model.pt), "onnx" (model.onnx), "pt2" (model.pt2), a list
-    of them, or "all". A FitResult that was never written needs `out`. Any folder but the run folder
-    also gets the head files (head.npz, head.json), so that it describes its model on its own; one
-    that holds another run's files is refused. weights: the backbone's weights file, when the one recorded
+    of them, or "all"; None: model.pt, or head.pt alone (ExportResult.skipped says why) when the
+    cache records no backbone to ship (a `write_cache` of features made elsewhere). A FitResult that
+    was never written needs `out`. Any folder but the run folder also gets the head files (head.npz,
+    head.json), so that it describes its model on its own; one that holds another run's files is
+    refused. weights: the backbone's weights file, when the one recorded
     at extraction has moved (it must have the recorded sha256). skip_image_parity: skip only the
     check on original images (for photos edited since extraction); the cached-feature checks run.
 
@@ -73,7 +80,7 @@ def export(source, out: str | os.PathLike | None = None, formats="torchscript",
     >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
     """
     check_path_given(out, "--out (the folder or model file to write)")
-    chosen = formats_mod.parse_formats(formats)
+    chosen = formats_mod.parse_formats("torchscript" if formats is None else formats)
     if isinstance(source, FitResult):
         head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
     else:
@@ -90,13 +97,21 @@ def export(source, out: str | os.PathLike | None = None, formats="torchscript",
     out = os.fspath(out) if out is not None else run_dir
     paths = _model_paths(out, chosen)
     folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
+    for path in [*paths.values(), os.path.join(folder, "head.pt"), os.path.join(folder, "parity.json")]:
+        remove_stale_temporaries(path)  # model.pt.writing-PID left by an export killed with kill -9
+    missing = missing_backbone(head.meta["provenance"], cache)
+    if missing and formats is not None:
+        raise SettingError(f"export: {missing}; a model file holds the backbone, so none can be written; the new "
+                           "last layer is head.npz and head.pt (a torch.nn.Linear state_dict), which `transfer fit` "
+                           "writes (Python: export with formats=None)")
     make_folder_for(os.path.join(folder, "head.pt"))
     elsewhere = os.path.abspath(folder) != os.path.abspath(run_dir or "")
     if elsewhere:
         _check_not_another_run(folder, head)
-    for path in [*paths.values(), os.path.join(folder, "head.pt"), os.path.join(folder, "parity.json")]:
-        remove_stale_temporaries(path)  # model.pt.writing-PID left by an export killed with kill -9
-    result = _export(head, reference, cache, paths, folder, weights, skip_image_parity)
+    if missing:
+        result = _export_head(head, reference, cache, folder, missing)
+    else:
+        result = _export(head, reference, cache, paths, folder, weights, skip_image_parity)
     if elsewhere:
         head_mod.save(head, folder)  # so the folder describes its model on its own
     return result
@@ -137,6 +152,29 @@ def _check_cache_fits(head: head_mod.LinearHead, cache: Cache) -> None:
             f"{differs[0]} {json.dumps(now.get(differs[0]))[:40]}, the head was fitted on {json.dumps(recorded.get(differs[0]))[:40]}"
         raise InputFileError(f"the cache {display_path(cache.path)} is no longer the one this head was fitted on "
                              f"({what}): it was replaced since the fit; fit again, or extract it again as it was")
+
+
+def missing_backbone(provenance: dict, cache: Cache) -> str:
+    """Why no model file can be built for a head of this provenance ('' when one can): a cache
+    written by `write_cache` records no backbone, or one this library does not know."""
+    name = provenance.get("backbone")
+    if not name or name == DEFAULT_PROVENANCE["backbone"]:
+        return (f"the cache {display_path(cache.path)} records no backbone (written by write_cache without "
+                "provenance['backbone'])")
+    try:
+        parse_backbone(str(name))
+    except TransferError:
+        return f"the cache {display_path(cache.path)} records backbone {name!r}, which transfer cannot build"
+    return ""
+
+
+def _export_head(head: head_mod.LinearHead, reference, cache: Cache, folder: str, why: str) -> ExportResult:
+    """head.pt alone, checked against scikit-learn on the cached features (a cache with no backbone)."""
+    report = {"cached_features": checks.on_features(head, reference, cache)}
+    head_path = os.path.join(folder, "head.pt")
+    write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
+    write_atomically(lambda p: _write_json(report, p), os.path.join(folder, "parity.json"))
+    return ExportResult(None, head_path, report, {}, skipped=f"{why}; head.pt and head.npz hold the new last layer")
 
 
 def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:

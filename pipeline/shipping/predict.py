@@ -88,13 +88,14 @@ def list_inputs(paths: list[str]) -> list[str]:
 
 
 def predict(model, paths, *, top_k: int | None = None, batch_size: int = 16, out: str | os.PathLike | None = None,
-            device: str = "auto", progress=None) -> list[Prediction]:
+            device: str = "auto", progress="auto") -> list[Prediction]:
     """Classify image files (folders: every image inside) with a model, in batches.
 
     model: a loaded Model, or a model file (model.pt, model.onnx, model.pt2) loaded on `device`.
     Returns one Prediction per file, in order: its top_k labels (default min(3, K)) and their
     probabilities, or the reason it could not be read. out: also write them to this .csv or .json
-    file (its name is checked before any image is read). progress: see pipeline.progress.
+    file (its name is checked before any image is read). progress: True, False, "auto" (bars when
+    interactive) or a progress.Progress (see pipeline.progress).
 
     >>> predict("models/photos/model.pt", ["new_photos/"])[0].labels
     """
