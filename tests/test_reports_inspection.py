@@ -58,7 +58,7 @@ def test_a_moved_image_folder_gives_placeholders_and_one_warning(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (("--threshold", "1.5"), "threshold (--threshold) must be a number in (0, 1]"),
     (("--top", "0"), "top (--top) must be a whole number >= 1"),
-    (("--C", "-1"), "C (--C) must be a number > 0"),
+    (("--C", "-1"), "C (--C) must be auto (None) or a number > 0"),
 ])
 def test_bad_settings_get_one_line(tmp_path, args, fragment):
     X, y, classes = blobs(5, 2, 4)
