@@ -21,8 +21,9 @@ from sklearn.metrics import log_loss
 
 ECE_BINS = 15
 # 1/T is searched in [1/20, 20]: the log-loss is convex in 1/T, so a bounded scalar search finds
-# its minimum. A minimum at a bound means the held-out predictions do not pin T down (e.g. all of
-# them right): the fit says so rather than sharpening without limit.
+# its minimum. When every held-out prediction is right, the log-loss falls without end as T -> 0:
+# those predictions cannot say how sharp the probabilities should be, so T stays 1 (and the fit
+# says so) rather than shipping probabilities sharpened to the bound.
 INVERSE_T_BOUNDS = (0.05, 20.0)
 
 
@@ -41,9 +42,12 @@ def scale(proba: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(proba: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
-    """The T that minimizes the log-loss of scale(proba, T) on labels y (n,); and whether the
-    minimum lies at a bound of the search (T not determined by these predictions)."""
+def fit_temperature(proba: np.ndarray, y: np.ndarray) -> tuple[float, str]:
+    """The T that minimizes the log-loss of scale(proba, T) on labels y (n,), and how it went:
+    "fitted"; "bound" (the minimum lies at a bound of the search); or "all right" (every
+    prediction is right, T is not determined: 1 is returned)."""
+    if (proba.argmax(axis=1) == y).all():
+        return 1.0, "all right"
     z = log_probabilities(proba)
     z_true = z[np.arange(len(y)), y]
 
@@ -55,8 +59,7 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
     low, high = INVERSE_T_BOUNDS
     found = optimize.minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-6})
     beta = float(found.x)
-    at_bound = min(beta - low, high - beta) < 1e-3 * beta
-    return 1.0 / beta, at_bound
+    return 1.0 / beta, "bound" if min(beta - low, high - beta) < 1e-3 * beta else "fitted"
 
 
 def ece(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:

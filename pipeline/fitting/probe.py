@@ -60,8 +60,9 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)  # from writing the run folder (e.g. images not found)
     solver: dict = field(default_factory=dict)  # name, reason, device, world_size
     selection: str = "given"  # how C was chosen: "validation", "cv" (k-fold on train+val) or "given"
-    # method, temperature, fitted_on (words), n_fitted, at_bound, optimistic, and "before"/"after":
-    # ECE, log-loss, top-1 and reliability table of the evaluated predictions, uncalibrated/calibrated
+    # method, temperature, fitted_on (words), n_fitted, status (calibration.fit_temperature's),
+    # optimistic, and "before"/"after": ECE, log-loss, top-1 and reliability table of the evaluated
+    # predictions, uncalibrated and calibrated
     calibration: dict = field(default_factory=dict)
     alternative: dict | None = None  # the other --select rule's C among those tried (selection.other_choice)
 
@@ -104,6 +105,8 @@ def calibration_line(c: dict) -> str:
               + (" (optimistic: T was fitted on these predictions)" if c["optimistic"] else ""))
     if c["method"] == "none":
         return f"none (--calibrate none); ECE {b['ece']:.4f}"
+    if c["status"] == "all right":
+        return f"none: every one of {c['fitted_on']} is right, T = 1; ECE {b['ece']:.4f}"
     return f"temperature T = {c['temperature']:.3g}, fitted on {c['fitted_on']}: {change}"
 
 
@@ -202,9 +205,9 @@ def _fit_head(cache: Cache, settings: FitSettings, progress) -> FitResult:
     elif evaluated_on == "cv":
         notes.append("no test split: scores are the cross-validated predictions that also chose C "
                      "(optimistic); the saved model is refit on train+val")
-    temperature, at_bound = 1.0, False
+    temperature, fit_status = 1.0, "not asked for"
     if settings.calibrate == "temperature":
-        temperature, at_bound = fit_temperature(fitted.val_proba, held_y)
+        temperature, fit_status = fit_temperature(fitted.val_proba, held_y)
     if len(splits.test):  # the test split, or the held-out validation split
         rows, before = splits.test, fitted.test_proba
     else:
@@ -215,13 +218,15 @@ def _fit_head(cache: Cache, settings: FitSettings, progress) -> FitResult:
                  f"{'train' if splits.held_out_val else 'train+val'} images" if fitted.selection == "cv" else
                  f"the {len(held_y)} validation images (the model fitted on train)")
     calibration = {"method": settings.calibrate, "temperature": temperature, "fitted_on": fitted_on,
-                   "n_fitted": len(held_y), "at_bound": at_bound, "optimistic": not len(splits.test),
+                   "n_fitted": len(held_y), "status": fit_status, "optimistic": not len(splits.test),
                    "before": summary(before, labels[rows], len(classes)),
                    "after": summary(after, labels[rows], len(classes))}
-    if at_bound:
+    if fit_status == "bound":
         notes.append(f"calibration: the temperature reached the bound of its search (T = {temperature:.3g}): "
-                     f"{fitted_on} do not pin it down (too few errors among them?); --calibrate none keeps "
-                     "the probabilities as fitted")
+                     f"{fitted_on} barely pin it down; --calibrate none keeps the probabilities as fitted")
+    elif fit_status == "all right":
+        notes.append(f"calibration: none: all {fitted_on} are right, so they cannot tell how sharp the "
+                     "probabilities should be (T = 1)")
     alternative = other_choice(fitted.sweep, settings.select)
     if alternative is not None and alternative["C"] != fitted.C:
         mine = next(r for r in fitted.sweep if r["C"] == fitted.C)
