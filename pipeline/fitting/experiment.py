@@ -4,7 +4,8 @@ Every run is one `fit_head` call (the same code and seeds as `transfer fit`), so
 reproduced exactly by the `transfer fit` command recorded beside it. Every point of a learning
 curve is scored on the same rows: the test split, or, for caches without one, the whole validation
 split held out from every run (`hold_out="val"`: only train is subsampled, C and the temperature
-come from cross-validation on the run's own train rows); results.csv names the scored rows. Runs go to joblib workers and
+come from cross-validation on the run's own train rows); results.csv names the scored rows.
+Runs go to joblib workers and
 are saved as they finish (OUT.partial/runs.jsonl), so an interrupted experiment resumes.
 `reports.experiment` writes the folder; `pipeline.runs.run_experiment` does both.
 """
@@ -72,8 +73,8 @@ class ExperimentResult:
         collapsed = sum(bool(r.get("collapsed")) for r in self.rows)
         for cache, r in self.best.items():
             held_out = "held-out" in str(r.get("scored_on", ""))
-            lines.append(f"  {display_path(os.path.basename(cache))}: {'held-out val' if held_out else r['evaluated_on']} "
-                         f"top-1 {r['top1']:.4f}  ({'cross-validated' if held_out else 'val'} top-1 "
+            scored, chose = ("held-out val", "cross-validated") if held_out else (r["evaluated_on"], "val")
+            lines.append(f"  {display_path(os.path.basename(cache))}: {scored} top-1 {r['top1']:.4f}  ({chose} top-1 "
                          f"{r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
                          f"class weight {r['class_weight']})")
             lines.append(f"    reproduce: {r['command']}")

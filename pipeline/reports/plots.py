@@ -155,11 +155,12 @@ def _collapsed_legend(ax) -> None:
     ax.scatter([], [], color="0.35", label="predicts one class (triangle: below the range)", **COLLAPSED_STYLE)
 
 
-def plot_accuracy_vs_C(rows: list[dict], path: str) -> None:
+def plot_accuracy_vs_C(rows: list[dict], path: str) -> tuple[float, float]:
     """Validation top-1 against C, one panel per cache, one line per setting; C=auto runs show their
-    sweep. The y-range follows the fits that predict more than one class; collapsed fits (one class
-    for every image: accuracy = that class's share) are drawn as rings, or as triangles on the
-    bottom edge when below that range."""
+    sweep. The y-range follows the fixed-C fits and the Cs auto chose that predict more than one
+    class (and a sweep down to 0.05 below the best); collapsed fits (one class for every image:
+    accuracy = that class's share) are drawn as rings, or as triangles on the bottom edge when below
+    that range. Returns the y-range."""
     top = max(r["train_fraction"] for r in rows)
     caches = list(dict.fromkeys(r["cache"] for r in rows))
     names = cache_labels(caches)
@@ -203,6 +204,7 @@ def plot_accuracy_vs_C(rows: list[dict], path: str) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("validation top-1")
     _finish_facets(fig, axes, bottom, "Validation accuracy against C (stars: chosen by C=auto)", path)
+    return low, high
 
 
 def _log_ticks(ax, values: list[float]) -> None:
@@ -217,9 +219,10 @@ def _log_ticks(ax, values: list[float]) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def plot_learning_curve(curve: list[dict], path: str) -> None:
+def plot_learning_curve(curve: list[dict], path: str) -> list[float]:
     """Mean top-1 over repeats (line) and its spread (band: mean ± std) against the images the head
-    learned from, one panel per cache. Every point of a curve is scored on the same images."""
+    learned from, one panel per cache; the y-range follows the runs that did not collapse. Returns
+    the x ticks labelled (the first panel's)."""
     caches = list(dict.fromkeys(c["cache"] for c in curve))
     names = cache_labels(caches)
     settings = list(dict.fromkeys(f"{setting_label(c)}, C={c['C']}" for c in curve))
@@ -257,7 +260,9 @@ def plot_learning_curve(curve: list[dict], path: str) -> None:
     where = (f"every point scored on the same {next(iter(scored))[0]} images" if len(scored) == 1 else
              "points scored on different images: see summary.md")
     axes[0].set_ylabel("top-1 (line: mean, band: ± std over repeats)")
+    ticks = list(axes[0].xaxis.get_major_locator().tick_values(0, 0))
     _finish_facets(fig, axes, bottom, f"Learning curve ({where})", path)
+    return ticks
 
 
 def plot_reliability(calibration: dict, where: str, path: str) -> None:
