@@ -31,7 +31,8 @@ def write_evaluation(evaluation, out_dir: str) -> list[str]:
 
 def metrics_doc(evaluation) -> dict:
     return {"model": display_path(os.path.abspath(evaluation.model_path)), "format": evaluation.model_format,
-            "data": display_path(os.path.abspath(evaluation.data)), "split": evaluation.split, "classes": evaluation.classes,
+            "data": display_path(os.path.abspath(evaluation.data)), "split": evaluation.split,
+            "classes": evaluation.classes,
             "scores": evaluation.scores, "reliability": evaluation.reliability,
             "failed_images": {"count": len(evaluation.failed),
                               "first": [{"path": display_path(p), "reason": r} for p, r in evaluation.failed[:20]]},
