@@ -83,13 +83,19 @@ def test_bad_data_gets_one_line(binary_run, tmp_path, make, args, fragment):
 @needs_hymenoptera
 def test_real_photos_model_pt_scores_val_as_fit_scored_it(hymenoptera_lite0, tmp_path):
     """The proof: a head fitted on the train photos alone (--hold-out val) scores the 153 val photos;
-    `transfer evaluate` of its model.pt on the val folder gives the same numbers."""
+    `transfer evaluate` of its model.pt on the val folder gives the same numbers; model.pt holds the
+    calibrated head (parity.json against the calibrated scikit-learn probabilities)."""
     run = tmp_path / "run"
     fitted = run_cli("fit", hymenoptera_lite0, "--hold-out", "val", "--out", run)
     assert fitted.code == 0, fitted.err
     result = run_cli("evaluate", run / "model.pt", HYMENOPTERA / "val", "--out", tmp_path / "ev")
     assert result.code == 0, result.err
-    fit_scores = json.loads((run / "metrics.json").read_text())["scores"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    fit_scores, calibrated = metrics["scores"], metrics["calibration"]
+    assert calibrated["temperature"] != 1 and calibrated["after"]["ece"] < calibrated["before"]["ece"]
+    parity = json.loads((run / "parity.json").read_text())  # model.pt gives the calibrated probabilities
+    assert parity["cached_features"]["max_abs_diff"] <= 1e-5
+    assert parity["torchscript"]["end_to_end"]["max_abs_diff"] <= 1e-4
     scores = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scores"]
     assert scores["n"] == fit_scores["n"] == 153
     assert scores["top1"] == fit_scores["top1"] and scores["confusion_matrix"] == fit_scores["confusion_matrix"]
