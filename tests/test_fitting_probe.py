@@ -375,7 +375,11 @@ def test_hold_out_val_scores_the_whole_val_split_that_nothing_else_saw(tmp_path)
     X, y, classes = blobs(30, 2, 6, seed=6, spread=3.0)
     split = split_names(y, test=0.0)
     honest = make_cache(tmp_path / "tv.h5", X, y, classes, split)
-    result = fit(honest, hold_out="val")
+    from tests.test_fitting_solver import Recorder
+
+    progress = Recorder()
+    result = fit(honest, hold_out="val", progress=progress)
+    assert [p[0] for p in progress.phases][-1] == "refit on train"  # val is not refit on
     val = np.flatnonzero(np.array(split) == "val")
     assert result.evaluated_on == "val" and result.splits.held_out_val
     assert np.array_equal(np.sort(result.predictions[0]), val)  # every val image, scored

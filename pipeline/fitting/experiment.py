@@ -69,7 +69,9 @@ class ExperimentResult:
     def lines(self) -> list[str]:
         """The best setting per cache, and where everything is, in a few lines for the user."""
         lines = [f"resumed: {self.resumed} runs were already saved"] if self.resumed else []
-        lines.append(f"{len(self.rows)} runs; best setting per cache (chosen on validation):")
+        by_cv = any("held-out" in str(r.get("scored_on", "")) for r in self.best.values())
+        lines.append(f"{len(self.rows)} runs; best setting per cache (chosen "
+                     f"{'by cross-validation on train' if by_cv else 'on validation'}):")
         collapsed = sum(bool(r.get("collapsed")) for r in self.rows)
         for cache, r in self.best.items():
             held_out = "held-out" in str(r.get("scored_on", ""))

@@ -149,7 +149,7 @@ def fit_in_memory(cache: Cache, settings: FitSettings, splits: Splits, timings: 
     # 2. Refit on train+val with the chosen C, from freshly read features, warm-started from the
     # chosen train-only model (carried over to the new standardization; PCA's axes differ: cold).
     t = time.perf_counter()
-    progress.phase("refit on train+val", 1, "fit")
+    progress.phase(f"refit on {'train+val' if n_val else 'train'}", 1, "fit")  # train alone: --hold-out val
     cache.features(order, out=X)
     steps = _preprocessing(settings, X, n_tr + n_val)
     Z = _project(steps, X)

@@ -230,9 +230,10 @@ def _fit_head(cache: Cache, settings: FitSettings, progress) -> FitResult:
     alternative = other_choice(fitted.sweep, settings.select)
     if alternative is not None and alternative["C"] != fitted.C:
         mine = next(r for r in fitted.sweep if r["C"] == fitted.C)
+        scored = "cross-validated" if fitted.selection == "cv" else "val"
         notes.append(f"--select {alternative['select']} would choose C = {alternative['C']:.4g} among the "
-                     f"{len(fitted.sweep)} Cs tried: val top-1 {alternative['val_top1']:.4f} vs "
-                     f"{mine['val_top1']:.4f}, val log-loss {alternative['val_log_loss']:.4f} vs "
+                     f"{len(fitted.sweep)} Cs tried: {scored} top-1 {alternative['val_top1']:.4f} vs "
+                     f"{mine['val_top1']:.4f}, {scored} log-loss {alternative['val_log_loss']:.4f} vs "
                      f"{mine['val_log_loss']:.4f} at the chosen C = {fitted.C:.4g} (before calibration)")
     C, sweep, steps = fitted.C, fitted.sweep, fitted.steps
     pipeline = Pipeline([(type(s).__name__.lower(), s) for s in steps] +
