@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fit_memory.py
 	$(PY) benchmarks/write_cache_memory.py
 	$(PY) benchmarks/export_speed.py
+	$(PY) benchmarks/shards_vs_folder.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,20 +13,22 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import click
 
 import pipeline  # light: its names load on first use, so `transfer --help` imports no torch
 from pipeline.devices import this_process
 from pipeline.errors import TransferError
-from pipeline.files import default_run_dir
+from pipeline.files import default_run_dir, terminal_text
 
 DEBUG_FLAG = "--debug"
 
 
 def _echo(text: str = "", err: bool = False) -> None:
-    """click.echo, with names that are not UTF-8 shown as \\xNN escapes (never an encoding error)."""
-    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+    """click.echo of text that may hold names from outside: bytes that are not UTF-8 shown as \\xNN
+    and control characters as \\x1b etc. (never an encoding error, never a terminal escape sequence)."""
+    click.echo(terminal_text(text), err=err)
 
 
 def _echo_all(lines: list[str], err: bool = False) -> None:
@@ -41,8 +43,17 @@ def _command_line() -> str:
     return shlex.join(prog + click.get_current_context().find_root().obj["argv"])
 
 
+def _version(ctx: click.Context, param, value: bool) -> None:
+    """--version: this package's version and those of the libraries that shape its results."""
+    if value and not ctx.resilient_parsing:
+        _echo(pipeline.version_line())
+        ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors (works anywhere on the line).")
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_version,
+              help="Show the version of transfer and of torch, torchvision, timm and scikit-learn, and exit.")
 def cli(debug: bool) -> None:
     """Transfer learning with a frozen backbone: extract features once, fit a new last layer, export."""
 
@@ -89,8 +100,16 @@ def cli(debug: bool) -> None:
               help="Replace (some of) the backbone's preprocessing, e.g. resize=256,crop=224,interpolation=bilinear,"
                    "mean=0.485/0.456/0.406,std=0.229/0.224/0.225 (also resize_mode=shorter|squash) "
                    "[default: the weights' own; for a file, the published checkpoint it matches].")
+@click.option("--webdataset", "shards", multiple=True, metavar="[SPLIT=]SHARDS",
+              help="WebDataset tar shards instead of IMAGE_DIR, e.g. 'shards/{000000..000099}.tar' (brace ranges and "
+                   "{a,b}; repeatable; SPLIT= (train, val, test) gives the split of a shard list). Read without "
+                   "unpacking; resumable; under torchrun each rank reads whole shards.")
+@click.option("--label-key", default="cls", show_default=True, metavar="EXT|json:FIELD",
+              help="With --webdataset: a sample's label is the text of its member KEY.EXT, or FIELD of KEY.json.")
+@click.option("--split-key", default=None, metavar="EXT|json:FIELD",
+              help="With --webdataset: a sample's split (train, val or test), like --label-key.")
 def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size, device, precision, decode, workers,
-            overwrite, check_content, retry_failed, seed, preprocessing):
+            overwrite, check_content, retry_failed, seed, preprocessing, shards, label_key, split_key):
     """Run a frozen pretrained network once over IMAGE_DIR and cache its penultimate features.
 
     IMAGE_DIR holds one folder per class (IMAGE_DIR/CLASS/*.jpg), optionally under split
@@ -102,8 +121,24 @@ def extract(image_dir, out, manifest, backbone, weights, layer, tta, batch_size,
         image_dir, out, backbone=backbone, weights=weights, layer=layer, tta=tta, batch_size=batch_size, device=device,
         precision=precision, decode=decode, workers=workers, overwrite=overwrite, seed=seed, command=_command_line(),
         manifest=manifest, check_content=check_content, retry_failed=retry_failed, preprocessing=preprocessing,
-        progress=True)
+        webdataset=list(shards) or None, label_key=label_key, split_key=split_key, progress=True)
     _echo_all(summary.lines())
+
+
+@cli.command()
+@click.argument("parts", metavar="PART.h5...", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="The merged cache to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
+def merge(parts, out, overwrite):
+    """Join caches of one extraction (parts written by engine workers, or caches of subsets) into one.
+
+    The rows come out in the order `transfer extract` writes them, as if one extraction had run;
+    parts extracted differently (backbone, weights, preprocessing, precision, ...), of another
+    image folder, or holding the same file are refused.
+    """
+    merged = pipeline.merge_caches(list(parts), out, overwrite=overwrite, progress=True)
+    _echo(f"merged {len(parts)} parts: {merged.n} images, {len(merged.failed)} failed, "
+          f"{len(merged.classes)} classes -> {merged.path}")
 
 
 class _CValue(click.ParamType):
@@ -158,7 +193,7 @@ def _fit_options(f):
 
 
 @cli.command()
-@click.argument("cache_file", metavar="CACHE.h5", type=click.Path(path_type=str))
+@click.argument("cache_files", metavar="CACHE.h5...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "run_dir", type=click.Path(path_type=str), default=None,
               help="Run folder to write [default: reports/<cache name>-<timestamp>].")
 @click.option("--C", "C", type=_CValue(), default="auto", show_default=True,
@@ -166,19 +201,22 @@ def _fit_options(f):
 @_fit_options
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also write head.pt and the TorchScript model.pt (runs the backbone on a few images).")
-@click.option("--format", "formats", multiple=True, default=("torchscript",), show_default=True,
-              type=click.Choice(["torchscript", "onnx", "pt2", "all"]), help="Model format(s) to export; repeatable.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["torchscript", "onnx", "pt2", "all"]),
+              help="Model format(s) to export; repeatable [default: torchscript; for a cache that records no backbone, "
+                   "head.pt alone].")
 @click.option("--skip-image-parity", is_flag=True,
               help="Skip the export's check of the model on original images (for photos edited since extraction); "
                    "the checks on cached features still run.")
-def fit(cache_file, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
+def fit(cache_files, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
         solver, device, calibrate, select, hold_out, export, formats, skip_image_parity):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
     the model is refit on train+val and scored on test when there is one. Under torchrun
     (--solver streamed or auto) the ranks share the rows and rank 0 writes the run folder.
+    Several caches of one extraction (parts, e.g. part-*.h5) are read as one, without merging.
     """
+    cache_file = cache_files[0] if len(cache_files) == 1 else list(cache_files)
     result = pipeline.fit(cache_file, run_dir or "auto", command=_command_line(), progress=True, C=C,
                           class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize, pca=pca,
                           train_fraction=train_fraction, repeat=repeat, C_selection=C_selection, solver=solver,
@@ -217,7 +255,7 @@ def export_cmd(run_dir, model_path, formats, weights, skip_image_parity):
 
 def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None,
                        skip_image_parity: bool = False) -> None:
-    result = pipeline.export(run_dir, model_path, formats=list(formats), weights=weights,
+    result = pipeline.export(run_dir, model_path, formats=list(formats) or None, weights=weights,
                              skip_image_parity=skip_image_parity)
     _echo_all(result.lines())
 
@@ -239,10 +277,11 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     if out:
         _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
     else:
-        width = min(60, max(len(r.path) for r in results))
-        for r in results:
+        names = [terminal_text(r.path) for r in results]  # as _echo shows them: the columns line up
+        width = min(60, max(len(n) for n in names))
+        for r, name in zip(results, names):
             shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
-            _echo(f"{r.path:<{width}}  {shown}")
+            _echo(f"{name:<{width}}  {shown}")
         if errors:
             _echo(f"{errors} of {len(results)} files could not be read")
     if errors == len(results):
@@ -320,7 +359,8 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 def inspect_cmd(cache_file, out_dir, threshold, C, top, seed):
     """A first look at a cache, no fit needed: leaks across splits, duplicate files, suspect labels,
     a map of the data and the class balance, as one page (inspect.html) and label_issues.csv."""
-    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top, seed=seed)
+    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top, seed=seed,
+                             progress=True)
     _echo_all(found.lines())
     _echo_all([f"warning: {w}" for w in found.warnings], err=True)
 
@@ -346,33 +386,44 @@ def evaluate_cmd(model_path, data, out_dir, split, batch_size, device):
 
 
 @cli.command(name="backbones")
+@click.argument("names", metavar="[NAME...]", nargs=-1)
 @click.option("--source", type=click.Choice(["builtin", "torchvision", "timm"]), default=None,
               help="Only this source [default: all].")
 @click.option("--filter", "text", default=None, metavar="TEXT", help="Only names containing TEXT (any case).")
+@click.option("--sort", type=click.Choice(["name", "top1", "params", "gflops"]), default="name", show_default=True,
+              help="top1: most accurate first; params, gflops: smallest first (unknown values last).")
 @click.option("--layers", "layers_of", default=None, metavar="MODEL",
-              help="Instead, the layers of MODEL that --layer accepts, one per line: module path, feature dim, pooling.")
-def backbones_command(source, text, layers_of):
-    """List the names --backbone accepts, their feature dims, and whether their weights are here.
-
-    weights: cached / packaged (on this machine), download (fetched on first use), none (random
-    only). Dims come from a table made by a forward pass on PyTorch's meta device (shapes only,
-    no weights) for the installed torchvision and timm; other versions compute them the same way.
-    """
-    if layers_of:
-        usable = [i for i in pipeline.list_layers(layers_of) if not i.problem]
-        click.echo(f"{layers_of}: {len(usable)} layers (module path, feature dim, pooling); "
-                   "default without --layer: the penultimate layer", err=True)
-        for info in usable:
-            click.echo(f"{info.path}\t{info.dim}\t{info.pooling}")
-        return
-    entries = pipeline.list_backbones(source, text, progress=True)
-    if not entries:
-        raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
-    width = max(len(e.name) for e in entries)
-    click.echo(f"{'name':<{width}}  {'dim':>5}  weights")
-    for e in entries:
-        note = f"  (refused: {e.note})" if e.note else ""
-        click.echo(f"{e.name:<{width}}  {e.dim:>5}  {e.weights}{note}")
+              help="Instead, the layers of MODEL that --layer accepts, one per line: module path, feature dim, "
+                   "pooling, and 'default' on the one whose features are used without --layer.")
+@click.option("--bench", is_flag=True,
+              help="Instead, time each backbone NAME on this machine: images/s of the network at --precision "
+                   "(a short run with random weights: nothing is downloaded).")
+@click.option("--device", default="auto", show_default=True, help="--bench: auto, cpu or cuda[:N].")
+@click.option("--precision", default="auto", show_default=True,
+              help="--bench: auto (what extract would choose), fp32, bf16 or fp16.")
+@click.option("--batch-size", type=int, default=None, help="--bench: images per batch [default: 16 on CPU, 64 on GPU].")
+@click.option("--seconds", type=float, default=5.0, show_default=True, help="--bench: timed seconds per backbone.")
+def backbones_command(names, source, text, sort, layers_of, bench, device, precision, batch_size, seconds):
+    """List the names --backbone accepts, to choose one: feature dim, parameters and GFLOPs (multiply-adds
+    per image) of the network extract runs, ImageNet top-1 (%) where torchvision publishes it, and whether
+    the weights are here (cached, packaged, download, none: random only); or time some (--bench NAME...)."""
+    if bool(names) != bench:
+        raise click.UsageError("--bench needs the backbones to time, e.g. transfer backbones --bench resnet50 "
+                               "efficientnet_lite0" if bench else f"NAME ({names[0]}) is for --bench; to list "
+                               "some, use --filter TEXT")
+    if bench:
+        _echo_all(pipeline.bench_backbones(names, device=device, precision=precision, batch_size=batch_size,
+                                           seconds=seconds, progress=True).lines())
+        _echo("(the network alone; extract also decodes and resizes each photo)", err=True)
+    elif layers_of:
+        header, *rows = pipeline.list_layers(layers_of).lines(layers_of)
+        _echo(header, err=True)
+        _echo_all(rows)
+    else:
+        entries = pipeline.list_backbones(source, text, progress=True, sort=sort)
+        if not entries:
+            raise _Exit(f"no backbone name contains {text!r}" + (f" in {source}" if source else ""))
+        _echo_all(entries.lines())
 
 
 class _Exit(Exception):
@@ -390,8 +441,14 @@ def main(argv: list[str] | None = None) -> None:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _run(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings():
+            if DEBUG_FLAG not in argv:
+                # Library warnings (matplotlib's missing glyphs, scikit-learn, torch) are noise on a terminal,
+                # and print names unescaped: what matters the library says itself. --debug shows them.
+                warnings.simplefilter("ignore")
+            _run(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

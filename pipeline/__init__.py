@@ -16,11 +16,29 @@ docs/architecture.md shows where each lives.
 from __future__ import annotations
 
 import importlib
+import sys
+from importlib import metadata
+
+def _installed(name: str, missing: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return missing
+
+
+__version__ = _installed("transfer", "0+unknown")  # unknown: a checkout used without `pip install`
+
+
+def version_line() -> str:
+    """transfer's version and those of the libraries that shape its results (`transfer --version`)."""
+    others = ", ".join(f"{n} {_installed(n, 'not installed')}" for n in ("torch", "torchvision", "timm", "scikit-learn"))
+    return f"transfer {__version__} ({others}; Python {sys.version.split()[0]})"
 
 _WHERE = {
     "extract": "extraction", "ExtractSummary": "extraction", "ExtractState": "extraction",
     "ExtractPlan": "extraction",
     "read_cache": "cache", "write_cache": "cache", "Cache": "cache",
+    "Embedder": "extraction.embedder", "merge_caches": "cache", "PartsCache": "cache",
     "fit": "runs", "FitResult": "fitting.probe", "FitSettings": "fitting.settings",
     "LinearHead": "head",
     "export": "shipping.export", "ExportResult": "shipping.export",
@@ -29,7 +47,7 @@ _WHERE = {
     "run_experiment": "runs", "ExperimentRequest": "fitting.experiment",
     "inspect": "runs", "Inspection": "reports.inspection",
     "evaluate": "runs", "Evaluation": "shipping.evaluate",
-    "list_backbones": "backbones", "list_layers": "backbones",
+    "list_backbones": "backbones", "list_layers": "backbones", "bench_backbones": "backbones.bench",
     "TransferError": "errors", "SettingError": "errors", "InputFileError": "errors",
     "IncompleteCacheError": "errors", "IncompatibleCachesError": "errors", "Interrupted": "errors",
 }

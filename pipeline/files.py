@@ -4,6 +4,10 @@ One rule for names everywhere: a path is kept losslessly as bytes (`os.fsencode`
 and shown as UTF-8 text with undecodable bytes as \\xNN escapes (`display_path`) in messages,
 reports and text outputs.
 
+Text that came from outside (file, folder and class names, manifest labels) is made inert where it
+is written: `terminal_text` for a terminal (control characters escaped), `markdown_text` and
+`markdown_code` for Markdown files (no HTML, no markup), `csv_cell` for CSV files (no formulas).
+
 One policy for run folders (fit, experiment, inspect, from the CLI and from Python alike): a
 destination is checked before any work (it must not exist, or be an empty folder); `out="auto"`
 reserves `reports/<name>-<time>[-N]` at once; a folder is written under a temporary name and
@@ -16,15 +20,114 @@ import contextlib
 import datetime
 import glob
 import os
+import re
 import shutil
+import stat
 from typing import Callable
 
-from .errors import InputFileError
+from .errors import InputFileError, SettingError
 
 
 def display_path(path: str | bytes | os.PathLike) -> str:
     """A file name as UTF-8 text; undecodable bytes are shown as \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(text) -> str:
+    """Any text as valid UTF-8 text: surrogates (undecodable bytes of a name) shown as \\xNN."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# C0 and C1 control characters but newline and tab, DEL, and the bidirectional overrides and
+# isolates ("Trojan Source"): what can move the cursor, clear the screen, retitle the window or
+# reorder what is shown. Each is shown as its Python escape (\x1b, \u202e).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def quoted(name) -> str:
+    """A name in quotes inside a message: 'caf\\xe9' (repr would show the surrogate, '\\udce9')."""
+    return f"'{_utf8(name)}'"
+
+
+def terminal_text(text) -> str:
+    """Text safe to print on a terminal: control characters (ESC, BEL, CR, ...) shown escaped as
+    \\x1b, \\x07, \\x0d, and undecodable bytes as \\xNN, the way `display_path` shows them.
+    Newlines and tabs stay."""
+    return _CONTROL.sub(_escape, _utf8(text))
+
+
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+
+
+def markdown_text(text) -> str:
+    """Any text as inert Markdown on one line: no HTML (`<`, `>`, `&`, `"` as entities), no markup
+    (Markdown's punctuation backslash-escaped, so also a table cell), controls escaped."""
+    text = terminal_text(" ".join(_utf8(text).split()))
+    text = _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+    return "".join(_HTML.get(c, c) for c in text)
+
+
+def markdown_code(text) -> str:
+    """Any text as one Markdown code span, shown literally: fenced by more backticks than it holds
+    (CommonMark's rule), on one line. Not inside a table (a `|` there ends the cell)."""
+    text = terminal_text(" ".join(_utf8(text).split()))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
+
+
+# A spreadsheet takes a cell that starts with one of these for a formula (OWASP's list), and a
+# leading ' for "text": such a cell gets one more ' in front, which spreadsheets do not show.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(value):
+    """A value for a CSV file that spreadsheets will not run: text starting with = + - @ tab CR
+    (or ') gets a leading ' (lossless: drop one leading ' from a text cell to get it back); text
+    is valid UTF-8 (undecodable bytes as \\xNN). Numbers and None are returned as they are."""
+    if not isinstance(value, str):
+        return value
+    value = _utf8(value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def csv_row(values) -> list:
+    """`csv_cell` of each value: a row for csv.writer."""
+    return [csv_cell(v) for v in values]
+
+
+def check_path_given(path, what: str) -> None:
+    """Refuse an empty path (`--out ''`) before any work: it would name the current folder."""
+    if path is not None and not os.fspath(path):
+        raise SettingError(f"{what} is empty; give a file or folder name")
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a regular file ("does not exist", "is a folder", "is a FIFO, not
+    a regular file"), or None when it is one (symlinks followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a dangling symlink" if os.path.islink(path) else "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    return "is a folder" if stat.S_ISDIR(mode) else f"is a {file_kind(mode)}, not a regular file"
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, by its st_mode: FIFO, socket, character device, block device."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def size_text(n: float) -> str:

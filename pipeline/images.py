@@ -10,6 +10,7 @@ tells an unchanged file from a changed one when a cache is updated (`extraction.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import warnings
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import TransferError
-from .files import display_path
+from .files import display_path, file_kind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
@@ -182,14 +183,9 @@ class Walker:
 
 def _file_kind(path: str) -> str:
     try:
-        mode = os.stat(path).st_mode
+        return file_kind(os.stat(path).st_mode)
     except OSError:
         return "unreadable"
-    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
 
 
 def walk_files(folder: str, skipped: list[tuple[str, str]] | None = None) -> list[str]:
@@ -327,20 +323,43 @@ def _decode(path: str) -> Image.Image:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise DecodeError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Pillow warns about sizes under our limit (checked below) and about recoverable damage
-            # such as corrupt EXIF; neither should interrupt a progress bar.
-            warnings.simplefilter("ignore")
-            img = Image.open(f)
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise DecodeError(
-                    f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit "
-                    "(decompression bomb?)"
-                )
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            return to_rgb(img)
+        return _decode_open(f)
+
+
+def _decode_open(f) -> Image.Image:
+    """An open binary file (or BytesIO) -> RGB, oriented; the pixel limit checked before decoding."""
+    with warnings.catch_warnings():
+        # Pillow warns about sizes under our limit (checked below) and about recoverable damage
+        # such as corrupt EXIF; neither should interrupt a progress bar.
+        warnings.simplefilter("ignore")
+        img = Image.open(f)
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise DecodeError(
+                f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} pixel limit "
+                "(decompression bomb?)"
+            )
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+        return to_rgb(img)
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """`decode_image` for a file's bytes already in memory (a tar member, an engine's `bytes`
+    column): the same decoder, limits, orientation and RGB conversion, so the same pixels.
+    Raises DecodeError, never anything else."""
+    if len(data) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        return _decode_open(io.BytesIO(data))
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is one bad image, not a crash
+        raise DecodeError(short_reason(f"corrupt image: {type(e).__name__}: {e}")) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -4,6 +4,9 @@ The library never prints. Long work calls a `Progress`: `phase` starts a bar (an
 before), `advance` moves it, `note` is one line for the user, `close` ends the last bar. The CLI
 passes a `Bars` (tqdm on stderr); from Python, `progress=True` shows the same bars (tqdm.auto: widgets
 in a notebook), `progress=False` or None shows nothing, and any object with these four methods works.
+Every entry point (extract, fit, predict, inspect, run_experiment, list_backbones) defaults to
+`progress="auto"`: bars when a person is watching (`interactive()`: stderr is a terminal, or the
+code runs in a Jupyter kernel), nothing otherwise (scripts with redirected output, tests, services).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tqdm
 import tqdm.auto
 
 from .errors import SettingError
-from .files import display_path
+from .files import terminal_text
 
 
 class Progress(Protocol):
@@ -63,8 +66,10 @@ class Bars:
 
     def phase(self, name, total=None, unit="it", done=0):
         self.close()
+        # A phase of one step is a line with its time, not a bar: "inspect: map [00:02]".
+        shape = {"bar_format": "{desc} [{elapsed}]{postfix}"} if total == 1 else {}
         self.bar = self._tqdm()(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=True, smoothing=0.1,
-                                file=self.file or sys.stderr)
+                                file=self.file or sys.stderr, **shape)
 
     def advance(self, n=1, status=""):
         if self.bar is None:
@@ -74,7 +79,7 @@ class Bars:
         self.bar.update(n)
 
     def note(self, text):
-        self._tqdm().write(display_path(text), file=self.file or sys.stderr)  # undecodable bytes as \\xNN
+        self._tqdm().write(terminal_text(text), file=self.file or sys.stderr)  # controls, undecodable bytes escaped
 
     def close(self):
         if self.bar is not None:
@@ -101,8 +106,27 @@ class _StartAdvance:
         pass
 
 
+AUTO = "auto"  # the default of every entry point's `progress`: bars when interactive()
+
+
+def interactive() -> bool:
+    """Whether a person is probably watching: stderr is a terminal, or this is a Jupyter kernel
+    (whose stderr is a pipe to the notebook, where tqdm.auto draws widgets)."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # a replaced or closed stderr
+        pass
+    ipython = sys.modules.get("IPython")  # only when already imported: a kernel has imported it
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def resolve(progress) -> Progress:
-    """What a library call reports to: True -> Bars (tqdm.auto), False/None -> Silent, or the object itself."""
+    """What a library call reports to: True -> Bars (tqdm.auto), "auto" -> Bars when interactive()
+    else Silent, False/None -> Silent, or the object itself."""
+    if isinstance(progress, str) and progress == AUTO:
+        progress = interactive()
     if progress is None or progress is False:
         return Silent()
     if progress is True:
@@ -111,5 +135,5 @@ def resolve(progress) -> Progress:
         return progress
     if hasattr(progress, "start") and hasattr(progress, "advance"):
         return _StartAdvance(progress)
-    raise SettingError(f"progress must be True, False, None or an object with phase/advance/note/close; "
-                    f"got {type(progress).__name__}")
+    raise SettingError(f"progress must be True, False, None, 'auto' or an object with phase/advance/note/close; "
+                       f"got {type(progress).__name__}")

@@ -266,6 +266,19 @@ def planted(hymenoptera_lite0, tmp_path_factory):
     return out, facts
 
 
+@pytest.fixture(scope="session")
+def tiny_lite0(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, cache): 12 small images in train/val x cat/dog plus one broken file, extracted once
+    per session by a random-weights EfficientNet-Lite0 at fp32 (a few seconds): the reference that the
+    Embedder, WebDataset shards and merged parts are held against."""
+    root = make_folder(tmp_path_factory.mktemp("tiny") / "images", {"cat": 3, "dog": 3}, splits=("train", "val"))
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = root.parent / "tiny.h5"
+    result = run_cli("extract", root, "--out", out, *LITE, "--batch-size", "4", "--precision", "fp32")
+    assert result.code == 0, result.err
+    return root, out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def own_user_cache(tmp_path_factory):
     """The CPU batch probe remembers its results in the user's cache folder: the tests get a fresh one."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline.errors import SettingError
-from tests.conftest import ROOT, blobs, make_cache, make_folder, run_cli
+from tests.conftest import ROOT, blobs, make_cache, run_cli
 
 
 def test_importing_the_package_is_light_and_names_are_the_functions():
@@ -73,22 +72,3 @@ def test_a_fit_result_exports_and_predicts_without_a_run_folder(three_run, tmp_p
     assert len(predictions) == 9 and all(len(p.labels) == 2 and p.error is None for p in predictions)
     cli = pipeline.predict(pipeline.load_model(three_run / "model.pt"), [images], top_k=2)
     assert [p.labels for p in predictions] == [p.labels for p in cli]  # same fit, same decisions
-
-
-def _readme_python() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## From Python"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-@pytest.mark.slow
-def test_the_readme_python_section_runs_as_written(tmp_path):
-    make_folder(tmp_path / "photos", {"ants": 3, "bees": 3}, splits=("train", "val", "test"), ext=".jpg")
-    (tmp_path / "new_photos").mkdir()
-    for f in sorted((tmp_path / "photos" / "test" / "bees").iterdir())[:2]:
-        (tmp_path / "new_photos" / f.name).write_bytes(f.read_bytes())
-    out = subprocess.run([sys.executable, "-c", _readme_python()], capture_output=True, text=True, cwd=tmp_path,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "models" / "photos" / "model.pt").is_file()
-    assert "new_photos/" in out.stdout and "top-1" in out.stdout

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline import read_cache
 from pipeline.backbones import Embedder, load_backbone
-from pipeline.errors import TransferError
+from pipeline.errors import SettingError, TransferError
 from tests.conftest import assert_one_line_error, make_folder, needs_hymenoptera, run_cli, write_image
 
 
@@ -385,6 +385,40 @@ def test_timm_weights_offline_name_the_file_to_fetch_and_the_flag(tmp_path, monk
                           "--weights /path/to/model.safetensors")
 
 
+def test_timm_unreachable_hub_fails_within_5_s_with_the_whole_reason(tmp_path, monkeypatch):
+    """No network: the hub client alone retries for ~25 s and its message was cut mid-word. A port
+    that refuses (the real client against 127.0.0.1:9), then a hub that never answers."""
+    import time
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    url = "https://huggingface.co/timm/test_vit.r160_in1k/resolve/main/model.safetensors"
+    started = time.perf_counter()
+    with pytest.raises(TransferError) as refused:
+        load_backbone("timm:test_vit")
+    assert time.perf_counter() - started < 5
+    message = str(refused.value)
+    assert "ConnectError: [Errno 111] Connection refused)" in message and message.endswith(f"{tmp_path})"), message
+    assert url in message and "--weights /path/to/model.safetensors" in message
+
+    def never_answers(*args, **kwargs):
+        time.sleep(30)
+
+    from pipeline.backbones import timm_zoo
+
+    assert timm_zoo.HUB_TIMEOUT <= 3  # the bound below, shortened here to save test time
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", never_answers)
+    monkeypatch.setattr(timm_zoo, "HUB_TIMEOUT", 0.5)
+    started = time.perf_counter()
+    with pytest.raises(TransferError, match="did not answer within 0.5 s"):
+        load_backbone("timm:test_vit")
+    assert time.perf_counter() - started < 2
+
+
 def test_unknown_models_tags_and_layers_get_one_line_naming_what_exists(tmp_path):
     images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
 
@@ -403,20 +437,59 @@ def test_unknown_models_tags_and_layers_get_one_line_naming_what_exists(tmp_path
     assert not (tmp_path / "c.h5").exists()
 
 
-def test_backbones_lists_names_dims_and_weights_and_the_layers_of_one():
+def test_backbones_lists_names_dims_costs_accuracy_and_weights_and_the_layers_of_one():
     result = run_cli("backbones", "--source", "torchvision", "--filter", "resnet1")
     assert result.code == 0, result.err
+    assert result.out.splitlines()[0].split() == ["name", "dim", "params", "GFLOPs", "top-1", "weights"]
     rows = [line.split() for line in result.out.splitlines()[1:]]
-    assert ["resnet18", "512", "download"] in rows and ["resnet101", "2048", "download"] in rows
+    # params and GFLOPs without the ImageNet classifier: torchvision's 11.69M and 1.814 less fc's 0.51M and 0.0005
+    assert ["resnet18", "512", "11.2M", "1.81", "69.76", "download"] in rows
+    assert ["resnet101", "2048", "42.5M", "7.80", "81.89", "download"] in rows
     assert all("resnet1" in r[0] for r in rows)
     timm_rows = [line.split() for line in run_cli("backbones", "--source", "timm", "--filter", "test_vit").out.splitlines()]
-    assert ["timm:test_vit.r160_in1k", "64", "download"] in timm_rows and ["timm:test_vit4", "96", "none"] in timm_rows
+    assert ["timm:test_vit.r160_in1k", "64", "0.2M", "0.06", "download"] in timm_rows  # timm publishes no top-1
+    assert ["timm:test_vit4", "96", "0.3M", "0.03", "none"] in [r[:2] + r[2:] for r in timm_rows]
+    best = [line.split()[0] for line in run_cli("backbones", "--filter", "resnet", "--sort", "top1",
+                                                "--source", "torchvision").out.splitlines()[1:]]
+    assert best[:2] == ["resnet152", "resnet101"] and best.index("resnet18") == len(best) - 1
     layers = run_cli("backbones", "--layers", "resnet18")
     assert layers.code == 0, layers.err
     lines = [line.split("\t") for line in layers.out.splitlines()]
     assert ["layer3", "256", "mean over H, W"] in lines and ["layer4", "512", "mean over H, W"] in lines
+    assert ["avgpool", "512", "mean over H, W", "default"] in lines and sum(len(line) == 4 for line in lines) == 1
+    assert "'default' gives the features used without --layer" in layers.err
     assert "layer1.0.relu" not in [line[0] for line in lines]  # runs twice per forward: no single output
     assert_one_line_error(run_cli("backbones", "--layers", "resnet19"), "unknown backbone 'resnet19'")
+
+
+@pytest.mark.parametrize("name", ["vgg16", "vit_b_16", "mobilenet_v3_small", "timm:test_vit", "efficientnet_lite0"])
+def test_the_layer_marked_default_gives_the_default_features(name):
+    from pipeline.backbones import list_layers
+
+    marked = [i.path for i in list_layers(name) if i.default]
+    assert len(marked) == 1, marked
+    default, cut = load_backbone(name, "random"), load_backbone(name, "random", layer=marked[0])
+    x = torch.randn(2, 3, default.preprocessing.crop, default.preprocessing.crop)
+    with torch.inference_mode():
+        assert torch.allclose(default.network(x), cut.network(x), atol=1e-5)
+
+
+def test_listed_parameters_and_gflops_are_torchvisions_own_without_the_classifier():
+    """Counted on the meta device; torchvision's weights meta gives the whole ImageNet model's.
+    vit_b_16 also checks the weights a module uses without calling its child (attention's out_proj)."""
+    from pipeline.backbones import list_backbones
+
+    for name in ("resnet50", "vgg16", "vit_b_16", "convnext_tiny"):
+        meta = torchvision.models.get_model_weights(name).DEFAULT.meta
+        entry, = [e for e in list_backbones("torchvision", name) if e.name == name]
+        classifier = entry.dim * len(meta["categories"])
+        assert entry.params == meta["num_params"] - classifier - len(meta["categories"])
+        assert abs(entry.gflops + classifier / 1e9 - meta["_ops"]) < 0.01, (name, entry.gflops, meta["_ops"])
+        assert entry.top1 == meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    from pipeline.backbones import list_backbones as listing
+
+    with pytest.raises(SettingError, match="unknown sort 'speed'"):
+        listing("torchvision", "resnet", sort="speed")
 
 
 def test_listed_dims_are_the_dims_the_backbones_give(monkeypatch, tmp_path):
@@ -427,7 +500,7 @@ def test_listed_dims_are_the_dims_the_backbones_give(monkeypatch, tmp_path):
     names = ["resnet18", "squeezenet1_1", "timm:test_vit.r160_in1k", "timm:test_convnext.r160_in1k"]
 
     def listed():
-        return {e.name: e.dim for n in names
+        return {e.name: (e.dim, e.params, e.gflops) for n in names
                 for e in list_backbones("timm" if n.startswith("timm:") else "torchvision", n) if e.name == n}
 
     from_table = listed()
@@ -438,7 +511,7 @@ def test_listed_dims_are_the_dims_the_backbones_give(monkeypatch, tmp_path):
         b = load_backbone(name, "random")
         with torch.inference_mode():
             built[name] = b.network(torch.zeros(1, 3, b.preprocessing.crop, b.preprocessing.crop)).shape[1]
-    assert from_table == computed == built and len(built) == 4
+    assert from_table == computed and {n: v[0] for n, v in computed.items()} == built and len(built) == 4
 
 
 def test_timm_preprocessing_modes_model_pt_cannot_reproduce_are_refused():
@@ -614,6 +687,9 @@ def test_preprocessing_given_on_the_command_line_is_used_and_recorded(tmp_path, 
     ("mean=0.5/0.5", "mean must be three numbers"),
     ("std=0.2/0/0.2", "std must be three positive numbers"),
     ("resize=200,crop=224", "crop 224 is larger than resize 200"),
+    ("resize=100000", "resize 100000 is over the limit of 2048 pixels"),  # was: killed for memory at ~24 GB
+    ("resize=256,resize=300", "resize is given twice"),
+    ("resize=1000,crop=900", "crop 900 is more than 2 times the backbone's own 224"),
 ])
 def test_a_bad_preprocessing_gets_one_line(tmp_path, spec, fragment):
     images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
@@ -621,3 +697,12 @@ def test_a_bad_preprocessing_gets_one_line(tmp_path, spec, fragment):
                      "random", "--preprocessing", spec)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_crop_the_network_cannot_take_is_one_line_before_any_file_is_written(tmp_path):
+    """A ViT's position embeddings fix its input size: 64x64 crops fail in one line, no .partial left."""
+    images = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+    result = run_cli("extract", images, "--out", tmp_path / "c.h5", "--backbone", "vit_b_16", "--weights", "random",
+                     "--preprocessing", "resize=64,crop=64")
+    assert_one_line_error(result, "vit_b_16 cannot take 64x64 crops")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

@@ -130,3 +130,53 @@ def test_hand_edited_caches_are_refused_naming_the_bad_attribute(tmp_path, edit,
     with pytest.raises(InputFileError) as caught:
         read_cache(c.path)
     assert fragment in str(caught.value)
+
+
+def test_a_cache_replaced_after_it_was_opened_is_refused_not_mixed(tmp_path):
+    """A Cache reads one file throughout: after `extract` replaced it, its labels (read at open) would
+    no longer match the new file's rows, so reading features or paths is refused in one line."""
+    import pipeline
+    from tests.conftest import blobs, make_cache
+
+    X, y, classes = blobs(10, 2, 4)
+    path = make_cache(tmp_path / "c.h5", X, y, classes)
+    opened = read_cache(path)
+    write_cache(path, X[::-1] + 1, y[::-1], classes=classes, overwrite=True)  # the same size, rows reversed
+    for read in (lambda: opened.features(), lambda: opened.paths, lambda: pipeline.fit(opened)):
+        with pytest.raises(InputFileError, match="was replaced or changed since it was opened"):
+            read()
+    np.testing.assert_array_equal(read_cache(path).features(), X[::-1] + 1)  # a fresh open reads the new file
+
+
+def test_float_labels_and_row_numbers_are_refused_everywhere(tmp_path):
+    """The rule of write_cache (labels are class indices) for arrays given to fit and for row numbers."""
+    import pipeline
+    from pipeline.errors import SettingError
+    from tests.conftest import blobs
+
+    X, y, classes = blobs(6, 2, 4)
+    with pytest.raises(SettingError, match="labels of the arrays must be integers"):
+        pipeline.fit((X, y + 0.7, classes))
+    with pytest.raises(SettingError, match="labels of write_cache.s block 0 must be integers"):
+        write_cache(tmp_path / "c.h5", X, y + 0.7, classes=classes)
+    cache_ = write_cache(tmp_path / "c.h5", X, y, classes=classes)
+    with pytest.raises(SettingError, match="row numbers must be integers"):
+        cache_.features([1.5])
+    assert cache_.features([1, 0]).shape == (2, 4) and cache_.features(np.array([], dtype=np.int64)).shape == (0, 4)
+
+
+def test_huge_finite_features_are_one_line_in_fit_and_inspect(tmp_path):
+    """3e38 is finite, but its square is not: fit and inspect failed with "unexpected LinAlgError"."""
+    from pipeline.errors import SettingError
+    from tests.conftest import assert_one_line_error, blobs, make_cache, run_cli
+
+    X, y, classes = blobs(12, 2, 4)
+    path = make_cache(tmp_path / "c.h5", X, y, classes)
+    with h5py.File(path, "r+") as f:  # as a hand-made or damaged file holds them
+        f["features"][3, 1] = 3e38
+    for command in ("fit", "inspect"):
+        result = run_cli(command, path, "--out", tmp_path / command, "--C", "1")
+        assert_one_line_error(result, "features of magnitude 3e+38, over the 1e+12")
+        assert not (tmp_path / command).exists()
+    with pytest.raises(SettingError, match="features of magnitude 3e\\+38"):
+        write_cache(tmp_path / "w.h5", np.where(X == X[3, 1], 3e38, X), y, classes=classes)

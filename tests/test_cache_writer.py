@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import h5py
 import numpy as np
 import pytest
 
@@ -85,3 +86,22 @@ def test_a_failure_midway_leaves_no_cache(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_cache(tmp_path / "c.h5", blocks(), classes=["a", "b"])
     assert os.listdir(tmp_path) == []
+
+
+def test_failed_rows_go_to_the_failed_group_with_their_labels_and_splits(tmp_path):
+    X = np.arange(12, dtype=np.float32).reshape(4, 3)
+    X[1] = np.nan  # an engine's row for an image it could not use: ignored
+    written = write_cache(tmp_path / "f.h5", X, np.array([0, 1, 1, 0]), classes=["a", "b"],
+                          split=["train", "val", "train", "val"], paths=["a/0.png", "b/1.png", "b/2.png", "a/3.png"],
+                          failed=["", "corrupt image: truncated", "", ""])
+    assert written.n == 3 and written.paths == ["a/0.png", "b/2.png", "a/3.png"]
+    assert written.failed == [("b/1.png", "corrupt image: truncated")]
+    assert written.provenance["num_listed"] == 4 and written.provenance["num_failed"] == 1
+    with h5py.File(written.path, "r") as f:
+        assert f["failed/labels"][...].tolist() == [1] and f["failed/split"].asstr()[...].tolist() == ["val"]
+    every = write_cache(tmp_path / "all.h5", X[:2], np.array([0, 1]), classes=["a", "b"], paths=["x.png", "y.png"],
+                        failed=["bad", "worse"])  # a part whose images all failed still records them
+    assert every.n == 0 and len(every.failed) == 2
+    with pytest.raises(SettingError, match="failed has 3 reasons for 4 labels"):
+        write_cache(tmp_path / "g.h5", X, np.array([0, 1, 1, 0]), classes=["a", "b"], paths=list("abcd"),
+                    failed=["", "", ""])

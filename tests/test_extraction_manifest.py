@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 import shutil
@@ -113,6 +114,10 @@ def test_duplicates_and_missing_files_are_failed_rows_with_one_line_each(tmp_pat
     ("m.jsonl", '{"path": "x/img000.png"}\n', ("has no 'label'",)),
     ("m.jsonl", "not json\n", ("line 1 is not JSON",)),
     ("m.txt", "path,label\n", ("must end in .csv or .jsonl",)),
+    ("m.jsonl", '{"path": "x/img000.png", "label": null}\n', ("line 1: label null is not text",)),  # was: class null
+    ("m.jsonl", '{"path": "x/img000.png", "label": true}\n', ("line 1: label true is not text",)),
+    ("m.jsonl", '{"path": "x/img000.png", "label": ["ants", "bees"]}\n', ("label [\"ants\", \"bees\"] is not text",)),
+    ("m.jsonl", '{"path": 7, "label": "x"}\n', ("line 1: path 7 is not text",)),
 ])
 def test_bad_manifests_get_one_clear_line_and_leave_nothing(tmp_path, name, text, fragments):
     make_folder(tmp_path / "images", {"x": 1})
@@ -120,6 +125,23 @@ def test_bad_manifests_get_one_clear_line_and_leave_nothing(tmp_path, name, text
     result = run_cli("extract", "--manifest", tmp_path / "images" / name, "--out", tmp_path / "c.h5", *LITE)
     assert_one_line_error(result, *fragments)
     assert not list(tmp_path.glob("c.h5*"))
+
+
+def test_labels_are_text_spaces_are_said_and_names_that_are_not_utf8_can_be_listed(tmp_path):
+    """Numbers are class names (with a note); 'ants ' and 'ants' are one class, said once; a manifest
+    holding a file name's raw bytes lists that very file, and notes show them as \\xNN."""
+    raw = b"caf\xff.png"
+    write_image(tmp_path / "x" / "a.png", 1)
+    write_image(Path(os.fsdecode(bytes(tmp_path / "x") + b"/" + raw)), 2)
+    (tmp_path / "m.jsonl").write_bytes(b'{"path": "x/a.png", "label": 3}\n{"path": "x/' + raw + b'", "label": "ants "}\n'
+                                       b'{"path": "gone\xff.png", "label": "ants"}\n')
+    listing = read_manifest(tmp_path / "m.jsonl")
+    assert listing.classes == ["3", "ants"] and listing.labels.tolist() == [0, 1, 1]
+    assert [os.fsencode(p) for p in listing.paths] == [b"x/a.png", b"gone\xff.png", b"x/" + raw]  # folder order
+    assert listing.sizes[2] > 0 and list(listing.failures) == [1]  # found by its bytes; the missing one failed
+    notes = "\n".join(listing.notes)
+    assert "label 'ants ' is taken as 'ants'" in notes and "labels given as numbers are class names: 3" in notes
+    assert "gone\\xff.png" in notes and "\\udc" not in notes
 
 
 def test_both_or_neither_of_folder_and_manifest_is_refused(tmp_path):
@@ -138,6 +160,7 @@ def test_a_manifest_update_relabels_without_the_network(tree, from_manifest, tmp
     rows = manifest_rows(images)
     manifest = images / "list.csv"
     before = pipeline.read_cache(out)
+    before_paths, before_features = before.paths, before.features()  # read now: the update replaces the file
     calls = []
     real = Embedder.__call__
     monkeypatch.setattr(Embedder, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
@@ -150,9 +173,9 @@ def test_a_manifest_update_relabels_without_the_network(tree, from_manifest, tmp
     assert summary.update == dict(reused=6, new=1, changed=0, removed=0, relabelled=1) and sum(calls) == 1
     after = pipeline.read_cache(out)
     assert after.classes == ["ant", "bee", "wasp"] and "new one" in list(after.columns["photographer"])
-    i, j = after.paths.index("val/ant/img000.png"), before.paths.index("val/ant/img000.png")
+    i, j = after.paths.index("val/ant/img000.png"), before_paths.index("val/ant/img000.png")
     assert after.classes[after.labels[i]] == "wasp"
-    assert np.array_equal(after.features([i]), before.features([j]))  # the same bytes, the new label
+    assert np.array_equal(after.features([i]), before_features[[j]])  # the same bytes, the new label
 
 
 def test_the_documented_manifest_example_reads_as_documented(tmp_path):

@@ -23,6 +23,8 @@ def test_cache_holds_features_labels_paths_splits_and_provenance(tmp_path):
     assert result.code == 0, result.err
     assert "extracted 6 images" in result.out and "img/s" in result.out and "6 cached, 0 failed" in result.out
     assert f"cache: {out}" in result.out
+    speed = next(line for line in result.out.splitlines() if line.startswith("speed: "))
+    assert "img/s over the" in speed and "loading the network" in speed and "writing the cache" in speed
     with h5py.File(out, "r") as f:  # the format as documented: plain h5py reads it
         assert f["features"].shape == (6, 1280) and f["features"].dtype == np.float32
         assert f["labels"][...].tolist() == [0, 0, 1, 0, 0, 1]
@@ -107,6 +109,14 @@ def test_bad_input_gets_one_clear_line_and_leaves_nothing(tmp_path, setup, args,
     assert not list(tmp_path.glob("c.h5*"))
 
 
+def test_an_empty_out_is_refused_before_any_work(tmp_path, tiny_folder):
+    """`--out ''` named the current folder: the whole extraction ran, then failed, leaving ./.partial."""
+    for args in (("--out", ""), ("--out", "c.h5", "--manifest", "")):
+        result = run_cli("extract", *(() if "--manifest" in args else (tiny_folder,)), *args, *LITE, cwd=tmp_path)
+        assert_one_line_error(result, "is empty; give a file or folder name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("extract", tmp_path / "missing", "--out", tmp_path / "c.h5", "--debug")
     assert result.code != 0 and "Traceback" in result.err and "does not exist" in result.err
@@ -141,3 +151,19 @@ def test_a_rows_features_barely_depend_on_the_batch_it_was_computed_in(tmp_path,
     a, b = rows
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosine.min() >= min_cosine
+
+
+def test_the_summary_says_what_its_time_and_its_rate_cover():
+    """The time is the whole run; the rate is over the extraction loop only: both said, adding up."""
+    from pipeline.extraction.run import ExtractState, ExtractSummary
+
+    summary = ExtractSummary(out="cache/photos.h5", state=ExtractState.WRITTEN, total=398, done=398, failed=0,
+                             resumed_from=0, processed=398, seconds=23.0, images_per_second=398 / 13.6,
+                             out_bytes=2 << 20, skipped=[], input_seconds=0.68, setup_seconds=8.0, loop_seconds=13.6,
+                             batch_probed=True)
+    first, speed, cache = summary.lines()
+    assert first == "extracted 398 images in 23.0 s: 398 cached, 0 failed"
+    assert speed == ("speed: 29.3 img/s over the 13.6 s of the extraction loop (5% of it waiting for decoded "
+                     "images); before it 8.0 s loading the network and probing the batch size, after it 1.4 s "
+                     "writing the cache")
+    assert cache.startswith("cache: cache/photos.h5 (")

@@ -64,10 +64,33 @@ def fresh_everything(base, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def copy_of(base, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the folder and of its cache, the copy recording the copied folder as its own (as the
+    user's own cache does; a cache of a folder that moved is test_a_moved_image_folder_...)."""
     root, out = base
     shutil.copytree(root, tmp_path / "images")  # copy2: sizes and mtimes kept, as for the user's own folder
     shutil.copy2(out, tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f.attrs["image_dir"] = str(tmp_path / "images")
+        f.attrs["image_dir_bytes"] = np.void(os.fsencode(tmp_path / "images"))
+    os.utime(tmp_path / "c.h5", ns=(out.stat().st_atime_ns, out.stat().st_mtime_ns))
     return tmp_path / "images", tmp_path / "c.h5"
+
+
+def test_a_moved_image_folder_is_recorded_and_its_rows_kept(base, tmp_path, network_calls):
+    """Rerun on the folder's new place: no image goes through the network, the rows stay as they
+    were, and the cache now names the new folder (parity and thumbnails look there)."""
+    root, out = base
+    moved, cache = tmp_path / "moved", tmp_path / "c.h5"
+    shutil.copytree(root, moved)  # sizes and mtimes kept: the same files elsewhere
+    shutil.copy2(out, cache)
+    summary = pipeline.extract(moved, cache, **OPTIONS)
+    assert network_calls == [] and summary.update["new"] == summary.update["changed"] == 0
+    assert any(f"now in {moved}" in note for note in summary.notes)
+    before, after = contents(out), contents(cache)
+    assert pipeline.read_cache(cache).image_dir == str(moved)
+    for key in before:
+        np.testing.assert_equal(after[key], before[key])
+    assert pipeline.extract(moved, cache, **OPTIONS).state is pipeline.ExtractState.ALREADY_COMPLETE
 
 
 def contents(path: Path) -> dict:

@@ -45,3 +45,29 @@ def test_names_and_folders(tmp_path):
     assert display_path(os.fsdecode(b"/x/caf\xe9")) == "/x/caf\\xe9"
     make_folder_for(str(tmp_path / "a" / "b" / "file.txt"))
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_text_from_outside_is_made_inert_for_terminals_markdown_and_csv():
+    from pipeline.files import csv_cell, markdown_code, markdown_text, terminal_text
+
+    hostile = "a\x1b[2J\x1b]0;t\x07\rb\u202e" + os.fsdecode(b"\xff")
+    assert terminal_text(hostile) == "a\\x1b[2J\\x1b]0;t\\x07\\x0db\\u202e\\xff"
+    assert terminal_text("two\nlines\tkept") == "two\nlines\tkept"
+    assert markdown_text("<img src=x onerror=alert(1)> *b* | [l](u)") == (
+        "&lt;img src=x onerror=alert\\(1\\)&gt; \\*b\\* \\| \\[l\\]\\(u\\)")
+    assert markdown_text("a\nb\r c") == "a b c"  # one line: no new paragraph, heading or table row
+    assert markdown_code("x_y.jpg") == "`x_y.jpg`" and markdown_code("a ``b`` c") == "``` a ``b`` c ```"
+    assert [csv_cell(v) for v in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "'x", "ok", 1.5, None)] == [
+        "'=1+1", "'+1", "'-1", "'@SUM(A1)", "'\tx", "'\rx", "''x", "ok", 1.5, None]
+    assert csv_cell(os.fsdecode(b"=caf\xe9")) == "'=caf\\xe9"
+
+
+def test_what_is_not_a_regular_file_is_named(tmp_path):
+    from pipeline.files import not_a_file
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "f").write_text("x")
+    assert not_a_file(tmp_path / "f") is None
+    assert not_a_file(tmp_path / "fifo") == "is a FIFO, not a regular file"
+    assert not_a_file("/dev/zero") == "is a character device, not a regular file"
+    assert not_a_file(tmp_path) == "is a folder" and not_a_file(tmp_path / "gone") == "does not exist"

@@ -113,7 +113,10 @@ def test_fit_reports_calibration_in_metrics_report_and_page(ten_classes, tmp_pat
     assert set(c["before"]) >= {"ece", "log_loss", "top1", "reliability"} and "ece" in metrics["scores"]
     assert json.loads((run / "head.json").read_text())["calibration"]["temperature"] == c["temperature"]
     report = (run / "report.md").read_text()
-    assert f"ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}" in report and "reliability.png" in report
+    from pipeline.files import markdown_text  # report.md's cells are inert Markdown
+
+    assert markdown_text(f"ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}") in report
+    assert "reliability.png" in report
     assert (run / "reliability.png").stat().st_size > 10_000
     assert "Reliability: are the probabilities what they say?" in (run / "report.html").read_text()
     assert_one_line_error(run_cli("fit", ten_classes, "--calibrate", "platt", "--no-export"),

@@ -365,7 +365,9 @@ def test_select_logloss_ranks_Cs_on_validation_log_loss_and_the_report_names_the
     assert metrics["C_selection"]["select"] == "logloss" and "log-loss (ties: higher top-1)" in \
         metrics["C_selection"]["method"]
     assert metrics["C_selection"]["other_rule"]["select"] == "top1"
-    assert "--select top1 would choose C" in report_markdown(metrics, loss.describe_evaluation(), True)
+    from pipeline.files import markdown_text  # report.md's notes are inert Markdown
+
+    assert markdown_text("--select top1 would choose C") in report_markdown(metrics, loss.describe_evaluation(), True)
     assert_one_line_error(run_cli("fit", path, "--select", "auc", "--no-export"),
                           "select (--select) must be one of top1, logloss; got 'auc'")
 
@@ -421,3 +423,16 @@ def test_every_run_folder_has_the_predictions_its_scores_are_on(tmp_path):
 
     issues = list(csv.DictReader((tmp_path / "run" / "label_issues.csv").open()))
     assert [r["path"] for r in issues] == [cache.paths[s.row] for s in inspect(path, C=1.0).suspects]
+
+
+def test_notes_show_names_that_are_not_utf8_as_escapes(tmp_path):
+    """A class named with the byte \\xff is shown 'c\\xff' in notes, as everywhere (repr showed '\\udcff')."""
+    import os
+
+    import pipeline
+    from tests.conftest import blobs, make_cache
+
+    X, y, _ = blobs(12, 2, 4)
+    cache = make_cache(tmp_path / "c.h5", X, y, [os.fsdecode(b"c\xff"), "d"], splits=["train", "train", "val"] * 8)
+    notes = " ".join(pipeline.fit(cache).notes)
+    assert "'c\\xff'" in notes and "\\udc" not in notes, notes

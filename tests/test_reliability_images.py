@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline import read_cache
 from pipeline.images import DecodeError, decode_image
-from tests.conftest import LITE, ROOT, make_folder, run_cli, write_image
+from tests.conftest import assert_one_line_error, LITE, ROOT, make_folder, run_cli, write_image
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -141,6 +141,7 @@ def test_extraction_records_every_broken_file_and_keeps_going(tmp_path):
     for name, fragment in expected.items():
         assert fragment in failed[f"bad/{name}"], (name, failed[f"bad/{name}"])
     assert "7 failed" in proc.stdout
+    assert "extracted 3 images" in proc.stdout  # the 7 broken files are not counted as extracted (nor in img/s)
 
 
 # --- unusual but valid files -----------------------------------------------------------------
@@ -300,3 +301,20 @@ def test_fifos_and_symlink_loops_neither_hang_nor_duplicate_extract_and_predict(
     assert predicted.code == 0, predicted.err
     rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
     assert len(rows) == 5 and rows[-1].endswith("not a regular file (FIFO)")  # 4 photos once each, the FIFO refused
+
+
+def test_a_fifo_or_device_given_as_a_file_is_named_as_such(tmp_path):
+    """A model, manifest, weights or cache argument that is a FIFO or /dev/zero: said so, never
+    "does not exist", and never opened (a FIFO would block)."""
+    os.mkfifo(tmp_path / "fifo")
+    images = make_folder(tmp_path / "photos", {"ants": 1, "bees": 1})
+    fifo, device = "is a FIFO, not a regular file", "is a character device, not a regular file"
+    for args, fragments in [
+        (("predict", tmp_path / "fifo", images), ("model file", fifo)),
+        (("predict", "/dev/zero", images), ("model file", device)),
+        (("extract", "--manifest", tmp_path / "fifo", "--out", tmp_path / "c.h5"), ("manifest", fifo)),
+        (("extract", images, "--out", tmp_path / "c.h5", "--backbone", "resnet18", "--weights", "/dev/zero"),
+         ("weights file", device)),
+        (("fit", tmp_path / "fifo", "--out", tmp_path / "run"), (fifo,)),
+    ]:
+        assert_one_line_error(run_cli(*args), *fragments)

@@ -3,8 +3,6 @@ the cached features alone, on the real photos with planted trouble."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -45,6 +43,20 @@ def test_the_search_is_blockwise_and_exact(tmp_path, monkeypatch):
     assert sorted((p.a, p.b) for p in pairs) == [(3, 5), (3, 25), (5, 25)]  # each pair once
     across = similar_pairs(c, np.arange(20, 40), np.arange(20), 0.999)
     assert sorted((p.a, p.b) for p in across) == [(3, 25), (5, 25)]  # (reference, query)
+
+
+def test_identical_features_are_near_identical_pairs_even_when_every_row_is_the_same(tmp_path):
+    """Mean-centred, identical rows are all zero vectors (cosine 0 before): they are duplicates by definition."""
+    X, y, classes = blobs(3, 2, 4)
+    X[:] = X[0]
+    c = write_cache(tmp_path / "c.h5", X, y, classes=classes, split=["train", "train", "test"] * 2)
+    found = inspect(c)
+    assert sorted((p.a, p.b) for p in found.leaks) == [(a, b) for a in (0, 1, 3, 4) for b in (2, 5)]
+    assert all(p.similarity == pytest.approx(1.0) for p in found.leaks)
+    X[1] += 1.0  # one row differs: the rest still pair up with each other, not with it
+    c = write_cache(tmp_path / "d.h5", X, y, classes=classes)
+    pairs = similar_pairs(c, np.arange(6), np.arange(6), 0.99, same_set=True)
+    assert sorted((p.a, p.b) for p in pairs) == [(a, b) for a in (0, 2, 3, 4, 5) for b in (0, 2, 3, 4, 5) if a < b]
 
 
 def test_a_moved_image_folder_gives_placeholders_and_one_warning(tmp_path):

@@ -198,6 +198,27 @@ def test_transfer_model_module_is_scriptable_with_any_head():
     assert scripted.classes == ["w", "x", "y", "z"]
 
 
+def test_class_names_that_are_not_utf8_survive_into_model_pt_and_predict(tmp_path):
+    """TorchScript strings are UTF-8: model.classes shows such a name as \\xNN, the metadata keeps its bytes."""
+    import os
+
+    import pipeline
+    from pipeline.backbones import Preprocessing
+    from pipeline.shipping import formats
+
+    name = os.fsdecode(b"caf\xe9")
+    prep = Preprocessing(8, 8, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = TransferModel(pool, torch.zeros(2, 3), torch.tensor([9.0, 0.0]), False, prep, [name, "tea"],
+                          {"format": formats.MODEL_FORMAT, "classes": [name, "tea"]})
+    formats.write("torchscript", model.eval(), str(tmp_path / "model.pt"))  # was: Could not cast attribute 'classes'
+    assert torch.jit.load(str(tmp_path / "model.pt")).classes == ["caf\\xe9", "tea"]
+    loaded = pipeline.load_model(tmp_path / "model.pt", "cpu")
+    assert [os.fsencode(c) for c in loaded.classes] == [b"caf\xe9", b"tea"]  # the exact bytes
+    result = run_cli("predict", tmp_path / "model.pt", write_image(tmp_path / "p.png", 1, size=(16, 12)))
+    assert result.code == 0 and "caf\\xe9 1.000" in result.out, result.out + result.err
+
+
 @needs_hymenoptera
 def test_real_photos_model_pt_on_raw_val_files(hymenoptera_lite0, tmp_path):
     """Fit on the train photos' features only, then run model.pt on the raw val files: top-1 >= 0.92."""
@@ -302,7 +323,7 @@ def test_a_damaged_model_file_is_refused_when_loaded(binary_run, tmp_path):
     assert pipeline.load_model(model, "cpu").classes == ["ants", "bees"]  # intact: checked and loaded
     _damage(model)
     assert torch.jit.load(str(model)) is not None  # torch itself notices nothing
-    with pytest.raises(InputFileError, match="model.pt is damaged: its weights are not the ones written at export"):
+    with pytest.raises(InputFileError, match="model.pt is damaged or was edited: its weights"):
         pipeline.load_model(model, "cpu")
     image = tmp_path / "x.png"
     write_image(image, 1)
@@ -350,3 +371,85 @@ def test_photos_edited_after_extraction_are_named_and_can_be_skipped(tmp_path):
     parity = json.loads((run / "parity.json").read_text())
     assert parity["torchscript"]["end_to_end"] == {"skipped": "asked for (--skip-image-parity)"}
     assert parity["cached_features"]["max_abs_diff"] <= 1e-5  # the cached-feature check still ran
+
+
+@pytest.fixture
+def synthetic_runs(tmp_path):
+    """Two fit runs (A, B) of one synthetic cache: quick, and enough for the checks export makes
+    before it builds a backbone."""
+    import pipeline
+    from tests.conftest import blobs, make_cache
+
+    X, y, classes = blobs(10, 2, 4)
+    cache = make_cache(tmp_path / "c.h5", X, y, classes, splits=["train", "val"] * 10)
+    for name, C in (("A", 1.0), ("B", 0.01)):  # the head files alone: what export reads of a run
+        (tmp_path / name).mkdir()
+        head_mod.save(pipeline.fit(cache, None, C=C).head, str(tmp_path / name))
+    (tmp_path / "B" / "report.md").write_text("# B's report")
+    return tmp_path
+
+
+def test_export_refuses_a_folder_holding_another_runs_files_and_an_empty_out(synthetic_runs):
+    import pipeline
+    from pipeline.errors import InputFileError, SettingError
+
+    b = synthetic_runs / "B"
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    for out in (b, b / "model.pt"):
+        with pytest.raises(InputFileError, match="holds another run's files .*head.json"):
+            pipeline.export(synthetic_runs / "A", out)
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    assert_one_line_error(run_cli("export", synthetic_runs / "A", "--out", b), "holds another run's files")
+    with pytest.raises(SettingError, match="--out .* is empty"):
+        pipeline.export(synthetic_runs / "A", "")  # was: written into the current folder
+    assert_one_line_error(run_cli("export", synthetic_runs / "A", "--out", ""), "is empty")
+
+
+def test_export_removes_temporaries_of_killed_exports_and_names_a_replaced_cache(synthetic_runs):
+    import pipeline
+    from pipeline.errors import InputFileError
+    from tests.conftest import blobs
+    from tests.test_files import _dead_pid
+
+    a = synthetic_runs / "A"
+    left = a / f"model.pt.writing-{_dead_pid()}"  # what `kill -9` during an export leaves
+    left.write_bytes(b"13.9 MB of a half-written model")
+    assert_one_line_error(run_cli("export", a))  # fails later: a synthetic cache has no backbone to ship
+    assert not left.exists()
+    X, y, classes = blobs(10, 2, 8)  # the cache replaced by an extraction of another dimension
+    pipeline.write_cache(synthetic_runs / "c.h5", X, y, classes=classes, overwrite=True)
+    with pytest.raises(InputFileError, match="no longer the one this head was fitted on .*8-d features, the head takes 4-d"):
+        pipeline.export(a)
+
+
+def test_a_cache_without_a_backbone_fits_and_ships_its_head_alone(tmp_path):
+    """Features computed elsewhere (`write_cache`, no backbone): `transfer fit` writes the run, a page
+    without thumbnails or warnings, head.pt checked against scikit-learn, and one line on why no
+    model file; `transfer export` of that run, which asks for a model file, is refused in one line."""
+    from pipeline import write_cache
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(1.5, 1, (30, 8))]).astype(np.float32)
+    cache = tmp_path / "elsewhere.h5"
+    write_cache(cache, X, np.repeat([0, 1], 30), classes=["a", "b"], split=["train", "val", "test"] * 20)
+    run = tmp_path / "run"
+    result = run_cli("fit", cache, "--out", run, "--C", "0.1")
+    assert result.code == 0, result.err
+    assert "warning" not in result.err and "thumbnails" not in result.err
+    skipped = [line for line in result.out.splitlines() if "model" in line and "skipped" in line]
+    assert len(skipped) == 1 and "records no backbone" in skipped[0], result.out
+    assert not [p for p in run.glob("model.*") if p.suffix in (".pt", ".onnx", ".pt2")]
+    assert (run / "head.pt").is_file() and (run / "head.npz").is_file()
+    state = torch.load(run / "head.pt", weights_only=True)
+    linear = torch.nn.Linear(8, 2).double()
+    linear.load_state_dict({k: v.double() for k, v in state.items()})
+    reference = head_mod.sklearn_from_arrays(head_mod.load(run))
+    with torch.no_grad():
+        ours = torch.softmax(linear(torch.from_numpy(X).double()), 1).numpy()
+    assert np.abs(ours - reference.predict_proba(X)).max() < 1e-6
+    page = (run / "report.html").read_text()
+    assert "no image file" in page and "image not found" not in page and "no image folder recorded" in page
+    before = sorted(p.name for p in run.iterdir())
+    refused = run_cli("export", run)
+    assert_one_line_error(refused, "records no backbone", "head.pt")
+    assert sorted(p.name for p in run.iterdir()) == before

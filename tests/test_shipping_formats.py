@@ -282,8 +282,15 @@ def test_damaged_onnx_and_pt2_files_are_refused_when_loaded(shipped, tmp_path):
     onnx_copy.write_bytes(bytes(data))
     _damage(pt2_copy)
     for path in (onnx_copy, pt2_copy):
-        with pytest.raises(InputFileError, match="is damaged: its weights are not the ones written at export"):
+        with pytest.raises(InputFileError, match="is damaged or was edited: its weights, graph, class names"):
             pipeline.load_model(path, "cpu")
+    # and the real exported files with one class renamed in their metadata (tests/test_security.py builds tiny ones)
+    from tests.test_security import _edit_metadata
+
+    for name in ("model.pt", "model.onnx", "model.pt2"):
+        edited = _edit_metadata(shipped / name, tmp_path / f"renamed-{name}", lambda m: m["classes"].__setitem__(0, "x"))
+        with pytest.raises(InputFileError, match="is damaged or was edited"):
+            pipeline.load_model(edited, "cpu")
 
 
 def test_evaluate_gives_the_same_scores_with_all_three_formats(shipped, three_run):

@@ -111,3 +111,21 @@ def test_predict_fails_when_no_file_could_be_read(three_run, tmp_path):
     result = run_cli("predict", three_run / "model.pt", tmp_path)
     assert_one_line_error(result, "none of the 2 files could be read as an image")
     assert "error: not a recognised image format" in result.out  # each file's reason is still listed
+
+
+def test_loading_model_pt_surfaces_no_torchscript_deprecation_warning(binary_run, tmp_path):
+    """torch marks torch.jit deprecated (a FutureWarning on every torch.jit.load); our loading code
+    keeps it from the user, who is told in the README that model.pt keeps working."""
+    import warnings
+
+    import pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = pipeline.load_model(binary_run / "model.pt")
+        pipeline.predict(model, [write_image(tmp_path / "x.png", 5)], progress=False)
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:  # the check sees the warning where there is one
+        warnings.simplefilter("always")
+        torch.jit.load(str(binary_run / "model.pt"))
+    assert any(issubclass(w.category, FutureWarning) and "torch.jit.load" in str(w.message) for w in caught)

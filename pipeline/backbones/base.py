@@ -74,6 +74,12 @@ class Preprocessing:
 
 
 PREPROCESSING_KEYS = ("resize", "crop", "interpolation", "mean", "std", "resize_mode")
+# Bounds of --preprocessing, checked before anything is built. Every image is resized to `resize`
+# (a 2048-pixel short side is already 12 MB per decoded photo, held by each decoding worker) and
+# the network runs on `crop` x `crop`: its memory and time grow with the square of the crop, so a
+# crop may be at most CROP_FACTOR times the backbone's own (4x the memory of a normal run).
+MAX_SIDE = 2048
+CROP_FACTOR = 2
 
 
 def recorded_preprocessing(provenance: dict) -> Preprocessing:
@@ -85,6 +91,10 @@ def recorded_preprocessing(provenance: dict) -> Preprocessing:
 def override_preprocessing(spec, base: Preprocessing) -> Preprocessing:
     """`base` with the values of `spec` (see preprocessing_values) put in."""
     values = {**base.to_dict(), **preprocessing_values(spec)}
+    if values["crop"] > CROP_FACTOR * base.crop:
+        raise SettingError(f"--preprocessing: crop {values['crop']} is more than {CROP_FACTOR} times the backbone's own "
+                           f"{base.crop} (memory and time grow with the square of the crop); at most "
+                           f"{CROP_FACTOR * base.crop}")
     if values["crop"] > values["resize"]:
         raise SettingError(f"--preprocessing: crop {values['crop']} is larger than resize {values['resize']}; "
                            "the centre crop must fit in the resized image")
@@ -104,6 +114,10 @@ def preprocessing_values(spec) -> dict:
             if not (eq and key.strip() and value.strip()):
                 raise SettingError(f"--preprocessing {spec!r}: expected KEY=VALUE pairs separated by commas (keys: "
                                    f"{', '.join(PREPROCESSING_KEYS)}), found {key + eq + value!r}")
+        keys = [key.strip() for key, _, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise SettingError(f"--preprocessing {spec!r}: {repeated[0]} is given twice; give each key once")
         spec = {key.strip(): value.strip() for key, _, value in pairs}
     values = {}
     for key, value in dict(spec).items():
@@ -122,6 +136,9 @@ def _preprocessing_value(key: str, value):
             number = 0
         if number < 1 or str(number) != str(value).strip():
             raise SettingError(f"--preprocessing: {key} must be a positive whole number of pixels, found {value!r}")
+        if number > MAX_SIDE:
+            raise SettingError(f"--preprocessing: {key} {number} is over the limit of {MAX_SIDE} pixels (memory grows "
+                               "with its square: images that large would exhaust it)")
         return number
     if key in ("interpolation", "resize_mode"):
         allowed = INTERPOLATIONS if key == "interpolation" else RESIZE_MODES

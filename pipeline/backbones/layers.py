@@ -30,13 +30,15 @@ POOLINGS = POOL_NONE, POOL_NCHW, POOL_NHWC, POOL_CLASS_TOKEN, POOL_TOKEN_MEAN = 
 @dataclass(frozen=True)
 class LayerInfo:
     """One module of a network as a feature layer: its path (as in named_modules), the output
-    shape at batch 1, the feature dim after pooling, and why it cannot be used ('' when it can)."""
+    shape at batch 1, the feature dim after pooling, and why it cannot be used ('' when it can).
+    default: its pooled output is the features used without --layer (registry.list_layers)."""
 
     path: str
     shape: tuple
     dim: int
     pooling: str
     problem: str = ""
+    default: bool = False
 
 
 def pooling_for(shape: tuple, hints: LayerHints) -> tuple[str, int] | None:

@@ -1,10 +1,13 @@
 """Every backbone by name: torchvision's models (`resnet18`), timm's (`timm:vit_small_patch16_224`),
 and the builtin `efficientnet_lite0`; loading one cut at its penultimate layer or any `--layer`,
-flip-averaged on request; listing them with their feature dims and offline availability.
+flip-averaged on request; listing them with their feature dims, parameters, GFLOPs, ImageNet top-1
+and offline availability, and each one's layers with the default marked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import json
 import warnings
@@ -12,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import TransferError
+from ..errors import SettingError, TransferError
 from ..progress import resolve
 from . import builtin, layers, timm_zoo, torchvision_zoo
 from .base import (TTA_MODES, Backbone, FlipAveraged, Loaded, Preprocessing, Source, freeze, override_preprocessing,
@@ -114,18 +118,56 @@ def load_arguments(provenance: dict) -> dict:
 
 # --- layers -------------------------------------------------------------------------------------
 
-def list_layers(name: str, weights: str | None = None) -> list[layers.LayerInfo]:
+class Layers(list):
+    """list_layers' LayerInfo, in the order the modules run."""
+
+    def lines(self, name: str) -> list[str]:
+        """A header (for stderr), then one tab-separated line per usable layer: path, dim, pooling[, default]."""
+        usable = [i for i in self if not i.problem]
+        return [f"{name}: {len(usable)} layers (module path, feature dim, pooling); the one marked 'default' gives "
+                "the features used without --layer (the penultimate layer)"] + [
+            f"{i.path}\t{i.dim}\t{i.pooling}" + ("\tdefault" if i.default else "") for i in usable]
+
+
+def list_layers(name: str, weights: str | None = None) -> Layers:
     """Every module of backbone `name` in the order it runs, with the feature dim it gives after
-    pooling (or why it cannot be used), from one forward pass on the meta device."""
+    pooling (or why it cannot be used), from one forward pass on the meta device. The one whose
+    pooled output is the features used without --layer is marked `default`."""
     source, model_name = parse(name)
     zoo = SOURCES[source]
     model, crop, hints = layers.build_shapes_only(lambda: zoo.skeleton(model_name, weights))
     try:
-        return layers.probe(model, crop, hints)
+        infos = layers.probe(model, crop, hints)
     except (RuntimeError, NotImplementedError, TypeError):
         # An operation without a meta kernel: the same probe on a real, randomly initialised copy.
         model, crop, hints = zoo.skeleton(model_name, weights)
-        return layers.probe(model, crop, hints)
+        infos = layers.probe(model, crop, hints)
+    default = _default_path(zoo, model_name, model, infos)
+    return Layers(dataclasses.replace(i, default=True) if i.path == default else i for i in infos)
+
+
+def _default_path(zoo, model_name: str, model: torch.nn.Module, infos: list[layers.LayerInfo]) -> str | None:
+    """The module whose pooled output equals the default (penultimate) features: the source's
+    default layer where it names one; else the last module to finish before the classifier that
+    is cut off (torchvision's last Linear; timm's and the builtin's run with none) with the
+    penultimate dim, passing over Identity and Dropout (their output is an earlier one's)."""
+    named = zoo.default_layer(model_name)
+    if named:
+        return named
+    # The sources whose penultimate cut drops a last Linear; timm's skeletons are built without one.
+    classifier = torchvision_zoo.classifier_path(model) if zoo in (torchvision_zoo, builtin) else None
+    modules = dict(model.named_modules())
+    dim = modules[classifier].in_features if classifier else next((i.dim for i in reversed(infos) if i.dim), 0)
+    found = None
+    for info in infos:
+        if classifier and (info.path == classifier or info.path.startswith(classifier + ".")):
+            break
+        if not info.problem and info.dim == dim and not isinstance(modules[info.path], PASS_THROUGH):
+            found = info.path
+    return found
+
+
+PASS_THROUGH = (torch.nn.Identity, torch.nn.Dropout)
 
 
 def _layer_info(name: str, weights: str | None, path: str) -> layers.LayerInfo:
@@ -150,69 +192,162 @@ def _layer_info(name: str, weights: str | None, path: str) -> layers.LayerInfo:
 class BackboneEntry:
     """One name `--backbone` accepts: its source, penultimate feature dim, and whether its default
     weights are on this machine ('cached', 'packaged'), must be downloaded ('download'), or do not
-    exist ('none': random only). note: why it cannot be used, if it cannot."""
+    exist ('none': random only). note: why it cannot be used, if it cannot. params and gflops:
+    of the network `extract` runs (cut at its default layer: no ImageNet classifier), GFLOPs as
+    multiply-adds per image at its input size; top1: ImageNet-1k top-1 (%) of its default
+    weights where the library publishes it (torchvision's weights meta). None: unknown."""
 
     name: str
     source: str
     dim: int
     weights: str
     note: str = ""
+    params: int | None = None
+    gflops: float | None = None
+    top1: float | None = None
 
 
-def list_backbones(source: str | None = None, text: str | None = None, progress=None) -> list[BackboneEntry]:
-    """Every backbone name (of one source, containing `text`), with its dim and weights status.
+class Listing(list):
+    """list_backbones' BackboneEntry."""
 
-    Dims come from dims.json, written by `python -m pipeline.backbones.dims` for the installed
-    torchvision and timm versions from a forward pass on the meta device; for other versions they
-    are computed the same way for the listed models only. progress (see pipeline.progress): told
-    about those computations."""
+    def lines(self) -> list[str]:
+        """The table `transfer backbones` prints: a header, then one row per backbone (blank: unknown)."""
+        width = max([len(e.name) for e in self] + [4])
+        rows = [f"{'name':<{width}}  {'dim':>5}  {'params':>7}  {'GFLOPs':>7}  {'top-1':>6}  weights"]
+        for e in self:
+            params = f"{e.params / 1e6:.1f}M" if e.params is not None else ""
+            gflops, top1 = (f"{v:.2f}" if v is not None else "" for v in (e.gflops, e.top1))
+            note = f"  (refused: {e.note})" if e.note else ""
+            rows.append(f"{e.name:<{width}}  {e.dim:>5}  {params:>7}  {gflops:>7}  {top1:>6}  {e.weights}{note}")
+        return rows
+
+
+SORTS = {"name": None, "top1": lambda e: (e.top1 is None, -(e.top1 or 0)),  # best first
+         "params": lambda e: (e.params is None, e.params or 0), "gflops": lambda e: (e.gflops is None, e.gflops or 0)}
+
+
+def list_backbones(source: str | None = None, text: str | None = None, progress="auto",
+                   sort: str = "name") -> Listing:
+    """Every backbone name (of one source, containing `text`), with its dim, parameters, GFLOPs,
+    ImageNet top-1 and weights status; sort: name, top1 (highest first), params or gflops
+    (smallest first), unknown values last.
+
+    Dims, parameters and GFLOPs come from dims.json, written by `python -m pipeline.backbones.dims`
+    for the installed torchvision and timm versions from a forward pass on the meta device (see
+    `measure`); for other versions they are measured the same way for the listed models only.
+    progress (see pipeline.progress): told about those measurements."""
     if source is not None and source not in SOURCES:
         raise TransferError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    if sort not in SORTS:
+        raise SettingError(f"unknown sort {sort!r}; expected one of {', '.join(SORTS)}")
     names = [(src, shown, model_name) for src in ([source] if source else list(SOURCES))
              for shown, model_name in SOURCES[src].listing()]
     if text:
         names = [entry for entry in names if text.lower() in entry[1].lower()]
     table = _dims_table()
-    dims = {shown: _table_dim(table, src, model_name) for src, shown, model_name in names}
-    missing = [shown for shown, dim in dims.items() if dim is None]
+    measured = {shown: _table_cost(table, src, model_name) for src, shown, model_name in names}
+    missing = [shown for shown, cost in measured.items() if cost[0] is None]
     if missing:
         progress = resolve(progress)
-        progress.phase("feature dims", len(missing), "model")
+        progress.phase("measuring on the meta device", len(missing), "model")
         for shown in missing:
-            dims[shown] = penultimate_dim(shown)
+            measured[shown] = measure(shown)
             progress.advance(1)
         progress.close()
-    return [BackboneEntry(shown, src, int(dims[shown]), SOURCES[src].weights_status(model_name),
-                          _note(src, model_name, int(dims[shown])))
-            for src, shown, model_name in names]
+    entries = [BackboneEntry(shown, src, int(measured[shown][0]), SOURCES[src].weights_status(model_name),
+                             _note(src, model_name, int(measured[shown][0])), *measured[shown][1:],
+                             top1=getattr(SOURCES[src], "imagenet_top1", lambda n: None)(model_name))
+               for src, shown, model_name in names]
+    return Listing(sorted(entries, key=SORTS[sort]) if SORTS[sort] else entries)
 
 
 def penultimate_dim(name: str) -> int:
-    """The feature dim of backbone `name` at its default (penultimate) layer, from one forward pass
-    on the meta device (no weights, no arithmetic); 0 when its forward does not end in one vector
-    per image (a feature-map encoder: use --layer)."""
+    """The feature dim of backbone `name` at its default (penultimate) layer (see `measure`)."""
+    return measure(name)[0]
+
+
+def measure(name: str, size: int | None = None) -> tuple[int, int | None, float | None]:
+    """(dim, parameters, GFLOPs) of backbone `name` as `extract` runs it, cut at its default layer,
+    on (1, 3, size, size) images (default: its input size): one forward pass on the meta device
+    (no weights, no arithmetic) under torch.utils.flop_counter, whose count halved is multiply-adds
+    (the convention of torchvision's weights meta and of papers). Parameters: those of the modules
+    that run. dim 0: the forward does not end in one vector per image (use --layer); parameters
+    and GFLOPs None where an operation has no meta kernel (then dim is the declared width)."""
     source, model_name = parse(name)
     zoo = SOURCES[source]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, crop, hints = layers.build_shapes_only(lambda: zoo.skeleton(model_name))
+        crop = size or crop
         cut_at = zoo.default_layer(model_name)
         if cut_at:
-            return next(i.dim for i in layers.probe(model, crop, hints) if i.path == cut_at)
+            dim = next(i.dim for i in layers.probe(model, crop, hints) if i.path == cut_at)
+            return (dim, *_count(model, crop, model.get_submodule(cut_at))[1:])
         network, _, declared, _ = zoo.penultimate(model_name, model)
-        device = next((p.device for p in network.parameters()), torch.device("cpu"))
-        try:
-            with torch.no_grad():
+        for counting in (True, False):  # the FLOP counter's module tracker fails on a few models (timm's CaiT)
+            try:
+                return _count(network, crop, counting=counting)  # dim 0: an encoder with no pooled output
+            except (RuntimeError, NotImplementedError, TypeError):
+                break
+            except AssertionError:
+                continue
+        return declared, None, None  # an operation without a meta kernel: the model's own declared width
+
+
+class _Stop(Exception):
+    """Raised by the hook of the module a cut network ends at: nothing after it runs."""
+
+
+def _count(network: torch.nn.Module, crop: int, stop_at: torch.nn.Module | None = None,
+           counting: bool = True) -> tuple[int, int | None, float | None]:
+    """One forward pass of (1, 3, crop, crop), up to `stop_at`'s output: (the output's width when it
+    is one vector per image, else 0; parameters of the modules that ran; GFLOPs). A module that
+    never runs but whose parent did counts too: the parent used its weights (MultiheadAttention's
+    out_proj); one whose parent did not run was cut off."""
+    ran: set[int] = set()
+
+    def record(module, args):
+        ran.add(id(module))
+
+    def stop(module, args, out):
+        raise _Stop
+
+    hooks = [m.register_forward_pre_hook(record) for m in network.modules()]
+    if stop_at is not None:
+        hooks.append(stop_at.register_forward_hook(stop))
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    out, counter = None, FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+    try:
+        with counter, torch.no_grad():
+            try:
                 out = network(torch.zeros(1, 3, crop, crop, device=device))
-            return int(out.shape[1]) if out.dim() == 2 else 0  # 0: an encoder with no pooled output
-        except (RuntimeError, NotImplementedError, TypeError):
-            return declared  # an operation without a meta kernel: the model's own declared width
+            except _Stop:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    used = {}
+    for name, module in network.named_modules():
+        parent = network.get_submodule(name.rpartition(".")[0]) if name else None
+        if id(module) in ran or (parent is not None and id(parent) in ran):
+            used.update((id(p), p.numel()) for p in module.parameters(recurse=False))
+    width = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else 0
+    return width, sum(used.values()), round(counter.get_total_flops() / 2e9, 4) if counting else None
 
 
 def _table_dim(table: dict, source: str, model_name: str) -> int | None:
+    return _table_cost(table, source, model_name)[0]
+
+
+def _table_cost(table: dict, source: str, model_name: str) -> tuple:
+    """(dim, params, GFLOPs) from the table, None where it has no entry. timm's tags of another
+    input size than their architecture's default are under "arch@size"."""
     if source == "builtin":  # efficientnet_lite0 is timm's tf_efficientnet_lite0 with other weights
-        return table.get("timm", {}).get(builtin.TIMM_NAME)
-    return table.get(source, {}).get(model_name.partition(".")[0] if source == "timm" else model_name)
+        source, model_name = "timm", builtin.TIMM_NAME
+    part = table.get(source, {})
+    key = timm_zoo.cost_key(model_name) if source == "timm" else model_name
+    dim = part.get("dims", {}).get(model_name.partition(".")[0] if source == "timm" else model_name)
+    return dim, part.get("params", {}).get(key), part.get("gflops", {}).get(key)
 
 
 def _note(source: str, model_name: str, dim: int) -> str:
@@ -231,7 +366,7 @@ def _dims_table() -> dict:
     usable = {}
     for src, part in doc.get("sources", {}).items():
         if all(current.get(lib) == _release(version) for lib, version in part.get("versions", {}).items()):
-            usable[src] = part["dims"]
+            usable[src] = part
     return usable
 
 

@@ -14,6 +14,7 @@ import difflib
 import functools
 import math
 import os
+import threading
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from .base import LayerHints, Loaded, Preprocessing
 SOURCE = "timm"
 PREFIX = "timm:"
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # the names timm tries, safetensors first
+HUB_TIMEOUT = 3.0  # s for the hub to answer one metadata request (~0.3 s when online) before we call it unreachable
 
 
 def library():
@@ -139,19 +141,23 @@ def pretrained_file(tagged: str, cfg) -> tuple[str, str]:
         return wfile.fetch_url(cfg.url), os.path.basename(cfg.url)
     # timm's hub client: loaded with timm, on first use
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     candidates = _hf_candidates(cfg)
     path = _hf_cached(cfg.hf_hub_id, candidates)  # no network round trip when the file is already here
     reason = "not in the local cache"
     for filename in candidates if path is None else ():
+        # One bounded request first: unreachable, the hub client alone retries for ~25 s before failing.
+        asked = _ask_hub(cfg.hf_hub_id, filename)
+        if asked == "missing":
+            continue  # this repository has the other file name
+        if asked is not None:
+            reason = asked
+            break
         try:
             path = hf_hub_download(cfg.hf_hub_id, filename)
             break
-        except RemoteEntryNotFoundError:
-            continue  # this repository has the other file name
-        except Exception as e:  # noqa: BLE001 - offline, DNS, proxy, HTTP: the hub client raises many types
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        except Exception as e:  # noqa: BLE001 - a connection lost mid-download, a full disk: the client raises many types
+            reason = _reason(e)
             break
     if path is None:
         url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{candidates[0]}"
@@ -159,6 +165,38 @@ def pretrained_file(tagged: str, cfg) -> tuple[str, str]:
             f"cannot get the pretrained weights of timm:{tagged} ({reason}); on a machine with network, fetch {url} "
             f"and pass --weights /path/to/{candidates[0]} (or fill the Hugging Face cache {constants.HF_HUB_CACHE})")
     return path, f"{cfg.hf_hub_id}/{os.path.basename(path)}"
+
+
+def _ask_hub(repo: str, filename: str) -> str | None:
+    """One metadata request for repo/filename, answered within HUB_TIMEOUT seconds (name lookup
+    included): None when the hub has the file, "missing" when this repository has no such file,
+    else why the hub cannot be used, in full."""
+    # timm's hub client: loaded with timm, on first use
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    answer: list = []
+
+    def ask() -> None:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=HUB_TIMEOUT)
+            answer.append(None)
+        except RemoteEntryNotFoundError:
+            answer.append("missing")
+        except Exception as e:  # noqa: BLE001 - offline, DNS, proxy, HTTP, offline mode: many types
+            answer.append(_reason(e))
+
+    # A thread, because a name lookup that hangs is bounded by no timeout of the client's.
+    asking = threading.Thread(target=ask, name="transfer-hub-check", daemon=True)
+    asking.start()
+    asking.join(HUB_TIMEOUT)
+    return answer[0] if answer else f"the Hugging Face hub did not answer within {HUB_TIMEOUT:g} s"
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one whole line: its type and its full message."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _create(tagged: str, path: str, name: str) -> nn.Module:
@@ -228,6 +266,20 @@ def weights_status(name: str) -> str:
     if cfg.hf_hub_id:
         return "cached" if _hf_cached(cfg.hf_hub_id, _hf_candidates(cfg)) else "download"
     return "cached" if os.path.exists(wfile.hub_checkpoint_path(cfg.url)) else "download"
+
+
+def cost_key(model_name: str) -> str:
+    """The key of timm:`model_name`'s parameters and GFLOPs in dims.json: its architecture, or
+    "arch@size" for a tag whose input size is not the architecture's default tag's."""
+    arch = model_name.partition(".")[0]
+    timm = library()
+    try:
+        tag, default = timm.models.get_pretrained_cfg(model_name), timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # an unknown tag: listed names always resolve
+        return arch
+    if tag is None or default is None or tag.input_size == default.input_size:
+        return arch
+    return f"{arch}@{tag.input_size[-1]}"
 
 
 def unsupported(name: str) -> str:

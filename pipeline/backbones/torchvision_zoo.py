@@ -200,5 +200,11 @@ def weights_status(name: str) -> str:
     return "cached" if os.path.exists(wfile.hub_checkpoint_path(preset.url)) else "download"
 
 
+def imagenet_top1(name: str) -> float | None:
+    """ImageNet-1k top-1 (%) of the model's DEFAULT weights, as torchvision's weights meta gives it."""
+    metrics = preset_for(name, None).meta.get("_metrics", {}).get("ImageNet-1K", {})
+    return metrics.get("acc@1")
+
+
 def weight_names(name: str) -> list[str]:
     return [w.name for w in torchvision.models.get_model_weights(name)]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import TransferError
+from ..files import display_path, not_a_file
 
 
 def looks_like_path(weights: str) -> bool:
@@ -18,8 +19,9 @@ def looks_like_path(weights: str) -> bool:
 
 def load_state_file(path: str) -> dict:
     """A state_dict from a .pth/.pt/.bin file (torch.load with weights_only=True) or a .safetensors file."""
-    if not os.path.isfile(path):
-        raise TransferError(f"weights file {path} does not exist")
+    why = not_a_file(path)
+    if why:  # a FIFO or a device is no weights file either (it was "does not exist")
+        raise TransferError(f"weights file {display_path(path)} {why}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file  # optional: only .safetensors files need it

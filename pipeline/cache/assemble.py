@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import TransferError
 from ..files import remove_quietly
 from .format import (BYTES, COPY_ROWS, DONE, FAILED, FORMAT, FORMAT_VERSION, STR, describe_difference, identity,
-                     os_reason, quiet_h5py_teardown, read_attrs, write_attrs)
+                     os_reason, quiet_h5py_teardown, read_attrs, runs, write_attrs)
 from .partial import remove_stale_temporaries
 from .reader import Cache, read_cache
 
@@ -86,9 +86,17 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
                 raise TransferError(f"cannot assemble: {part} was made with other settings "
                                     f"({describe_difference(read_attrs(src), meta)})")
         positions = np.concatenate([s["positions"][...] for s in sources])
-        if "num_listed" in meta and not np.array_equal(positions, np.arange(int(meta["num_listed"]))):
+        # Listing order: the parts' positions interleave when ranks took whole tar shards
+        # (extraction.webdataset); a folder's ranks take contiguous slices (order = identity).
+        order = np.argsort(positions, kind="stable")
+        if "num_listed" in meta and not np.array_equal(positions[order], np.arange(int(meta["num_listed"]))):
             raise TransferError(f"cannot assemble: the shards {', '.join(parts)} do not cover the "
-                                f"{meta['num_listed']} listed images exactly once, in order")
+                                f"{meta['num_listed']} listed images exactly once")
+        ok_all = np.concatenate([st == DONE for st in status])
+        bad_all = np.concatenate([st == FAILED for st in status])
+        # out_row[j]: where concatenated row j goes among the finished cache's rows (if done)
+        out_row = np.empty(len(positions), dtype=np.int64)
+        out_row[order] = np.cumsum(ok_all[order]) - 1
         dim = int(sources[0]["features"].shape[1])
         has_split = "split" in sources[0]
         # Per-file data (size, mtime, content hash; a manifest's columns) is kept when every part
@@ -101,8 +109,9 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
         chunk_rows = max(1, min(n_ok, (1 << 20) // (4 * dim)))  # ~1 MiB chunks
         features = dst.create_dataset("features", (n_ok, dim), np.float32, chunks=(chunk_rows, dim) if n_ok else None)
         cols = {"labels": [], "paths": [], "path_bytes": [], "split": [], **{c: [] for c in per_file + columns}}
-        failed = {"paths": [], "path_bytes": [], "reasons": [], **{c: [] for c in per_file}}
-        k = 0
+        failed = {"paths": [], "path_bytes": [], "reasons": [], "labels": [], "split": [],
+                  **{c: [] for c in per_file + columns}}
+        start = 0
         for src, st in zip(sources, status):
             ok = st == DONE
             for lo in range(0, len(st), COPY_ROWS):
@@ -110,16 +119,22 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
                 sel = ok[lo:hi]
                 if sel.any():
                     block = src["features"][lo:hi][sel]
-                    features[k:k + len(block)] = block
-                    k += len(block)
+                    targets = out_row[start + lo:start + hi][sel]
+                    for a, b, part in runs(targets):  # one run per block unless positions interleave
+                        features[a:b] = block[part]
+            start += len(st)
             paths = src["paths"].asstr()[...]
             raw = src["path_bytes"][...]
-            cols["labels"].append(src["labels"][...][ok])
+            labels = src["labels"][...]
+            cols["labels"].append(labels[ok])
             cols["paths"].append(paths[ok])
             cols["path_bytes"].append(raw[ok])
-            if has_split:
-                cols["split"].append(src["split"].asstr()[...][ok])
             bad = st == FAILED
+            failed["labels"].append(labels[bad])
+            if has_split:
+                split = src["split"].asstr()[...]
+                cols["split"].append(split[ok])
+                failed["split"].append(split[bad])
             failed["paths"].append(paths[bad])
             failed["path_bytes"].append(raw[bad])
             failed["reasons"].append(np.array([r.decode("utf-8", "replace") for r in src["reasons"][...][bad]],
@@ -129,7 +144,14 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
                 cols[name].append(values[ok])
                 failed[name].append(values[bad])
             for name in columns:
-                cols[name].append(src[name].asstr()[...][ok])
+                values = src[name].asstr()[...]
+                cols[name].append(values[ok])
+                failed[name].append(values[bad])
+        # Per-row arrays in listing order: sort the concatenation by position.
+        ok_order = np.argsort(positions[ok_all], kind="stable")
+        bad_order = np.argsort(positions[bad_all], kind="stable")
+        cols = {k: [np.concatenate(v)[ok_order]] for k, v in cols.items() if v}
+        failed = {k: [np.concatenate(v)[bad_order]] for k, v in failed.items() if v}
         dst.create_dataset("labels", data=np.concatenate(cols["labels"]).astype(np.int64))
         dst.create_dataset("paths", data=np.concatenate(cols["paths"]).astype(object), dtype=STR)
         dst.create_dataset("path_bytes", data=np.concatenate(cols["path_bytes"]).astype(object), dtype=BYTES)
@@ -139,11 +161,16 @@ def _assemble_into(dst: h5py.File, parts: list[str], meta: dict) -> None:
         group.create_dataset("paths", data=np.concatenate(failed["paths"]).astype(object), dtype=STR)
         group.create_dataset("path_bytes", data=np.concatenate(failed["path_bytes"]).astype(object), dtype=BYTES)
         group.create_dataset("reasons", data=np.concatenate(failed["reasons"]).astype(object), dtype=STR)
+        # A failed file keeps its label and split (merge_caches rebuilds the listing from them).
+        group.create_dataset("labels", data=np.concatenate(failed["labels"]).astype(np.int64))
+        if has_split:
+            group.create_dataset("split", data=np.concatenate(failed["split"]).astype(object), dtype=STR)
         for name in per_file:  # sizes, mtime_ns: int64; content_hash: fixed 64-byte hex
             dst.create_dataset(name, data=np.concatenate(cols[name]))
             group.create_dataset(name, data=np.concatenate(failed[name]))
         for name in columns:
             dst.create_dataset(name, data=np.concatenate(cols[name]).astype(object), dtype=STR)
+            group.create_dataset(name, data=np.concatenate(failed[name]).astype(object), dtype=STR)
         write_attrs(dst, {
             **meta,
             "format": FORMAT,

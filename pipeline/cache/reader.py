@@ -1,7 +1,9 @@
 """Reading a finished feature cache: `read_cache(path) -> Cache`, the only way the library reads one.
 
 Opening checks the file (format, version, completeness, the attributes every reader relies on)
-and loads only the small per-row arrays; features are read on demand, in blocks.
+and loads only the small per-row arrays; features are read on demand, in blocks, from the same
+file: a Cache remembers which file it opened (device, inode, size, mtime) and refuses to read
+another one put in its place (a rerun of `extract`), whose rows would not match its labels.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import h5py
 import numpy as np
 
 from ..errors import IncompleteCacheError, InputFileError, SettingError
-from ..files import display_path
+from ..files import display_path, not_a_file
 from .format import COPY_ROWS, FORMAT, FORMAT_VERSION, partial_path, read_attrs
 from .partial import PartialCache, Progress, existing_shards
 
 SPLIT_NAMES = ("train", "val", "test")
+# The largest feature magnitude accepted. Network features are O(1)-O(1e3); beyond 1e12 the sums of
+# squares that standardization, PCA and the solvers compute overflow float32 (3.4e38) on large caches.
+FEATURE_LIMIT = 1e12
 
 
 class Cache:
@@ -27,15 +32,18 @@ class Cache:
     labels: (N,) int64, an index into `classes`; split: (N,) str ("train"/"val"/"test") or None;
     paths / path_bytes: N names relative to `image_dir` (display text / exact bytes);
     provenance: every attribute of the file (backbone, weights, preprocessing, versions, ...).
+    generation: which file was opened, (st_dev, st_ino, st_size, st_mtime_ns); every later read
+    checks it (None: not checked).
     """
 
     def __init__(self, path: str | None, provenance: dict, classes: list[str], labels: np.ndarray,
-                 split: np.ndarray | None):
+                 split: np.ndarray | None, generation: tuple | None = None):
         self.path = path
         self.provenance = provenance
         self.classes = classes
         self.labels = labels
         self.split = split
+        self.generation = generation
 
     @property
     def n(self) -> int:
@@ -83,6 +91,7 @@ class Cache:
     def features(self, rows: np.ndarray | None = None, dtype=np.float32, out: np.ndarray | None = None) -> np.ndarray:
         """Features of `rows` (default all, in order) as (len(rows), D) `dtype`, read in blocks
         straight into one array: no full-size temporary."""
+        rows = None if rows is None else row_numbers(rows)
         count = self.n if rows is None else len(rows)
         if out is None:
             out = np.empty((count, self.dim), dtype=dtype)
@@ -97,7 +106,7 @@ class Cache:
         """Yield (idx, X) over `rows` (default all) in file order, at most `block_rows` rows each:
         idx (b,) positions into `rows` (row numbers when rows is None), X (b, D) `dtype`.
         Memory stays O(block_rows x D) whatever N is."""
-        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        rows = np.arange(self.n) if rows is None else row_numbers(rows)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"row numbers out of range for {self.path} ({self.n} rows)")
         order = np.argsort(rows, kind="stable")
@@ -112,13 +121,17 @@ class Cache:
                 else:  # sparse: read only the wanted rows (h5py needs them increasing and unique)
                     unique, back = np.unique(want, return_inverse=True)
                     block = ds[unique][back]
-                if not np.isfinite(block).all():
-                    raise InputFileError(f"{self.path} holds non-finite features (NaN or inf); "
-                                         "re-extract it at fp32")
+                check_values(block, self.path, InputFileError)
                 yield order[lo:lo + block_rows], block.astype(dtype, copy=False)
 
     def _file(self) -> h5py.File:
-        return h5py.File(self.path, "r", locking=False)
+        f = h5py.File(self.path, "r", locking=False)
+        if self.generation is not None and file_generation(f) != self.generation:
+            f.close()
+            raise InputFileError(f"{display_path(self.path)} was replaced or changed since it was opened (by another "
+                                 "extraction?): its rows no longer match the labels read then; open it again "
+                                 "(read_cache) and rerun")
+        return f
 
     def __repr__(self) -> str:
         where = "" if self.split is None else ", " + " ".join(
@@ -135,7 +148,7 @@ class ArrayCache(Cache):
         features = np.asarray(features)
         if features.ndim != 2:
             raise SettingError(f"features must be a 2-D array (N, D); got shape {features.shape}")
-        labels = np.asarray(labels, dtype=np.int64)
+        labels = integer_labels(labels, "the arrays", SettingError)
         split = None if split is None else np.asarray(list(split), dtype=object)
         check_rows(len(features), labels, list(classes), split, "the arrays", SettingError)
         meta = {"backbone": "arrays", "layer": "arrays", "dim": int(features.shape[1]), **(provenance or {})}
@@ -147,15 +160,48 @@ class ArrayCache(Cache):
         self.__dict__["columns"] = {}
 
     def blocks(self, rows=None, block_rows=4096, dtype=np.float32):
-        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        rows = np.arange(self.n) if rows is None else row_numbers(rows)
         for lo in range(0, len(rows), block_rows):
             block = self._features[rows[lo:lo + block_rows]]
-            if not np.isfinite(block).all():
-                raise InputFileError("the features hold non-finite values (NaN or inf)")
+            check_values(block, None, InputFileError)
             yield np.arange(lo, min(lo + block_rows, len(rows))), block.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"ArrayCache({self.n} rows x {self.dim}, {len(self.classes)} classes)"
+
+
+def check_values(block: np.ndarray, path: str | None, error=InputFileError) -> None:
+    """Features must be finite and at most FEATURE_LIMIT in magnitude; path None: arrays in memory."""
+    where = f"{display_path(path)} holds" if path else "the features hold"
+    if not np.isfinite(block).all():
+        raise error(f"{where} non-finite features (NaN or inf)" + ("; re-extract it at fp32" if path else ""))
+    largest = float(np.abs(block).max()) if block.size else 0.0
+    if largest > FEATURE_LIMIT:
+        raise error(f"{where} features of magnitude {largest:.3g}, over the {FEATURE_LIMIT:.0e} the fitting arithmetic "
+                    "survives (their squares overflow); rescale them" + (", or re-extract it" if path else ""))
+
+
+def integer_labels(labels, where: str, error=SettingError) -> np.ndarray:
+    """Labels as (N,) int64, refusing what is not integers (0.7 is no class index: never truncated)."""
+    array = np.asarray(labels)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise error(f"labels of {where} must be integers (indices into classes); found {array.dtype} "
+                    f"values such as {array.reshape(-1)[0].item()!r}")
+    return array.astype(np.int64)
+
+
+def row_numbers(rows) -> np.ndarray:
+    """Row numbers as (n,) int64, refusing what is not integers (row 1.5 is no row: never truncated)."""
+    array = np.asarray(rows)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise SettingError(f"row numbers must be integers; found {array.dtype} values such as {array.reshape(-1)[0].item()!r}")
+    return array.astype(np.int64).reshape(-1)
+
+
+def file_generation(f: h5py.File) -> tuple:
+    """Which file an open HDF5 file is: (st_dev, st_ino, st_size, st_mtime_ns) of its descriptor."""
+    st = os.fstat(f.id.get_vfd_handle())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def check_classes(classes, where: str, error=InputFileError) -> None:
@@ -186,6 +232,7 @@ def read_cache(path: str | os.PathLike) -> Cache:
     path = os.fspath(path)
     meta = check_cache(path)
     with h5py.File(path, "r", locking=False) as f:
+        generation = file_generation(f)
         n, dim = f["features"].shape
         labels = f["labels"][...].astype(np.int64)
         split = f["split"].asstr()[...].astype(object) if "split" in f else None
@@ -201,7 +248,7 @@ def read_cache(path: str | os.PathLike) -> Cache:
     check_rows(n, labels, classes, split, path)
     if meta.get("dim") != dim:
         raise InputFileError(f"{path} is damaged: attribute 'dim' is {meta.get('dim')!r} but features have {dim} columns")
-    return Cache(path, meta, list(classes), labels, split)
+    return Cache(path, meta, list(classes), labels, split, generation)
 
 
 def check_cache(path: str) -> dict:
@@ -218,6 +265,8 @@ def check_cache(path: str) -> dict:
     shown = display_path(path)
     if os.path.isdir(path):
         raise InputFileError(f"{shown} is a folder; expected a feature cache file (.h5) written by `transfer extract`")
+    if not_a_file(path):
+        raise InputFileError(f"{shown} {not_a_file(path)}; expected a feature cache file (.h5) written by `transfer extract`")
     if not h5py.is_hdf5(path):
         raise InputFileError(f"{shown} is not a feature cache (not an HDF5 file); expected the output of "
                              "`transfer extract`")

@@ -19,30 +19,40 @@ from ..errors import InputFileError, SettingError, TransferError
 from ..files import display_path, make_folder_for, remove_quietly, remove_stale_temporaries, temporary_name
 from .format import (BYTES, DEFAULT_PROVENANCE, FORMAT, FORMAT_VERSION, STR, ListingDigest, objects, os_reason,
                      quiet_h5py_teardown, write_attrs)
-from .reader import Cache, check_classes, check_rows, read_cache
+from ..images import short_reason
+from .reader import Cache, check_classes, check_rows, check_values, integer_labels, read_cache
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks, as `extract` writes them
 
 
 def write_cache(path: str | os.PathLike, features, labels=None, *, classes: list[str], split=None,
-                paths: list[str] | None = None, provenance: dict | None = None, overwrite: bool = False) -> Cache:
+                paths: list[str] | None = None, provenance: dict | None = None, overwrite: bool = False,
+                failed=None) -> Cache:
     """Write a complete, valid feature cache and return it opened.
 
     features: (N, D) array with labels (N,) int (an index into `classes`) and optional split (N,)
     of "train"/"val"/"test"; or, with labels=None, an iterable of (features (b, D), labels (b,)) or
     (features, labels, split) blocks, written as they come. paths: N names relative to the image
     folder (default row00000000, ...). provenance: attributes to record (backbone, weights, layer,
-    preprocessing, image_dir, ...); what is not given is recorded as unknown.
+    preprocessing, image_dir, ...); what is not given is recorded as unknown. failed (arrays only):
+    (N,) reasons, "" for a row with features: the other rows go to the cache's `failed` group with
+    their path, label and split, as `extract` records images it could not use (an `Embedder`'s
+    "error" column; their feature rows are ignored).
 
     >>> write_cache("cache/mine.h5", X, y, classes=["cat", "dog"], split=["train"] * len(y))
     """
     path = os.fspath(path)
     classes = list(classes)
     check_classes(classes, "write_cache", SettingError)
+    bad = None
     if isinstance(features, np.ndarray) or labels is not None:
         if labels is None:
             raise SettingError("write_cache: labels (N,) are required with a features array")
+        if failed is not None:
+            features, labels, split, paths, bad = _separate_failed(features, labels, split, paths, failed)
         blocks: Iterable = [(features, labels) if split is None else (features, labels, split)]
+    elif failed is not None:
+        raise SettingError("write_cache: failed= needs arrays (features, labels), not a stream of blocks")
     elif split is not None:
         raise SettingError("write_cache: with blocks, give each block's split inside it: (features, labels, split)")
     else:
@@ -58,7 +68,7 @@ def write_cache(path: str | os.PathLike, features, labels=None, *, classes: list
     try:
         with quiet_h5py_teardown():
             with h5py.File(tmp, "w") as f:
-                _write_blocks(f, iter(blocks), classes, paths, provenance or {})
+                _write_blocks(f, iter(blocks), classes, paths, provenance or {}, bad)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # HDF5 reports failed writes at close as RuntimeError
         remove_quietly(tmp)
@@ -69,7 +79,26 @@ def write_cache(path: str | os.PathLike, features, labels=None, *, classes: list
     return read_cache(path)
 
 
-def _write_blocks(f: h5py.File, blocks, classes: list[str], paths, provenance: dict) -> None:
+def _separate_failed(features, labels, split, paths, failed):
+    """(features, labels, split, paths) of the good rows, and the failed ones: (paths, reasons,
+    labels, split or None)."""
+    reasons = np.asarray([str(r) for r in failed], dtype=object)
+    X, y = np.asarray(features), np.asarray(labels)
+    if len(reasons) != len(y) or len(X) != len(y):
+        raise SettingError(f"write_cache: failed has {len(reasons)} reasons for {len(y)} labels and {len(X)} "
+                           "feature rows; expected one per row (\"\" for a good row)")
+    if paths is None:
+        raise SettingError("write_cache: failed= needs paths= (the failed files are recorded by name)")
+    if len(paths) != len(y):
+        raise SettingError(f"write_cache: paths has {len(paths)} names for {len(y)} rows")
+    ok = reasons == ""
+    s = None if split is None else np.asarray(list(split), dtype=object)
+    names = np.asarray(list(paths), dtype=object)
+    bad = (list(names[~ok]), list(reasons[~ok]), y[~ok].astype(np.int64), None if s is None else list(s[~ok]))
+    return X[ok], y[ok], None if s is None else list(s[ok]), list(names[ok]), bad
+
+
+def _write_blocks(f: h5py.File, blocks, classes: list[str], paths, provenance: dict, bad=None) -> None:
     first = next(blocks, None)
     if first is None:
         raise SettingError("write_cache: no rows to write")
@@ -102,11 +131,22 @@ def _write_blocks(f: h5py.File, blocks, classes: list[str], paths, provenance: d
     if paths is not None and len(paths) != n:
         raise SettingError(f"write_cache: paths has {len(paths)} names for {n} rows")
     group = f.create_group("failed")
-    for name, dtype in (("paths", STR), ("path_bytes", BYTES), ("reasons", STR)):
-        group.create_dataset(name, (0,), dtype)
+    bad_paths, reasons, bad_labels, bad_split = bad if bad is not None else ([], [], np.zeros(0, np.int64), None)
+    if bad is not None:
+        check_rows(len(bad_labels), bad_labels, classes, None if bad_split is None else np.asarray(bad_split, object),
+                   "the failed rows", SettingError)
+        digest.update(bad_paths, bad_labels, bad_split)  # not the listing's order: see cache.merge
+    group.create_dataset("paths", data=objects(display_path(p) for p in bad_paths), dtype=STR)
+    group.create_dataset("path_bytes", data=objects(os.fsencode(p) for p in bad_paths), dtype=BYTES)
+    group.create_dataset("reasons", data=objects(short_reason(r) for r in reasons), dtype=STR)
+    group.create_dataset("labels", data=np.asarray(bad_labels, dtype=np.int64))
+    if has_split:
+        group.create_dataset("split", data=objects(bad_split or []), dtype=STR)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    n_bad = len(bad_paths)
     write_attrs(f, {**DEFAULT_PROVENANCE, "created": now, **provenance, "classes": classes, "dim": dim,
-                    "listing_sha256": digest.hexdigest(), "num_listed": n, "num_images": n, "num_failed": 0,
+                    "listing_sha256": digest.hexdigest(), "num_listed": n + n_bad, "num_images": n,
+                    "num_failed": n_bad,
                     "format": FORMAT, "format_version": FORMAT_VERSION, "state": "complete", "assembled": now})
 
 
@@ -116,13 +156,10 @@ def _check_block(block, i: int, dim: int, has_split: bool, classes: list[str]):
         raise SettingError(f"write_cache: block {i} must be (features, labels{', split' if has_split else ''}) "
                            "like the first block")
     X = np.asarray(block[0], dtype=np.float32)
-    y = np.asarray(block[1])
     if X.ndim != 2 or X.shape[1] != dim:
         raise SettingError(f"write_cache: block {i} has features of shape {X.shape}; expected (b, {dim})")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise SettingError(f"write_cache: labels must be integers (indices into classes); block {i} has {y.dtype}")
-    if not np.isfinite(X).all():
-        raise SettingError(f"write_cache: block {i} holds non-finite features (NaN or inf)")
+    y = integer_labels(block[1], f"write_cache's block {i}")
+    check_values(X, None, SettingError)
     s = None if not has_split else [str(v) for v in block[2]]
     check_rows(len(X), y.astype(np.int64), classes, None if s is None else np.asarray(s, dtype=object),
                f"block {i}", SettingError)

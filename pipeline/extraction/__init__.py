@@ -5,7 +5,9 @@
 - `decode`: image files -> batches of crops (Pillow, or decode_jpeg on the device);
 - `update`: which rows of a changed folder reuse earlier results;
 - `manifest`: a CSV/JSONL listing instead of a folder tree;
-- `distributed`: each torchrun rank's slice, and rank 0's assembly.
+- `distributed`: each torchrun rank's slice, and rank 0's assembly;
+- `webdataset`: tar shards instead of a folder tree: listed from their headers, read by offset;
+- `embedder`: `Embedder`, the same decode, preprocessing and network for engines (Ray, Spark).
 """
 
 from .plan import ExtractPlan, ExtractRequest

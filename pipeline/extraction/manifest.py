@@ -14,7 +14,10 @@ other than path, label and split are kept per row (`ImageListing.extras`, the ca
 Rows are put in the folder order (split, class, path bytes), so a manifest and the equivalent
 folder tree give the same cache whatever order the manifest lists its rows in. A path listed
 twice or a missing file is a failed row (recorded in the cache's `failed` group, with one note
-each); an empty label or an unknown split name stops the listing with one line naming the line.
+each); an empty label or an unknown split name stops the listing with one line naming the line,
+as does a JSONL label or path that is not text (null, true, a list; a number is taken as its
+text, with a note). Labels are stripped of surrounding spaces ('ants ' is 'ants', with a note).
+Bytes that are not UTF-8 are kept as the file name's own bytes (a manifest can list any name).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import numpy as np
 
 from ..errors import InputFileError
-from ..files import display_path
+from ..files import display_path, not_a_file, quoted
 from ..images import SPLIT_NAMES, ImageListing, is_image_name, stat_files
 
 REQUIRED = ("path", "label")
@@ -38,17 +41,18 @@ def read_manifest(manifest: str | os.PathLike) -> ImageListing:
     """List the images of a .csv or .jsonl manifest (see the module docstring)."""
     manifest = os.fspath(manifest)
     shown = display_path(manifest)
-    if not os.path.isfile(manifest):
-        what = "is a folder" if os.path.isdir(manifest) else "does not exist"
+    what = not_a_file(manifest)  # a FIFO is named as one (it was "does not exist"), and never opened
+    if what:
         raise InputFileError(f"manifest {shown} {what}; expected a .csv or .jsonl file with columns path,label[,split]")
     suffix = os.path.splitext(manifest)[1].lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise InputFileError(f"manifest {shown} must end in .csv or .jsonl (found {suffix or 'no extension'!r})")
     try:
-        with open(manifest, encoding="utf-8-sig", newline="") as f:
+        # surrogateescape: a name's bytes that are not UTF-8 reach os.fsencode unchanged
+        with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             columns, records = (_read_csv if suffix == ".csv" else _read_jsonl)(f, shown)
-    except UnicodeDecodeError as e:
-        raise InputFileError(f"manifest {shown} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputFileError(f"cannot read manifest {shown}: {e.strerror or e}") from None
     return _listing(os.path.dirname(os.path.abspath(manifest)), manifest, shown, columns, records)
 
 
@@ -90,7 +94,14 @@ def _read_jsonl(f, shown: str) -> tuple[list[str], list[tuple[int, dict]]]:
         missing = [k for k in REQUIRED if k not in obj]
         if missing:
             raise InputFileError(f"manifest {shown} line {line} has no {missing[0]!r} key")
-        records.append((line, {k: v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()}))
+        for key in ("path", "label", "split"):
+            value = obj.get(key, "")
+            if not isinstance(value, str) and (key != "label" or isinstance(value, bool)
+                                               or not isinstance(value, (int, float))):
+                raise InputFileError(f"manifest {shown} line {line}: {key} {json.dumps(value)[:40]} is not text; "
+                                     f"expected a string{' (or a number)' if key == 'label' else ''}")
+        records.append((line, {**{k: v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()},
+                               "_number": not isinstance(obj["label"], str)}))
     if not records:
         raise InputFileError(f"manifest {shown} is empty; expected one JSON object per line with keys path, label")
     return columns, records
@@ -114,17 +125,19 @@ def _listing(root: str, manifest: str, shown: str, columns: list[str], records: 
         raise InputFileError(f"manifest {shown} lists no images (only its header)")
     has_split = "split" in columns
     extras = [c for c in columns if c not in RESERVED]
-    first_line, duplicate_of = {}, {}
+    first_line, duplicate_of, spaced = {}, {}, {}
     for line, rec in records:
+        if rec["label"] != rec["label"].strip():
+            spaced.setdefault(rec["label"], line)
         rec["label"] = rec["label"].strip()
         if has_split:
             rec["split"] = rec.get("split", "").strip()
         if not rec["label"]:
-            raise InputFileError(f"manifest {shown} line {line}: empty label for {rec['path']!r}")
+            raise InputFileError(f"manifest {shown} line {line}: empty label for {quoted(rec['path'])}")
         if not rec["path"].strip():
             raise InputFileError(f"manifest {shown} line {line}: empty path")
         if has_split and rec["split"] not in SPLIT_NAMES:
-            raise InputFileError(f"manifest {shown} line {line}: unknown split {rec['split']!r}; "
+            raise InputFileError(f"manifest {shown} line {line}: unknown split {quoted(rec['split'])}; "
                                  f"expected one of {', '.join(SPLIT_NAMES)}")
         key = os.fsencode(_normal(rec["path"], root))
         if key in first_line:
@@ -149,6 +162,12 @@ def _listing(root: str, manifest: str, shown: str, columns: list[str], records: 
         if not is_image_name(path):
             odd.append(path)
     notes = [text for _, text in sorted(notes)]
+    for raw, line in sorted(spaced.items(), key=lambda item: item[1]):
+        notes.append(f"manifest line {line}: label {quoted(raw)} is taken as {quoted(raw.strip())} "
+                     "(surrounding spaces removed); rows with either spelling are one class")
+    numbers = sorted({rec["label"] for _, rec in records if rec.pop("_number", False)})
+    if numbers:
+        notes.append(f"labels given as numbers are class names: {', '.join(numbers[:5])}")
     if odd:  # kept: a manifest names its files on purpose
         notes.append(f"{len(odd)} listed files have no image extension (e.g. {display_path(odd[0])}); "
                      "they are decoded like the others")

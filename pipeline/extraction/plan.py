@@ -23,11 +23,11 @@ from .. import cache, devices
 from ..backbones import TTA_MODES, Backbone, Embedder, check_backbone_name, load_backbone, preprocessing_values
 from ..devices import Choice, Place
 from ..errors import SettingError, TransferError
-from ..files import display_path, make_folder_for
+from ..files import check_path_given, display_path, make_folder_for
 from ..images import ImageListing, content_hashes, scan_image_folder
 from ..settings import SEED, Interval, Options, validate_all
 from . import decode as decoding
-from . import distributed
+from . import distributed, webdataset
 from .manifest import read_manifest
 from .update import plan_update
 
@@ -54,6 +54,9 @@ class ExtractRequest:
     check_content: bool = False  # an update compares files by content hash, not size and mtime
     retry_failed: bool = False  # images that failed in the cache go through the network again
     preprocessing: str | dict | None = None  # replaces (some of) the backbone's: "resize=256,crop=224,..."
+    webdataset: str | list[str] | None = None  # tar shards ("shards/{000..099}.tar", [SPLIT=]...) instead of image_dir
+    label_key: str = "cls"  # a sample's label in its shard: member KEY.<ext>, or json:FIELD of KEY.json
+    split_key: str | None = None  # a sample's split, likewise (or SPLIT= before a shard list)
 
     CONSTRAINTS = {
         "batch_size": [None, Interval(Integral, 1, None)],
@@ -67,9 +70,22 @@ class ExtractRequest:
     def check(self) -> None:
         """Every option, before anything is read or built."""
         validate_all(vars(self), self.CONSTRAINTS)
-        if (self.image_dir is None) == (self.manifest is None):
-            raise SettingError("give either an image folder (IMAGE_DIR) or a manifest (--manifest FILE.csv|.jsonl)"
-                               + (", not both" if self.manifest is not None else ""))
+        check_path_given(self.out, "--out (the cache file to write)")  # '' would be the current folder
+        check_path_given(self.manifest, "--manifest")
+        given = [x is not None for x in (self.image_dir, self.manifest, self.webdataset)]
+        if sum(given) != 1:
+            raise SettingError("give either an image folder (IMAGE_DIR), a manifest (--manifest FILE.csv|.jsonl) "
+                               "or tar shards (--webdataset 'shards/{000..099}.tar')"
+                               + ({2: ", not both", 3: ", only one"}.get(sum(given), "")))
+        if self.webdataset is not None:
+            webdataset.check_key("--label-key", self.label_key)
+            webdataset.check_key("--split-key", self.split_key)
+            if self.check_content:
+                raise SettingError("--check-content reads image files; with --webdataset a member's size and "
+                                   "mtime in its tar header tell a changed image")
+            if self.decode == "torch":
+                raise SettingError("--decode torch reads JPEG files; tar members are decoded by Pillow "
+                                   "(--decode pil or auto)")
         check_backbone_name(self.backbone)
         if self.preprocessing is not None:
             preprocessing_values(self.preprocessing)
@@ -143,7 +159,10 @@ def make_plan(req: ExtractRequest, place: Place) -> ExtractPlan:
     device = devices.resolve_device(req.device, place)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # streams, events and pinned copies all on this GPU
-    listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
+    if req.webdataset is not None:
+        listing = webdataset.read_shards(req.webdataset, req.label_key, req.split_key)
+    else:
+        listing = read_manifest(req.manifest) if req.manifest is not None else scan_image_folder(req.image_dir)
     target = distributed.shard_path(req.out, place)
     cache.remove_stale_temporaries(target, "creating")
     backbone = load_backbone(req.backbone, req.weights, req.seed, layer=req.layer, tta=req.tta,
@@ -152,10 +171,15 @@ def make_plan(req: ExtractRequest, place: Place) -> ExtractPlan:
     earlier = _earlier_run(req, target, meta)
     precision = _agreed(place, devices.resolve_precision(req.precision, device, earlier.get("precision")))
     decode = decoding.resolve_decode(req.decode, device, earlier.get("decode"))
+    if req.webdataset is not None:
+        decode = devices.Choice("pil", "tar members are decoded by Pillow")
     meta.update(precision=precision.value, precision_choice=precision.why, decode=decode.value)
     workers = req.workers if req.workers is not None else _default_workers(device, place.local_world_size)
-    positions = distributed.my_positions(len(listing), place)
+    positions = (webdataset.my_positions(listing, place) if isinstance(listing, webdataset.ShardListing)
+                 else distributed.my_positions(len(listing), place))
     embedder = Embedder(backbone, device, precision.value)
+    if req.preprocessing is not None:
+        _check_crop_fits(embedder, backbone)
     plan = ExtractPlan(req, place, listing, backbone, embedder, precision, decode, None, workers, meta, target,
                        positions, notes=list(listing.notes))
     start = _starting_point(req, meta, listing, positions, target)
@@ -211,6 +235,8 @@ def _metadata(req: ExtractRequest, backbone: Backbone, listing: ImageListing) ->
     if listing.manifest is not None:
         meta["manifest"] = os.path.abspath(listing.manifest)
         meta["extra_columns"] = list(listing.extras)
+    if isinstance(listing, webdataset.ShardListing):
+        meta.update(webdataset.describe(listing, req.label_key, req.split_key))
     if "timm" in backbone.versions:
         meta["timm_version"] = backbone.versions["timm"]
     return meta
@@ -251,9 +277,13 @@ def _starting_point(req: ExtractRequest, meta: dict, listing: ImageListing, posi
     hashes = None
     if req.check_content and (previous or interrupted):
         hashes = content_hashes(listing.root, listing.paths)
-    if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"]:
+    earlier_dir = None if previous is None else (previous.attrs.get("image_dir_bytes")
+                                                 or os.fsencode(previous.attrs.get("image_dir") or ""))
+    moved = previous is not None and earlier_dir != meta["image_dir_bytes"]
+    if previous is not None and previous.attrs.get("listing_sha256") == meta["listing_sha256"] and not moved:
         # The same files under the same names: done, unless a file's size/mtime (or content) changed
-        # or failed images are to be tried again.
+        # or failed images are to be tried again. A folder moved elsewhere is an update that reuses
+        # its unchanged rows and records where the images are now.
         unlisted = {os.fsencode(listing.paths[p]) for p in listing.failures}  # not files: nothing to retry
         retry = req.retry_failed and any(row < 0 and key not in unlisted
                                          for key, row in zip(previous.keys, previous.feature_rows.tolist()))
@@ -265,6 +295,9 @@ def _starting_point(req: ExtractRequest, meta: dict, listing: ImageListing, posi
     # --overwrite recomputes every image (a cache holding exactly this extraction was kept above).
     sources = [s for s in (interrupted, None if req.overwrite else previous) if s is not None]
     update = plan_update(listing, sources, req.check_content, hashes, req.retry_failed)
+    if moved:
+        update.notes.append(f"the images are now in {display_path(meta['image_dir_bytes'])} (the cache named "
+                            f"{display_path(earlier_dir)}); recorded")
     return _NewPartial(update, sources, update.prefill(listing, sources, positions))
 
 
@@ -346,6 +379,18 @@ def _agreed(place: Place, choice: Choice) -> Choice:
     values = devices.gather(place, choice.value)
     return choice if len(set(values)) == 1 else Choice(
         "fp32", f"the ranks resolved different precisions ({', '.join(values)}); all use fp32")
+
+
+def _check_crop_fits(embedder: Embedder, backbone: Backbone) -> None:
+    """With --preprocessing, one crop of the chosen size through the network before any file is
+    written: a size the network cannot take (a ViT's fixed grid) is one line, not a crash mid-run."""
+    size = backbone.preprocessing.crop
+    try:
+        embedder(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise SettingError(f"--preprocessing: {backbone.name} cannot take {size}x{size} crops ({reason}); "
+                           "use the size it was trained at, or one it accepts") from None
 
 
 def _synthetic_forward(embedder: Embedder, size: int) -> Callable[[int], None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -22,7 +23,7 @@ from ..errors import Interrupted, SettingError, TransferError
 from ..files import display_path, size_text
 from ..progress import resolve
 from . import decode as decoding
-from . import distributed
+from . import distributed, webdataset
 from .plan import ExtractPlan, ExtractRequest, make_plan
 
 
@@ -40,7 +41,7 @@ class ExtractSummary:
     done: int  # images in the cache
     failed: int
     resumed_from: int  # images already committed when this run started
-    processed: int  # images this run went through
+    processed: int  # images this run went through (failed ones included)
     seconds: float  # wall time of this run
     images_per_second: float  # processed / time spent in the extraction loop
     out_bytes: int
@@ -56,6 +57,10 @@ class ExtractSummary:
     precision: str = ""
     decode: str = ""
     input_seconds: float = 0.0  # time the extraction loop waited for decoded images (this process)
+    failed_now: int = 0  # of the images this run went through, those that failed (decoding, preprocessing)
+    setup_seconds: float = 0.0  # before the loop: listing, loading the network, the batch-size probe
+    loop_seconds: float = 0.0  # the extraction loop: decode -> network -> commit (images_per_second's time)
+    batch_probed: bool = False  # whether the setup included a batch-size probe
 
     @property
     def wait_share(self) -> float:
@@ -74,10 +79,19 @@ class ExtractSummary:
         before = ([f"resumed after {self.resumed_from}"] if self.resumed_from else []) + (
             [f"reused {self.reused}"] if self.reused else [])
         resumed = f" ({', '.join(before)})" if before else ""
-        lines = [f"extracted {self.processed} images{resumed} in {self.seconds:.1f} s, "
-                 f"{self.images_per_second:.1f} img/s ({self.wait_share:.0%} of it waiting for decoded images): "
-                 f"{self.done} cached, {self.failed} failed",
-                 f"cache: {out} ({size_text(self.out_bytes)})"]
+        # Files that failed to decode are not counted as extracted, nor in the rate.
+        extracted = self.processed - self.failed_now
+        rate = self.images_per_second * extracted / self.processed if self.processed else 0.0
+        lines = [f"extracted {extracted} images{resumed} in {self.seconds:.1f} s: {self.done} cached, "
+                 f"{self.failed} failed"]
+        if self.processed:
+            # The rate is over the loop only; the seconds above also hold the set-up and the cache's assembly.
+            setup = "loading the network" + (" and probing the batch size" if self.batch_probed else "")
+            after = max(self.seconds - self.setup_seconds - self.loop_seconds, 0.0)
+            lines.append(f"speed: {rate:.1f} img/s over the {self.loop_seconds:.1f} s of the "
+                         f"extraction loop ({self.wait_share:.0%} of it waiting for decoded images); before it "
+                         f"{self.setup_seconds:.1f} s {setup}, after it {after:.1f} s writing the cache")
+        lines.append(f"cache: {out} ({size_text(self.out_bytes)})")
         by_reason: dict[str, list[str]] = {}
         for path, reason in self.skipped:
             by_reason.setdefault(reason, []).append(path)
@@ -93,15 +107,15 @@ class ExtractSummary:
 
 
 def extract(image_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-            progress=None, on_ready: Callable[[ExtractPlan], None] | None = None, **options) -> ExtractSummary:
+            progress="auto", on_ready: Callable[[ExtractPlan], None] | None = None, **options) -> ExtractSummary:
     """Run a frozen pretrained network once over every image under `image_dir` (or listed in
     `manifest=`, a .csv/.jsonl of path,label[,split]) and cache its features in `out` (HDF5; see
     docs/cache-format.md). Resumes an interrupted run of the same extraction; keeps a finished one;
     updates a cache of the same settings whose images changed, running the network only on new and
     changed files. options: backbone, weights, layer, tta, batch_size, device, precision,
     decode, workers, overwrite, seed, manifest, check_content, retry_failed, preprocessing (the
-    `transfer extract` options). progress: True for bars, or a progress.Progress (see
-    pipeline.progress). `on_ready(plan)` is called once before the network runs with the
+    `transfer extract` options). progress: True for bars, False for none, "auto" (bars when
+    interactive), or a progress.Progress (see pipeline.progress). `on_ready(plan)` is called once before the network runs with the
     ExtractPlan (device, precision, batch size, and for an update, plan.update's account).
 
     >>> summary = extract("photos/", "cache/photos.h5", backbone="efficientnet_lite0")
@@ -156,14 +170,21 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             reporter = distributed.progress_reporter(place, req.out, progress, plan.total)
             reporter.start(plan.already)
             loop_started = time.perf_counter()
+            shards = None
+            if isinstance(plan.listing, webdataset.ShardListing):  # tar members, read shard by shard
+                shards = functools.partial(webdataset.batches, plan.listing, plan.positions)
+            failed_before = plan.partial.progress().failed
+            summary.setup_seconds = loop_started - started
+            summary.batch_probed = plan.batch.why.startswith("probed")
             processed, summary.input_seconds = _extract_rows(
                 plan.partial, plan.embedder, plan.listing.root, [plan.listing.paths[p] for p in plan.positions],
-                plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter)
+                plan.backbone.preprocessing, plan.batch.value, plan.workers, plan.decode.value, reporter, shards)
             left = plan.partial.progress()
             if left.finished != left.total:
                 raise TransferError(f"{plan.target}: {left.total - left.finished} rows still pending after the run")
             counts = distributed.finish(place, req.out, reporter, {"already": plan.resumed, "processed": processed,
-                                                                   "reused": plan.reused})
+                                                                   "reused": plan.reused,
+                                                                   "failed": left.failed - failed_before})
             loop_seconds = time.perf_counter() - loop_started
             if counts is None:  # not rank 0: rank 0 assembles
                 summary.processed = processed
@@ -171,7 +192,9 @@ def _run(req: ExtractRequest, progress, on_ready, started: float) -> ExtractSumm
             summary.resumed_from = sum(c["already"] for c in counts)
             summary.processed = sum(c["processed"] for c in counts)
             summary.reused = sum(c["reused"] for c in counts)
+            summary.failed_now = sum(c["failed"] for c in counts)
             summary.images_per_second = summary.processed / loop_seconds if loop_seconds > 0 else 0.0
+            summary.loop_seconds = loop_seconds
             parts = distributed.all_parts(req.out, place.world_size)
             with cache.WriterLock(req.out) if sharded else contextlib.nullcontext():
                 info = cache.assemble(parts, req.out, plan.meta)
@@ -200,16 +223,20 @@ def committed_so_far(out: str) -> str:
 
 
 def _extract_rows(shard: cache.PartialCache, embedder: Embedder, root: str, paths: list[str], prep,
-                  batch_size: int, workers: int, decode: str, reporter) -> tuple[int, float]:
+                  batch_size: int, workers: int, decode: str, reporter, shards=None) -> tuple[int, float]:
     """Run every pending row of `shard` through the network; commit batch by batch. Returns the
-    rows done and the seconds spent waiting for decoded images."""
+    rows done and the seconds spent waiting for decoded images. shards: for tar members,
+    (rows, prep, batch_size, workers, device) -> batches (webdataset.batches)."""
     rows = shard.pending_rows().tolist()
     if not rows:
         return 0, 0.0
     cuda = embedder.device.type == "cuda"
     processed = 0
     in_flight = None  # GPU only: the previous batch, its features copied back while this one computes
-    batches = decoding.batches(root, paths, rows, prep, batch_size, workers, embedder.device, decode)
+    if shards is not None:
+        batches = shards(rows, prep, batch_size, workers, embedder.device)
+    else:
+        batches = decoding.batches(root, paths, rows, prep, batch_size, workers, embedder.device, decode)
     try:
         with shard:
             for batch in batches:

@@ -17,7 +17,7 @@ from typing import Literal
 import psutil
 from sklearn.pipeline import Pipeline
 
-from ..cache import ArrayCache, Cache, head_provenance, read_cache
+from ..cache import ArrayCache, Cache, head_provenance, open_caches, read_cache
 from ..devices import this_process
 from ..errors import SettingError
 from ..files import display_path
@@ -111,11 +111,14 @@ def calibration_line(c: dict) -> str:
 
 
 def as_cache(data) -> Cache:
-    """A Cache from a path, a Cache, or (X, y, classes[, split]) arrays."""
+    """A Cache from a path, a list of paths (parts of one extraction, read as one), a Cache, or
+    (X, y, classes[, split]) arrays."""
     if isinstance(data, Cache):
         return data
     if isinstance(data, (str, os.PathLike)):
         return read_cache(data)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(p, (str, os.PathLike)) for p in data):
+        return open_caches(list(data))
     if isinstance(data, (tuple, list)) and len(data) in (3, 4):
         return ArrayCache(*data)
     raise SettingError(f"expected a cache path, a Cache or (X, y, classes, split) arrays; got {type(data).__name__}")
@@ -125,7 +128,8 @@ def python_command(cache: Cache, settings: FitSettings) -> str:
     """The Python call that reproduces a fit (recorded in its run folder)."""
     changed = {f.name: getattr(settings, f.name) for f in fields(settings)
                if getattr(settings, f.name) != f.default}
-    args = [repr(cache.path) if cache.path else "(X, y, classes, split)"] + [f"{k}={v!r}" for k, v in changed.items()]
+    parts = getattr(cache, "parts", None)
+    args = [repr(parts) if parts else repr(cache.path) if cache.path else "(X, y, classes, split)"] + [f"{k}={v!r}" for k, v in changed.items()]
     return f"pipeline.fit({', '.join(args)})"
 
 
@@ -238,7 +242,9 @@ def _fit_head(cache: Cache, settings: FitSettings, progress) -> FitResult:
     C, sweep, steps = fitted.C, fitted.sweep, fitted.steps
     pipeline = Pipeline([(type(s).__name__.lower(), s) for s in steps] +
                         [("logisticregression", scaled_model(fitted.final, temperature))])
-    provenance = {"cache": os.path.abspath(cache.path) if cache.path else None, **head_provenance(cache.provenance)}
+    where = [os.path.abspath(p) for p in cache.parts] if getattr(cache, "parts", None) else (
+        os.path.abspath(cache.path) if cache.path else None)  # parts: the list, read as one again by export
+    provenance = {"cache": where, **head_provenance(cache.provenance)}
     meta = {"provenance": provenance, "C": C, "settings": vars(settings),
             "calibration": {k: calibration[k] for k in ("method", "temperature", "fitted_on")}}
     head = fold(steps + [fitted.final], classes, meta, temperature)

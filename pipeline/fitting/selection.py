@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
+from ..files import quoted
 from ..progress import Progress, resolve
 from .settings import FitSettings
 
@@ -114,7 +115,7 @@ def choose_selection(settings: FitSettings, y_val: np.ndarray, classes: list[str
     if settings.C_selection == "cv":
         return "cv", "asked for with --C-selection cv"
     return "cv", (f"the validation split has only {small} image{'s' if small != 1 else ''} of class "
-                  f"{classes[int(np.argmin(per_class))]!r}, fewer than {MIN_VALIDATION_PER_CLASS}")
+                  f"{quoted(classes[int(np.argmin(per_class))])}, fewer than {MIN_VALIDATION_PER_CLASS}")
 
 
 def choose_C(settings: FitSettings, fit_at: FitAt, y_val: np.ndarray, n_classes: int, progress: Progress):

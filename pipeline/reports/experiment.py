@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import os
 
-from ..files import display_path, new_folder
+from ..files import csv_cell, display_path, markdown_code, markdown_text, new_folder
 from ..fitting.experiment import ExperimentResult, learning_curve
 from .plots import cache_labels, plot_accuracy_vs_C, plot_learning_curve, setting_label
 
@@ -24,7 +24,7 @@ def write_experiment(result: ExperimentResult, out_dir: str, command: str) -> st
             writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             for r in rows:
-                writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+                writer.writerow({k: repr(v) if isinstance(v, float) else csv_cell(v) for k, v in r.items()})
         curve = learning_curve(rows)
         plot_accuracy_vs_C(rows, os.path.join(tmp, "accuracy_vs_C.png"))
         plot_learning_curve(curve, os.path.join(tmp, "learning_curve.png"))
@@ -42,7 +42,7 @@ def experiment_markdown(rows, best, curve, command, backbones) -> str:
     lines = [
         "# Experiments",
         "",
-        f"{len(rows)} runs on {len(best)} cache(s), cached features only. Command: `{command}`",
+        f"{len(rows)} runs on {len(best)} cache(s), cached features only. Command: {markdown_code(command)}",
         "",
         "Settings are ranked on validation top-1 (ties: lower validation log-loss) at the largest train "
         f"fraction, never on test; the scores shown are on {where}. A C=auto row's validation score is the "
@@ -57,12 +57,12 @@ def experiment_markdown(rows, best, curve, command, backbones) -> str:
     ]
     for cache, r in best.items():
         c = f"{r['chosen_C']:.4g}" + (" (auto)" if r["C"] == "auto" else "")
-        lines.append(f"| {names[cache]} | {backbones.get(cache, '?')} | {c} | {r['class_weight']} | "
+        lines.append(f"| {markdown_text(names[cache])} | {markdown_text(backbones.get(cache, '?'))} | {c} | {r['class_weight']} | "
                      f"{r['normalize']} | {r['pca']} | {r['val_top1']:.4f} | {r['top1']:.4f} | "
                      f"{r['balanced_accuracy']:.4f} | {r['log_loss']:.4f} |")
     lines += ["", "Reproduce each as a full run (with its report and exported model):", ""]
     for cache, r in best.items():
-        lines.append(f"- `{r['command']}`")
+        lines.append(f"- {markdown_code(r['command'])}")
     lines += _collapsed_lines(rows, names)
     lines += ["", "![validation accuracy against C](accuracy_vs_C.png)", "", "## Learning curve", ""]
     lines += _yardstick_lines(curve, names)
@@ -71,7 +71,7 @@ def experiment_markdown(rows, best, curve, command, backbones) -> str:
     for c in sorted(curve, key=lambda c: (c["cache"], c["normalize"], str(c["pca"]), c["class_weight"], str(c["C"]),
                                            c["train_fraction"])):
         flag = " (collapsed)" if c["collapsed"] else ""
-        lines.append(f"| {names[c['cache']]} | {setting_label(c)} | {c['C']} | "
+        lines.append(f"| {markdown_text(names[c['cache']])} | {setting_label(c)} | {c['C']} | "
                      f"{c['train_fraction']:g} | {c['n_labelled']} | {c['top1_mean']:.4f} ± {c['top1_std']:.4f}{flag} | "
                      f"{c['top1_min']:.4f} - {c['top1_max']:.4f} | {c['repeats']} |")
     lines += ["", "![learning curve](learning_curve.png)", ""]
@@ -91,8 +91,8 @@ def _collapsed_lines(rows: list[dict], names: dict) -> list[str]:
              "| cache | setting | C | fraction | repeat | predicts only | top-1 |", "|---|---|---|---|---|---|---|"]
     for r in collapsed:
         c = f"{r['chosen_C']:.4g}" + (" (auto)" if r["C"] == "auto" else "")
-        lines.append(f"| {names[r['cache']]} | {setting_label(r)} | {c} | {r['train_fraction']:g} | {r['repeat']} | "
-                     f"{r.get('collapsed_to', '')} | {r['top1']:.4f} |")
+        lines.append(f"| {markdown_text(names[r['cache']])} | {setting_label(r)} | {c} | {r['train_fraction']:g} | {r['repeat']} | "
+                     f"{markdown_text(str(r.get('collapsed_to', '')))} | {r['top1']:.4f} |")
     return lines
 
 
@@ -105,10 +105,10 @@ def _yardstick_lines(curve: list[dict], names: dict) -> list[str]:
     for cache, digests in by_cache.items():
         n = next(c["n_scored"] for c in curve if c["cache"] == cache)
         if len(digests) == 1:
-            lines.append(f"- {names[cache]}: every point is scored on the same {n} images (scored_images "
+            lines.append(f"- {markdown_text(names[cache])}: every point is scored on the same {n} images (scored_images "
                          f"{next(iter(digests))} in results.csv); only the images the head learns from are "
                          "subsampled.")
         else:
-            lines.append(f"- {names[cache]}: **warning**: the points are scored on {len(digests)} different sets of "
+            lines.append(f"- {markdown_text(names[cache])}: **warning**: the points are scored on {len(digests)} different sets of "
                          "images (scored_images in results.csv), so they are not comparable along the curve.")
     return lines + [""]

@@ -11,14 +11,18 @@ import os
 import joblib
 
 from .. import head as head_mod
-from ..files import display_path, new_folder
+from ..files import display_path, markdown_code, markdown_text, new_folder
 from ..fitting.probe import FitResult, calibration_line
+from ..progress import resolve
 from . import pages, plots, tables
 from .inspection import inspect_fit
 
 
-def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
-    """Write the whole run folder (sets result.run_dir); returns its path."""
+def write_fit_run(result: FitResult, run_dir: str, command: str, progress=None) -> str:
+    """Write the whole run folder (sets result.run_dir); returns its path. progress: one phase for
+    the files and plots, one for report.html (leaks, suspect labels, thumbnails)."""
+    progress = resolve(progress)
+    progress.phase("run folder: metrics, report.md, plots", 1, "step")
     with new_folder(run_dir) as tmp:
         joblib.dump(result.pipeline, os.path.join(tmp, "model.joblib"))
         result.head.meta["command"] = command
@@ -35,10 +39,14 @@ def write_fit_run(result: FitResult, run_dir: str, command: str) -> str:
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(display_path(report_markdown(metrics, result.describe_evaluation(), bool(result.sweep),
                                                  result.cache.path is not None)))
-        if result.cache.path is not None:  # the page shows images: it needs a cache of image files
+        progress.advance(1)
+        if result.cache.path is not None:  # the page: leaks and suspect labels need the cache's rows
+            progress.phase("run folder: report.html (leaks, suspect labels, thumbnails)", 1, "step")
             found = inspect_fit(result)
             pages.write_label_issues(found, tmp)
             result.warnings += pages.write_fit_page(result, found, tmp, calibration_line(result.calibration))
+            progress.advance(1)
+    progress.close()
     result.run_dir = run_dir
     return run_dir
 
@@ -93,16 +101,16 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
     s = m["scores"]
     top5 = f"{s['top5']:.4f}" if s["top5"] is not None else "n/a (fewer than 5 classes)"
     lines = [
-        f"# Fit report: {os.path.basename(m['cache'] or 'arrays in memory')}",
+        f"# Fit report: {markdown_text(_cache_name(m['cache']))}",
         "",
-        f"Backbone `{m['provenance']['backbone']}` ({m['provenance']['weights']}), layer "
-        f"`{m['provenance']['layer']}`, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
+        f"Backbone {markdown_code(m['provenance']['backbone'])} ({markdown_text(m['provenance']['weights'])}), layer "
+        f"{markdown_code(m['provenance']['layer'])}, {m['provenance']['dim']}-d features, {len(m['classes'])} classes.",
         "",
         *(["The images behind these numbers - worst errors, leaks across splits, suspect labels, a map of the "
             "data - are in [report.html](report.html).", ""] if has_page else []),
         "| | |",
         "|---|---|",
-        f"| scored on | {where}, n = {s['n']} |",
+        f"| scored on | {_cell(where)}, n = {s['n']} |",
         f"| top-1 | {s['top1']:.4f} |",
         f"| top-5 | {top5} |",
         f"| balanced accuracy | {s['balanced_accuracy']:.4f} |",
@@ -115,7 +123,7 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
         f"{'converged' if m['convergence']['converged'] else 'NOT converged: raise --max-iter'} |",
         "",
         "Notes:",
-        *[f"- {n}" for n in m["notes"]],
+        *[f"- {markdown_text(n)}" for n in m["notes"]],
         *_failed_lines(m["failed_images"]),
         "",
         "![confusion matrix](confusion_matrix.png)",
@@ -131,18 +139,25 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
     lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, c in s["per_class"].items():
         lines.append(f"| {_cell(name)} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
-    lines += ["", f"Reproduce: `{m['command']}`", ""]
+    lines += ["", f"Reproduce: {markdown_code(m['command'])}", ""]
     return "\n".join(lines)
 
 
 def _failed_lines(failed: dict) -> list[str]:
     if not failed["count"]:
         return []
-    shown = "; ".join(f"`{_cell(f['path'])}` ({_cell(f['reason'])})" for f in failed["first"][:5])
+    shown = "; ".join(f"{markdown_code(f['path'])} ({markdown_text(f['reason'])})" for f in failed["first"][:5])
     more = f"; ... {failed['count'] - 5} more in metrics.json and the cache" if failed["count"] > 5 else ""
     return [f"- {failed['count']} images could not be used and are not in these scores: {shown}{more}"]
 
 
 def _cell(text: str) -> str:
-    """Any text as one markdown table cell: no line breaks, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Any text as one markdown table cell: inert (no HTML, no markup), pipes escaped."""
+    return markdown_text(text)
+
+
+def _cache_name(cache) -> str:
+    """The cache's file name; parts read as one (a list) are named by the first and their count."""
+    if isinstance(cache, list):
+        return f"{os.path.basename(cache[0])} and {len(cache) - 1} more parts"
+    return os.path.basename(cache or "arrays in memory")

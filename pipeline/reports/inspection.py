@@ -31,6 +31,7 @@ from ..cache import Cache, read_cache
 from ..errors import SettingError, TransferError
 from ..files import display_path
 from ..fitting.splits import make_splits
+from ..progress import resolve
 from ..settings import Interval, NoneMeans, validate
 
 # Cosine similarity of mean-centred features above which two images count as the same picture
@@ -105,8 +106,14 @@ class Inspection:
 
 
 def _unit(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(b, D) rows -> (b, D + 1): X - mean scaled to norm 1, and a last column that is 1 only for a
+    row equal to the mean, whose centred vector is zero. So identical rows always have cosine 1 -
+    duplicates by definition - even when every row is the same (all centred vectors zero)."""
     Z = X - mean
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    norms = np.linalg.norm(Z, axis=1, keepdims=True)
+    at_mean = norms <= 1e-7 * float(np.linalg.norm(mean)) + np.finfo(np.float32).tiny
+    Z = np.where(at_mean, 0, Z / np.maximum(norms, 1e-12))
+    return np.concatenate([Z, at_mean.astype(Z.dtype)], axis=1)
 
 
 def similar_pairs(cache: Cache, queries: np.ndarray, references: np.ndarray, threshold: float,
@@ -148,7 +155,7 @@ def _faiss_pairs(cache: Cache, queries, references, threshold, mean, same_set) -
     """The same search through faiss's HNSW index (approximate, for sizes where exact is slow):
     the 10 nearest references of each query, kept when above the threshold."""
     faiss = _faiss()
-    index = faiss.IndexHNSWFlat(cache.dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexHNSWFlat(cache.dim + 1, 32, faiss.METRIC_INNER_PRODUCT)  # _unit's extra column
     index.hnsw.efSearch = 128  # recall over speed: a missed leak is worse than a slower search
     for _, R in cache.blocks(references, BLOCK_ROWS, np.float32):
         index.add(np.ascontiguousarray(_unit(R, mean), dtype=np.float32))
@@ -172,6 +179,8 @@ def cache_mean(cache: Cache) -> np.ndarray:
 
 def mark_same_bytes(cache: Cache, pairs: list[Pair]) -> None:
     """Set pair.same_bytes by hashing the two files (only the files of the pairs are read)."""
+    if not cache.image_dir:
+        return  # a write_cache of features made elsewhere: its names point at no folder
     digests: dict[int, str | None] = {}
     for p in pairs:
         for row in (p.a, p.b):
@@ -312,24 +321,31 @@ def labelled_and_held_out(cache: Cache, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float | None = None, top: int = 24,
-            seed: int = 0) -> Inspection:
+            seed: int = 0, progress=None) -> Inspection:
     """Leaks, byte-identical duplicates, suspect labels, a map and the class balance of a cache.
 
     data: a cache path or a Cache. C: the head cross-validated for suspect labels (None: the C
     `transfer fit` chooses on this cache, so that both list the same suspects). top: how many
-    suspects the page shows. (`pipeline.inspect` also writes inspect.html and label_issues.csv.)
+    suspects the page shows. progress: one phase per section (pipeline.progress). (`pipeline.inspect`
+    also writes inspect.html and label_issues.csv.)
     """
     check_settings(threshold, C, top)
+    progress = resolve(progress)
     cache = data if isinstance(data, Cache) else read_cache(data)
     if cache.n == 0:
         raise SettingError(f"{cache.path} holds no images")
+    progress.phase("inspect: leaks across splits", 1, "step")
     mean = cache_mean(cache)
     labelled, held_out, how = labelled_and_held_out(cache, seed)
     leaks = similar_pairs(cache, held_out, labelled, threshold, mean)
+    progress.advance(1)
+    progress.phase("inspect: duplicates", 1, "step")
     everything = np.arange(cache.n)
     candidates = similar_pairs(cache, everything, everything, max(threshold, 0.995), mean, same_set=True)
     mark_same_bytes(cache, leaks + candidates)
     duplicates = [p for p in candidates if p.same_bytes]
+    progress.advance(1)
+    progress.phase(f"inspect: suspect labels ({SUSPECT_FOLDS}-fold)", 1, "step")
     notes = [f"leaks: {how}, cosine of mean-centred features >= {threshold:g}"]
     suspects, method = [], ""
     try:
@@ -339,7 +355,11 @@ def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float | None = None, 
         method += " (C chosen as `transfer fit` chooses it)" if C is None else " (C given)"
     except TransferError as e:  # a cache `fit` refuses (e.g. a class with two images) still gets the rest
         method = f"not computed: {e}"
+    progress.advance(1)
+    progress.phase("inspect: map", 1, "step")
     rows, xy = data_map(cache, seed=seed)
+    progress.advance(1)
+    progress.close()
     if any(p.same_bytes is None for p in leaks + candidates):
         notes.append("some image files could not be read, so byte identity is unknown for their pairs")
     return Inspection(cache, threshold, leaks, duplicates, suspects, class_balance(cache), rows, xy, notes,

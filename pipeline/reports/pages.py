@@ -43,6 +43,8 @@ class _Thumbnails:
 
     def __init__(self, cache: Cache | None = None, files: list[str] | None = None):
         self.cache, self.files, self.done, self.missing = cache, files, {}, 0
+        # a write_cache of features made elsewhere has no image folder (files: always images)
+        self.images = files is not None or bool(cache.image_dir)
 
     def tile(self, row: int, *lines: str) -> Tile:
         if row not in self.done:
@@ -51,6 +53,8 @@ class _Thumbnails:
         return Tile(row, display_path(name), self.done[row], list(lines))
 
     def _thumbnail(self, row: int) -> str | None:
+        if not self.images:
+            return ""  # the page names the file; there is nothing to open
         try:
             image = decode_image(self.files[row] if self.files is not None else image_path(self.cache, row))
         except DecodeError:
@@ -191,7 +195,9 @@ def write_evaluation_page(evaluation, folder: str) -> list[str]:
 def _describe(cache: Cache) -> str:
     p = cache.provenance
     return (f"{cache.n} images, {len(cache.classes)} classes; backbone {p.get('backbone')} "
-            f"({p.get('weights')}), {cache.dim}-d features; images in {display_path(cache.image_dir or '?')}")
+            f"({p.get('weights')}), {cache.dim}-d features; " +
+            (f"images in {display_path(cache.image_dir)}" if cache.image_dir else
+             "no image folder recorded (features written with write_cache), so no thumbnails"))
 
 
 def _warnings(thumbs: _Thumbnails) -> list[str]:

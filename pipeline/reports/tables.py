@@ -13,17 +13,15 @@ import io
 
 import numpy as np
 
+from .. import files
 from ..files import display_path, write_atomically
-
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as the start of a formula
 
 
 def csv_cell(text) -> str:
-    """A text cell that a spreadsheet shows as text: a leading ' before what would start a formula
-    (OWASP's CSV-injection rule). The one place CSV text cells are made safe here; the issue-22
-    helper in pipeline/files.py replaces it once merged."""
-    text = display_path(text if isinstance(text, (str, bytes)) else str(text))  # undecodable bytes as \xNN
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
+    """A text cell (str, bytes or anything else as str) that a spreadsheet shows as text: shown as
+    display_path shows names (undecodable bytes as \\xNN), then `files.csv_cell` (a leading ' before
+    what would start a formula)."""
+    return files.csv_cell(display_path(text if isinstance(text, (str, bytes)) else str(text)))
 
 
 def _write(path: str, header: list[str], rows) -> None:

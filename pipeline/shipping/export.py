@@ -10,13 +10,17 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import head as head_mod
-from ..cache import Cache, read_cache
-from ..errors import SettingError, TransferError
-from ..files import display_path, make_folder_for, remove_quietly, size_text, write_atomically
+from ..backbones import parse as parse_backbone
+from ..cache import Cache, open_caches
+from ..cache.format import DEFAULT_PROVENANCE
+from ..errors import InputFileError, SettingError, TransferError
+from ..files import (check_path_given, display_path, make_folder_for, remove_quietly, remove_stale_temporaries,
+                     size_text, write_atomically)
 from ..fitting.probe import FitResult
 from . import formats as formats_mod
 from . import parity as checks
@@ -25,10 +29,11 @@ from .model import build, linear_state
 
 @dataclass
 class ExportResult:
-    model_path: str  # model.pt (or the one other format written): uint8 images in, probabilities out
+    model_path: str | None  # model.pt (or the one other format written): uint8 images in, probabilities out
     head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
     parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
     paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
+    skipped: str = ""  # why no model file was written (a cache with no backbone), when none was
 
     def lines(self) -> list[str]:
         """What was checked and written, in a few lines for the user."""
@@ -51,44 +56,125 @@ class ExportResult:
                 lines.append(f"  (reference: {e['reference']}; cached features at cosine >= "
                              f"{e['cached_feature_cosine_min']:.4f})")
         lines += [f"model: {display_path(path)} ({size_text(os.path.getsize(path))})" for path in self.paths.values()]
+        if self.skipped:
+            lines.append(f"model files skipped: {self.skipped}")
         return lines + [f"head: {display_path(self.head_path)}"]
 
 
-def export(source, out: str | os.PathLike | None = None, formats="torchscript",
+def export(source, out: str | os.PathLike | None = None, formats=None,
            weights: str | os.PathLike | None = None, skip_image_parity: bool = False) -> ExportResult:
     """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
 
     source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
     write into (default: the run folder), or the model file's path (*.pt, *.onnx or *.pt2, one
     format). formats: "torchscript" (model.pt), "onnx" (model.onnx), "pt2" (model.pt2), a list
-    of them, or "all". A FitResult that was never written needs `out`; its head files (head.npz,
-    head.json) are written there too. weights: the backbone's weights file, when the one recorded
+    of them, or "all"; None: model.pt, or head.pt alone (ExportResult.skipped says why) when the
+    cache records no backbone to ship (a `write_cache` of features made elsewhere). A FitResult that
+    was never written needs `out`. Any folder but the run folder also gets the head files (head.npz,
+    head.json), so that it describes its model on its own; one that holds another run's files is
+    refused. weights: the backbone's weights file, when the one recorded
     at extraction has moved (it must have the recorded sha256). skip_image_parity: skip only the
     check on original images (for photos edited since extraction); the cached-feature checks run.
 
     >>> exported = export(fit("cache/photos.h5"), "models/photos", formats="all")
     >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
     """
-    chosen = formats_mod.parse_formats(formats)
+    check_path_given(out, "--out (the folder or model file to write)")
+    chosen = formats_mod.parse_formats("torchscript" if formats is None else formats)
     if isinstance(source, FitResult):
         head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
     else:
         run_dir = os.fspath(source)
         head = head_mod.load(run_dir)
         reference = head_mod.sklearn_from_arrays(head)
-        cache = read_cache(head.meta["provenance"]["cache"])
+        cache = open_caches(head.meta["provenance"]["cache"])  # a path, or the parts a fit read as one
     if cache.path is None:
         raise SettingError("export: this head was fitted on arrays in memory, with no backbone to ship; "
                            "`pipeline.shipping.model.linear_state(result.head)` is its torch.nn.Linear state_dict")
+    _check_cache_fits(head, cache)
     if out is None and run_dir is None:
         raise SettingError("export: this fit was not written to a run folder; pass out= (a folder) to write to")
     out = os.fspath(out) if out is not None else run_dir
     paths = _model_paths(out, chosen)
     folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
+    for path in [*paths.values(), os.path.join(folder, "head.pt"), os.path.join(folder, "parity.json")]:
+        remove_stale_temporaries(path)  # model.pt.writing-PID left by an export killed with kill -9
+    missing = missing_backbone(head.meta["provenance"], cache)
+    if missing and formats is not None:
+        raise SettingError(f"export: {missing}; a model file holds the backbone, so none can be written; the new "
+                           "last layer is head.npz and head.pt (a torch.nn.Linear state_dict), which `transfer fit` "
+                           "writes (Python: export with formats=None)")
     make_folder_for(os.path.join(folder, "head.pt"))
-    if isinstance(source, FitResult) and os.path.abspath(folder) != os.path.abspath(run_dir or ""):
+    elsewhere = os.path.abspath(folder) != os.path.abspath(run_dir or "")
+    if elsewhere:
+        _check_not_another_run(folder, head)
+    if missing:
+        result = _export_head(head, reference, cache, folder, missing)
+    else:
+        result = _export(head, reference, cache, paths, folder, weights, skip_image_parity)
+    if elsewhere:
         head_mod.save(head, folder)  # so the folder describes its model on its own
-    return _export(head, reference, cache, paths, folder, weights, skip_image_parity)
+    return result
+
+
+# What a run folder (or an export into a folder) holds: a folder holding any of them belongs to a run.
+RUN_FILES = ("head.json", "head.npz", "head.pt", "parity.json", "metrics.json", "model.joblib", "report.md",
+             *("model" + suffix for suffix in formats_mod.FORMATS.values()))
+
+
+def _check_not_another_run(folder: str, head: head_mod.LinearHead) -> None:
+    """Refuse, before any work, to write into a folder holding another run's files: its head.json,
+    metrics and report would go on describing another model than the model.pt beside them."""
+    present = [name for name in RUN_FILES if os.path.lexists(os.path.join(folder, name))]
+    if not present:
+        return
+    try:
+        theirs = head_mod.load(folder)
+    except TransferError:
+        theirs = None
+    if theirs is None or not (theirs.classes == head.classes and np.array_equal(theirs.weight, head.weight)
+                              and np.array_equal(theirs.bias, head.bias)):
+        whose = "another run's" if theirs is not None else "a run's (but no head.json naming it)"
+        raise InputFileError(f"--out {display_path(folder)} holds {whose} files ({', '.join(present[:3])}); writing "
+                             "this model there would leave them describing another model: export into the run "
+                             "folder itself, or a new or empty folder")
+
+
+def _check_cache_fits(head: head_mod.LinearHead, cache: Cache) -> None:
+    """The cache the parity checks read must hold the features this head was fitted on: one replaced
+    by another extraction (other backbone, layer, dimension) is named, not a crash."""
+    recorded = head.meta.get("provenance") or {}
+    now = cache.provenance
+    differs = [k for k in ("backbone", "weights_sha256", "layer", "preprocessing") if k in recorded
+               and json.dumps(recorded.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)]
+    if cache.dim != head.dim or differs:
+        what = f"{cache.dim}-d features, the head takes {head.dim}-d ones" if cache.dim != head.dim else \
+            f"{differs[0]} {json.dumps(now.get(differs[0]))[:40]}, the head was fitted on {json.dumps(recorded.get(differs[0]))[:40]}"
+        raise InputFileError(f"the cache {display_path(cache.path)} is no longer the one this head was fitted on "
+                             f"({what}): it was replaced since the fit; fit again, or extract it again as it was")
+
+
+def missing_backbone(provenance: dict, cache: Cache) -> str:
+    """Why no model file can be built for a head of this provenance ('' when one can): a cache
+    written by `write_cache` records no backbone, or one this library does not know."""
+    name = provenance.get("backbone")
+    if not name or name == DEFAULT_PROVENANCE["backbone"]:
+        return (f"the cache {display_path(cache.path)} records no backbone (written by write_cache without "
+                "provenance['backbone'])")
+    try:
+        parse_backbone(str(name))
+    except TransferError:
+        return f"the cache {display_path(cache.path)} records backbone {name!r}, which transfer cannot build"
+    return ""
+
+
+def _export_head(head: head_mod.LinearHead, reference, cache: Cache, folder: str, why: str) -> ExportResult:
+    """head.pt alone, checked against scikit-learn on the cached features (a cache with no backbone)."""
+    report = {"cached_features": checks.on_features(head, reference, cache)}
+    head_path = os.path.join(folder, "head.pt")
+    write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
+    write_atomically(lambda p: _write_json(report, p), os.path.join(folder, "parity.json"))
+    return ExportResult(None, head_path, report, {}, skipped=f"{why}; head.pt and head.npz hold the new last layer")
 
 
 def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 Three formats hold the same model — uint8 RGB images (N, 3, H, W) of any size -> probabilities (N, K):
 the extraction's Pillow-exact resize and centre crop, normalization, the frozen backbone, the Linear,
-softmax — and the same metadata (transfer.json: classes, backbone, weights, preprocessing, ...):
+softmax — and the same metadata (transfer.json: classes, backbone, weights, preprocessing, ...),
+sealed by a digest of everything that decides an answer and checked before any runtime reads the
+file (`integrity`):
 
 - torchscript  model.pt    torch.jit; metadata in the archive's extra file transfer.json
 - onnx         model.onnx  the torch.export-based ONNX exporter; metadata in metadata_props["transfer.json"];
@@ -19,11 +21,9 @@ just the head (Linear + softmax) in a format's own runtime, for the parity check
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
 import warnings
 from itertools import groupby
 
@@ -33,14 +33,16 @@ from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from ..errors import InputFileError, SettingError, TransferError
+from ..files import display_path
 from ..resize import resize_crop
+from . import integrity
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # format -> file suffix
 MODEL_FORMAT = "transfer.model"  # transfer.json's "format": a model file written by `transfer export`
 METADATA_KEY = "transfer.json"
-# transfer.json's sha256 of the file's own tensors (name, dtype, bytes, in name order), checked on load:
-# a damaged weight loads without complaint in every runtime (zip members' CRCs are not verified).
-DIGEST_KEY = "tensors_sha256"
+# transfer.json's seal, checked on load: a damaged weight or an edited class name loads without
+# complaint in every runtime (zip members' CRCs are not verified).
+DIGEST_KEY = integrity.CONTENT_DIGEST_KEY
 ONNX_OPSET = 18  # onnxruntime >= 1.14 runs it
 ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
 
@@ -119,7 +121,7 @@ def _onnx_bytes(program: torch.export.ExportedProgram, metadata: str | None) -> 
     proto = onnx_program.model_proto
     _name_axes(proto)
     if metadata is not None:
-        onnx.helper.set_model_props(proto, {METADATA_KEY: _with_digest(metadata, _onnx_digest(proto))})
+        onnx.helper.set_model_props(proto, {METADATA_KEY: integrity.seal(metadata, lambda m: integrity.onnx_digest(proto, m))})
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
@@ -144,58 +146,18 @@ def write(fmt: str, model: nn.Module, path: str, program: torch.export.ExportedP
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices
             scripted = torch.jit.script(model)
-            metadata = _with_digest(model.metadata, _torch_digest(scripted.state_dict().items()))
             with open(path, "wb") as f:  # a file object: torch's path argument cannot hold non-UTF-8 names
-                torch.jit.save(scripted, f, _extra_files={METADATA_KEY: metadata})
+                integrity.save_sealed(lambda buffer: torch.jit.save(scripted, buffer), model.metadata, f)
     elif fmt == "pt2":
         program = program or image_program(model)
-        metadata = _with_digest(model.metadata, _program_digest(program))
         with open(path, "wb") as f:
-            torch.export.save(program, f, extra_files={METADATA_KEY: metadata})
+            integrity.save_sealed(lambda buffer: torch.export.save(program, buffer), model.metadata, f)
     elif fmt == "onnx":
         data = _onnx_bytes(program or image_program(model), model.metadata)
         with open(path, "wb") as f:
             f.write(data)
     else:
         raise SettingError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
-
-
-def _digest(named: dict, as_bytes) -> str:
-    """sha256 over each entry's name, dtype, size and bytes, in name order; as_bytes(value) ->
-    (dtype name, flat uint8 array), called one entry at a time."""
-    h = hashlib.sha256()
-    for name in sorted(named):
-        dtype, data = as_bytes(named[name])
-        h.update(f"{name}|{dtype}|{data.size}|".encode())
-        h.update(data)
-    return h.hexdigest()
-
-
-def _tensor_bytes(t: torch.Tensor) -> tuple[str, np.ndarray]:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return str(t.dtype), t.view(torch.uint8).numpy()
-
-
-def _torch_digest(named) -> str:
-    return _digest({k: v for k, v in named if isinstance(v, torch.Tensor)}, _tensor_bytes)
-
-
-def _program_digest(program: torch.export.ExportedProgram) -> str:
-    return _torch_digest([*program.state_dict.items(), *program.constants.items()])
-
-
-def _onnx_digest(proto) -> str:
-    from onnx import numpy_helper  # only model.onnx needs it
-
-    def as_bytes(init) -> tuple[str, np.ndarray]:
-        a = np.ascontiguousarray(numpy_helper.to_array(init)).reshape(-1)
-        return str(a.dtype), a.view(np.uint8)
-
-    return _digest({init.name: init for init in proto.graph.initializer}, as_bytes)
-
-
-def _with_digest(metadata: str, digest: str) -> str:
-    return json.dumps({**json.loads(metadata), DIGEST_KEY: digest})
 
 
 def head_probabilities(fmt: str, model: nn.Module, features: np.ndarray) -> np.ndarray:
@@ -318,46 +280,59 @@ DESCRIPTIONS = {"torchscript": "a TorchScript model", "onnx": "an ONNX model", "
 
 
 def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runner, dict]:
-    """Read a model file of format `fmt` (default: by its suffix) -> (Runner, its transfer.json metadata,
-    or {} when it has none). Raises InputFileError when the file is not of that format."""
+    """Read a model file of format `fmt` (default: by its suffix) -> (Runner, its transfer.json metadata).
+    Raises InputFileError (one line) when the file is not a model `transfer export` wrote, is
+    damaged or edited (its seal), or holds what loading could run (`integrity.check_pt2_archive`):
+    all checked before the runtime reads it."""
     fmt = fmt or format_of(path)
+    shown = display_path(path)
     try:
-        if fmt == "onnx":
-            with open(path, "rb") as f:  # bytes: onnxruntime's path argument cannot hold non-UTF-8 names
+        with open(path, "rb") as f:  # a file object: the runtimes' path arguments cannot hold non-UTF-8 names
+            if fmt == "onnx":
                 data = f.read()
-            session = _onnx_session(data, device)
-            runner, metadata = OnnxRunner(session), session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-            tensors = lambda: _onnx_digest(_onnx_proto(data))  # noqa: E731
-        elif fmt == "pt2":
-            extra = {METADATA_KEY: ""}
-            with open(path, "rb") as f, _quiet("torch.export"):  # it logs a traceback before raising
-                program = torch.export.load(f, extra_files=extra)
-            runner, metadata = ProgramRunner(program, device), extra[METADATA_KEY]
-            tensors = lambda: _program_digest(program)  # noqa: E731
-        else:
-            extra = {METADATA_KEY: ""}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-                with open(path, "rb") as f:
-                    module = torch.jit.load(f, map_location=device, _extra_files=extra)
-            runner, metadata = TorchScriptRunner(module.eval(), device), extra[METADATA_KEY]
-            tensors = lambda: _torch_digest(module.state_dict().items())  # noqa: E731
+                proto = _onnx_proto(data)
+                integrity.check_onnx(proto, shown)
+                text = {p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY)
+                digest = lambda meta: integrity.onnx_digest(proto, meta)  # noqa: E731
+            else:
+                reader = integrity.check_pt2_archive(f, shown) if fmt == "pt2" else torch._C.PyTorchFileReader(f)
+                text = reader.get_record(integrity.METADATA_RECORD) if integrity.METADATA_RECORD in set(
+                    reader.get_all_records()) else None
+                digest = lambda meta: integrity.archive_digest(reader, meta)  # noqa: E731
+            meta = _metadata(text, shown, fmt)
+            integrity.verify(meta, digest(integrity.canonical_metadata(meta)), shown)
+            f.seek(0)
+            runner = _runner(fmt, f, data if fmt == "onnx" else None, device)
     except TransferError:
         raise
     except Exception as e:  # noqa: BLE001 - each runtime raises its own types for "not this format"
-        raise InputFileError(f"{os.fsdecode(path)} is not {DESCRIPTIONS[fmt]} written by `transfer export` "
+        raise InputFileError(f"{shown} is not {DESCRIPTIONS[fmt]} written by `transfer export` "
                              f"({type(e).__name__})") from None
-    try:
-        meta = json.loads(metadata or "{}")
-    except json.JSONDecodeError:
-        return runner, {}
-    expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
-    if expected:  # models exported before the digest existed are loaded unchecked
-        try:
-            found = tensors()
-        except Exception as e:  # noqa: BLE001 - unreadable tensors are damage too
-            found = f"unreadable ({type(e).__name__})"
-        if found != expected:
-            raise InputFileError(f"{os.fsdecode(path)} is damaged: its weights are not the ones written at export "
-                                 f"(sha256 of its tensors {found[:12]}, recorded {expected[:12]}); export it again")
+    if fmt == "torchscript" and list(runner.module.classes) != [display_path(c) for c in meta["classes"]]:
+        raise InputFileError(f"{shown} is damaged: its classes attribute {list(runner.module.classes)[:5]} disagrees "
+                             f"with its metadata's {[display_path(c) for c in meta['classes']][:5]}; export it again")
     return runner, meta
+
+
+def _metadata(text, shown: str, fmt: str) -> dict:
+    """transfer.json of a model file, or InputFileError when there is none (not ours)."""
+    try:
+        meta = json.loads(text) if text else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise InputFileError(f"{shown} is {DESCRIPTIONS[fmt]} but not one written by `transfer export` "
+                             "(no transfer.json inside)")
+    return meta
+
+
+def _runner(fmt: str, f, data: bytes | None, device: torch.device) -> Runner:
+    """The runtime over a file already checked: f, the open file at its start (data: ONNX's bytes)."""
+    if fmt == "onnx":
+        return OnnxRunner(_onnx_session(data, device))
+    if fmt == "pt2":
+        with _quiet("torch.export"):  # it logs a traceback before raising
+            return ProgramRunner(torch.export.load(f), device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        return TorchScriptRunner(torch.jit.load(f, map_location=device).eval(), device)

@@ -16,6 +16,7 @@ from .. import head as head_mod
 from ..backbones import Backbone, Preprocessing, load_arguments, load_backbone, recorded_preprocessing
 from ..backbones.weights import looks_like_path
 from ..errors import InputFileError, TransferError
+from ..files import display_path
 from ..resize import VERTICAL_FIRST_IF_TALLER_CUT, resize_crop
 from .formats import MODEL_FORMAT
 
@@ -46,7 +47,9 @@ class TransferModel(nn.Module):
         self.vertical_first_rule = prep.pass_order == VERTICAL_FIRST_IF_TALLER_CUT
         self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.classes = list(classes)
+        # TorchScript strings are UTF-8: a class folder whose name is not keeps its exact bytes in the
+        # metadata (JSON escapes) and is shown here as `display_path` shows it (\xNN).
+        self.classes = [display_path(c) for c in classes]
         self.metadata = json.dumps(metadata)
         for p in self.parameters():
             p.requires_grad_(False)

@@ -18,7 +18,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import InputFileError, SettingError
-from ..files import display_path, make_folder_for, write_atomically
+from ..files import csv_row, display_path, make_folder_for, not_a_file, write_atomically
 from ..images import DecodeError, decode_image, is_image_name, walk_files
 from ..progress import resolve
 from ..settings import Interval, validate
@@ -62,8 +62,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto") -> 
     (.onnx: onnxruntime, .pt2: torch.export, anything else: TorchScript)."""
     path = os.fspath(path)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    if not os.path.isfile(path):
-        raise InputFileError(f"model file {path} does not exist")
+    why = not_a_file(path)
+    if why:  # "is a FIFO, not a regular file" as well as "does not exist"
+        raise InputFileError(f"model file {display_path(path)} {why}")
     runner, meta = formats.load(path, device)
     if meta.get("format") != MODEL_FORMAT:
         raise InputFileError(f"{path} is {formats.DESCRIPTIONS[runner.format]} but not one written by `transfer export` "
@@ -87,13 +88,14 @@ def list_inputs(paths: list[str]) -> list[str]:
 
 
 def predict(model, paths, *, top_k: int | None = None, batch_size: int = 16, out: str | os.PathLike | None = None,
-            device: str = "auto", progress=None) -> list[Prediction]:
+            device: str = "auto", progress="auto") -> list[Prediction]:
     """Classify image files (folders: every image inside) with a model, in batches.
 
     model: a loaded Model, or a model file (model.pt, model.onnx, model.pt2) loaded on `device`.
     Returns one Prediction per file, in order: its top_k labels (default min(3, K)) and their
     probabilities, or the reason it could not be read. out: also write them to this .csv or .json
-    file (its name is checked before any image is read). progress: see pipeline.progress.
+    file (its name is checked before any image is read). progress: True, False, "auto" (bars when
+    interactive) or a progress.Progress (see pipeline.progress).
 
     >>> predict("models/photos/model.pt", ["new_photos/"])[0].labels
     """
@@ -158,7 +160,8 @@ def check_output_name(out: str) -> None:
 
 
 def write_predictions(results: list[Prediction], out: str) -> None:
-    """CSV (path, label_1, prob_1, ..., error) or JSON, by the file's extension."""
+    """CSV (path, label_1, prob_1, ..., error) or JSON, by the file's extension. CSV text cells that
+    a spreadsheet would take for a formula get a leading ' (files.csv_cell)."""
     check_output_name(out)
     top_k = max((len(r.labels) for r in results), default=0)
     if out.lower().endswith(".json"):
@@ -170,10 +173,10 @@ def write_predictions(results: list[Prediction], out: str) -> None:
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["path"] + [h for k in range(1, top_k + 1) for h in (f"label_{k}", f"prob_{k}")] + ["error"])
-    for r in results:
-        cells = [v for l, p in zip(r.labels, r.probabilities) for v in (display_path(l), f"{p:.6f}")]
+    for r in results:  # text cells through csv_row: a name such as =cmd|' -C calc'!A0 is not a formula
+        cells = [v for l, p in zip(r.labels, r.probabilities) for v in (l, f"{p:.6f}")]
         cells += [""] * (2 * top_k - len(cells))
-        writer.writerow([display_path(r.path)] + cells + [r.error or ""])
+        writer.writerow(csv_row([r.path] + cells + [r.error or ""]))
     write_atomically(lambda p: _write_text(p, text.getvalue()), out)
 
 
