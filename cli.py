@@ -16,6 +16,7 @@ import traceback
 import warnings
 
 import click
+import tqdm
 
 import pipeline  # light: its names load on first use, so `transfer --help` imports no torch
 from pipeline.devices import this_process
@@ -496,6 +497,8 @@ def _rank_prefix() -> str:
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):  # a bar the failure left open: the error on its own line
+        bar.close()
     if debug:
         traceback.print_exc()
     _echo(f"error: {' '.join(str(message).split())}", err=True)

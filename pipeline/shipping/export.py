@@ -99,15 +99,15 @@ def export(source, out: str | os.PathLike | None = None, formats=None,
     folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
     for path in [*paths.values(), os.path.join(folder, "head.pt"), os.path.join(folder, "parity.json")]:
         remove_stale_temporaries(path)  # model.pt.writing-PID left by an export killed with kill -9
+    elsewhere = os.path.abspath(folder) != os.path.abspath(run_dir or "")
+    if elsewhere:
+        _check_not_another_run(folder, head)
     missing = missing_backbone(head.meta["provenance"], cache)
     if missing and formats is not None:
         raise SettingError(f"export: {missing}; a model file holds the backbone, so none can be written; the new "
                            "last layer is head.npz and head.pt (a torch.nn.Linear state_dict), which `transfer fit` "
                            "writes (Python: export with formats=None)")
     make_folder_for(os.path.join(folder, "head.pt"))
-    elsewhere = os.path.abspath(folder) != os.path.abspath(run_dir or "")
-    if elsewhere:
-        _check_not_another_run(folder, head)
     if missing:
         result = _export_head(head, reference, cache, folder, missing)
     else:
