@@ -179,6 +179,15 @@ def _fit_options(f):
                           "torchrun) or auto (sklearn where its float64 features fit comfortably in memory)."),
         click.option("--device", default="auto", show_default=True,
                      help="Where the streamed solver computes: auto (a GPU when there is one), cpu or cuda."),
+        click.option("--calibrate", default="temperature", show_default=True,
+                     help="temperature: scale the logits by one temperature fitted on held-out predictions (the val "
+                          "split, or cross-validation), folded into the head; none: the probabilities as fitted."),
+        click.option("--select", default="top1", show_default=True,
+                     help="What chooses --C auto: top1 (val top-1, ties: log-loss; the published protocol) or "
+                          "logloss (val log-loss)."),
+        click.option("--hold-out", "hold_out", default="auto", show_default=True,
+                     help="auto: the test split scores the head; val (caches without a test split): the whole val "
+                          "split scores it, and C, the temperature and the model use the train images only."),
     ]):
         f = option(f)
     return f
@@ -200,7 +209,7 @@ def _fit_options(f):
               help="Skip the export's check of the model on original images (for photos edited since extraction); "
                    "the checks on cached features still run.")
 def fit(cache_files, run_dir, C, class_weight, max_iter, seed, normalize, pca, train_fraction, repeat, C_selection,
-        solver, device, export, formats, skip_image_parity):
+        solver, device, calibrate, select, hold_out, export, formats, skip_image_parity):
     """Fit the new last layer (logistic regression) on a feature cache; no network is run.
 
     With --C auto, C is chosen on the validation split only (coarse-to-fine over 1e-6..1e5),
@@ -212,7 +221,7 @@ def fit(cache_files, run_dir, C, class_weight, max_iter, seed, normalize, pca, t
     result = pipeline.fit(cache_file, run_dir or "auto", command=_command_line(), progress=True, C=C,
                           class_weight=class_weight, max_iter=max_iter, seed=seed, normalize=normalize, pca=pca,
                           train_fraction=train_fraction, repeat=repeat, C_selection=C_selection, solver=solver,
-                          device=device)
+                          device=device, calibrate=calibrate, select=select, hold_out=hold_out)
     if not this_process().leads:  # under torchrun, rank 0 alone reports
         return
     _echo_all(result.lines())
@@ -342,13 +351,37 @@ def experiment(caches, grid, fractions, repeats, normalize, pca, jobs, seed, max
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity (mean-centred features) above which two images are the same picture "
                    "[default: 0.8, measured on real photos].")
-@click.option("--C", "C", type=float, default=0.1, show_default=True,
-              help="Regularisation of the head cross-validated to find suspect labels.")
-@click.option("--top", type=int, default=24, show_default=True, help="Suspect labels to show.")
-def inspect_cmd(cache_file, out_dir, threshold, C, top):
+@click.option("--C", "C", type=_CValue(), default="auto", show_default=True,
+              help="Regularisation of the head cross-validated to find suspect labels; auto: the C `transfer fit` "
+                   "chooses (so both list the same suspects).")
+@click.option("--top", type=int, default=24, show_default=True,
+              help="Suspect labels shown on the page (all of them are in label_issues.csv).")
+@click.option("--seed", type=int, default=0, show_default=True, help="fit's --seed: its splits and folds.")
+def inspect_cmd(cache_file, out_dir, threshold, C, top, seed):
     """A first look at a cache, no fit needed: leaks across splits, duplicate files, suspect labels,
-    a map of the data and the class balance, as one page (inspect.html)."""
-    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top, progress=True)
+    a map of the data and the class balance, as one page (inspect.html) and label_issues.csv."""
+    found = pipeline.inspect(cache_file, out_dir or "auto", threshold=threshold, C=C, top=top, seed=seed,
+                             progress=True)
+    _echo_all(found.lines())
+    _echo_all([f"warning: {w}" for w in found.warnings], err=True)
+
+
+@cli.command(name="evaluate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=str))
+@click.argument("data", metavar="DATA", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", type=click.Path(path_type=str), default=None,
+              help="Folder to write metrics.json, predictions.csv, report.html and the plots "
+                   "[default: reports/evaluate-<model folder>-<time>].")
+@click.option("--split", default=None, help="Only this split (train, val or test) of a DATA with split folders or column.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+def evaluate_cmd(model_path, data, out_dir, split, batch_size, device):
+    """Score a model (model.pt, model.onnx or model.pt2) on labelled images: DATA is a folder with
+    one subfolder per class (or train/val/test folders of them), or a .csv/.jsonl manifest
+    (path,label[,split]). Prints top-1, balanced accuracy, log-loss and ECE; writes per-class
+    scores, the confusion matrix, predictions.csv and a page of the worst errors."""
+    found = pipeline.evaluate(model_path, data, out_dir or "auto", split=split, batch_size=batch_size, device=device,
+                              progress=True)
     _echo_all(found.lines())
     _echo_all([f"warning: {w}" for w in found.warnings], err=True)
 

@@ -6,6 +6,7 @@
     exported = pipeline.export(result, "models/photos")     # -> ExportResult: model.pt, head.pt, parity
     model = pipeline.load_model(exported.model_path)        # -> Model
     predictions = pipeline.predict(model, ["new_photos"])   # -> [Prediction(path, labels, probabilities)]
+    scored = pipeline.evaluate(exported.model_path, "labelled_photos")  # -> Evaluation: top-1, log-loss, ECE, ...
 
 `read_cache` / `write_cache` read and write feature caches (features computed here or anywhere else).
 Names are imported on first use, so `import pipeline` stays light (no torch until a stage needs it).
@@ -45,6 +46,7 @@ _WHERE = {
     "Prediction": "shipping.predict",
     "run_experiment": "runs", "ExperimentRequest": "fitting.experiment",
     "inspect": "runs", "Inspection": "reports.inspection",
+    "evaluate": "runs", "Evaluation": "shipping.evaluate",
     "list_backbones": "backbones", "list_layers": "backbones", "bench_backbones": "backbones.bench",
     "TransferError": "errors", "SettingError": "errors", "InputFileError": "errors",
     "IncompleteCacheError": "errors", "IncompatibleCachesError": "errors", "Interrupted": "errors",

@@ -2,7 +2,8 @@
 
 A fitted scikit-learn pipeline (normalization, optional PCA, LogisticRegression) is folded into
 one affine map, `logits = W @ f(x) + b`, where f is the identity or, for `--normalize l2`, the
-division of x by its L2 norm. Stored as head.npz (arrays) + head.json (names and provenance),
+division of x by its L2 norm. A calibration temperature T is folded in too (W/T, b/T: the same
+argmax, calibrated probabilities). Stored as head.npz (arrays) + head.json (names and provenance),
 so later stages load it without unpickling anything.
 """
 
@@ -55,15 +56,19 @@ class LinearHead:
         return e / e.sum(axis=1, keepdims=True)
 
 
-def fold(steps: list, classes: list[str], meta: dict) -> LinearHead:
-    """Fold fitted (normalizer?, pca?, LogisticRegression) steps into one LinearHead."""
+def fold(steps: list, classes: list[str], meta: dict, temperature: float = 1.0) -> LinearHead:
+    """Fold fitted (normalizer?, pca?, LogisticRegression) steps, and the temperature T that divides
+    the logits, into one LinearHead. head.npz keeps the unscaled coef/intercept and T beside them."""
     *prep, lr = steps
     if any(isinstance(step, Normalizer) for step in prep[1:]):
         raise TransferError("an L2 Normalizer can only be the first step of a head")
     if not isinstance(lr, LogisticRegression):
         raise TransferError(f"expected the pipeline to end in LogisticRegression, found {type(lr).__name__}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise TransferError(f"a calibration temperature must be a positive number, got {temperature}")
     coef, intercept = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
-    raw = {"coef": coef, "intercept": intercept}
+    raw = {"coef": coef, "intercept": intercept, "temperature": np.array(float(temperature))}
+    coef, intercept = coef / temperature, intercept / temperature
     if len(classes) == 2 and coef.shape[0] == 1:
         # sklearn keeps one row for two classes; logits [0, d] give softmax = [1 - sigmoid(d), sigmoid(d)].
         coef = np.vstack([np.zeros_like(coef), coef])
@@ -132,6 +137,10 @@ def load(run_dir: str) -> LinearHead:
     if coef is None or coef.shape[0] not in ((1, k) if k == 2 else (k,)):
         raise InputFileError(f"{run_dir}: head.npz's coef {None if coef is None else coef.shape} does not fit "
                              f"{k} classes")
+    temperature = arrays.get("temperature", np.array(1.0))  # heads written before calibration: none
+    if temperature.shape != () or temperature.dtype.kind != "f" or not (np.isfinite(temperature) and temperature > 0):
+        raise InputFileError(f"{run_dir}: head.npz's temperature must be one positive number; found "
+                             f"{str(temperature.tolist())[:40]}")
     return LinearHead(weight, bias, bool(doc.get("l2_normalize")), list(classes), doc, arrays)
 
 
@@ -158,7 +167,8 @@ def sklearn_from_arrays(head: LinearHead):
         steps.append(pca)
         width = pca.n_components_
     lr = LogisticRegression()
-    lr.coef_, lr.intercept_ = raw["coef"], raw["intercept"]
+    temperature = float(raw.get("temperature", 1.0))  # calibration: the logits divided by T
+    lr.coef_, lr.intercept_ = raw["coef"] / temperature, raw["intercept"] / temperature
     lr.classes_, lr.n_features_in_ = np.arange(len(head.classes)), width
     steps.append(lr)
     return Pipeline([(type(s).__name__.lower(), s) for s in steps])

@@ -1,4 +1,4 @@
-"""The calls that compute and then write a run folder: fit, run_experiment, inspect.
+"""The calls that compute and then write a run folder: fit, run_experiment, inspect, evaluate.
 
 Each is one call from Python and one `transfer` command, with the same run-folder policy
 (`files.run_folder`): `out=None` writes nothing, `out="auto"` reserves `reports/<name>-<time>`,
@@ -21,6 +21,7 @@ from .progress import resolve
 from .reports import inspection as inspection_mod
 from .reports.experiment import write_experiment
 from .reports.fit_run import write_fit_run
+from .reports.evaluation import write_evaluation
 from .reports.inspection import LEAK_THRESHOLD, Inspection
 from .reports.pages import write_inspection
 
@@ -86,14 +87,16 @@ def run_experiment(req: ExperimentRequest, progress="auto") -> ExperimentResult:
     return result
 
 
-def inspect(data, out: str | os.PathLike | None = None, *, threshold: float | None = None, C: float = 0.1,
+def inspect(data, out: str | os.PathLike | None = None, *, threshold: float | None = None, C: float | None = None,
             top: int = 24, seed: int = 0, progress="auto") -> Inspection:
     """Leaks, byte-identical duplicates, suspect labels, a map and the class balance of a cache.
 
-    data: a cache path or a Cache. out: a folder to write inspect.html and map.png into ("auto":
-    reports/inspect-<cache name>-<time>; None: nothing is written). C: the regularisation of the
-    head cross-validated for suspect labels. top: how many suspects to keep. threshold: the cosine
-    of mean-centred features above which two images are the same picture (None: LEAK_THRESHOLD).
+    data: a cache path or a Cache. out: a folder to write inspect.html, label_issues.csv and map.png
+    into ("auto": reports/inspect-<cache name>-<time>; None: nothing is written). C: the
+    regularisation of the head cross-validated for suspect labels (None: the C `fit` chooses on this
+    cache, so that `fit`'s report lists the same suspects). top: how many suspects the page shows.
+    threshold: the cosine of mean-centred features above which two images are the same picture
+    (None: LEAK_THRESHOLD). seed: fit's seed (its splits and folds).
     progress: True, False, "auto" (bars when interactive) or a progress.Progress: one phase per section.
 
     >>> found = inspect("cache/photos.h5")
@@ -112,4 +115,26 @@ def inspect(data, out: str | os.PathLike | None = None, *, threshold: float | No
             found.out = folder
             progress.advance(1)
             progress.close()
+    return found
+
+
+def evaluate(model, data, out: str | os.PathLike | None = None, *, split: str | None = None, batch_size: int = 16,
+             device: str = "auto", progress=None):
+    """Score a model file (model.pt, model.onnx, model.pt2) on labelled images: top-1, balanced
+    accuracy, log-loss, ECE, per-class precision/recall/F1 and the confusion matrix.
+
+    data: a folder with one subfolder per class (or train/val/test folders of them; `split` picks
+    one), or a .csv/.jsonl manifest (path,label[,split]). out: a folder to write metrics.json,
+    predictions.csv, the plots and report.html (the worst errors) into ("auto":
+    reports/evaluate-<model folder>-<time>; None: nothing is written). progress: True for bars.
+
+    >>> evaluate("models/photos/model.pt", "new_photos/", "auto").scores["top1"]
+    """
+    from .shipping.evaluate import evaluate as evaluate_model  # here: it imports torch, which fit never needs
+    name = os.path.basename(os.path.dirname(os.path.abspath(os.fspath(model if isinstance(model, (str, os.PathLike))
+                                                                       else model.path))))
+    with run_folder(out, f"evaluate-{name or 'model'}") as folder:
+        found = evaluate_model(model, data, split=split, batch_size=batch_size, device=device, progress=progress)
+        if folder is not None:
+            found.warnings = write_evaluation(found, folder)
     return found

@@ -230,3 +230,65 @@ def test_caches_with_the_same_file_name_are_told_apart(tmp_path):
     assert result.code == 0, result.err
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "| vgg/photos\\.h5 |" in summary and "| lite/photos\\.h5 |" in summary  # Markdown-escaped: inert text
+
+
+@pytest.fixture
+def one_thread():
+    """Small fits: one BLAS thread is as fast, and immune to a busy machine's oversubscription."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_every_point_of_a_learning_curve_is_scored_on_the_same_images(tmp_path):
+    """No test split: the whole val split is held out from every run (C and the temperature by
+    cross-validation on each run's train rows); results.csv names the scored images."""
+    import pipeline
+    from pipeline.fitting.experiment import learning_curve
+    from pipeline.reports.plots import plot_learning_curve
+
+    X, y, classes = blobs(40, 3, 8, seed=2, spread=3.0)
+    split = split_names(y, test=0.0)
+    cache = make_cache(tmp_path / "tv.h5", X, y, classes, split)
+    request = pipeline.ExperimentRequest.from_text([str(cache)], ["C=0.1"], "0.1,0.3,1", repeats=2, jobs=1,
+                                                  out=str(tmp_path / "lc"), command="transfer experiment tv.h5")
+    result = pipeline.run_experiment(request)
+    rows = read_rows(tmp_path / "lc" / "results.csv")
+    n_val = split.count("val")
+    assert [r["train_fraction"] for r in rows] == ["0.1", "0.1", "0.3", "0.3", "1.0"]
+    assert {r["scored_images"] for r in rows} == {rows[0]["scored_images"]}  # identical rows score every point
+    assert {r["n_scored"] for r in rows} == {str(n_val)} and {r["n_val"] for r in rows} == {str(n_val)}
+    assert all(r["scored_on"].startswith("held-out validation split") and "--hold-out val" in r["command"]
+               for r in rows)
+    assert [int(r["n_fitted"]) for r in rows][::2] == [9, 27, len(y) - n_val]  # only train is subsampled
+    assert len({r["top1"] for r in rows[:2]}) == 2  # repeats differ...
+    summary = (tmp_path / "lc" / "summary.md").read_text()
+    assert f"every point is scored on the same {n_val} images (scored_images {rows[0]['scored_images']}" in summary
+    point = rows[2]  # a subsampled point, as its command reproduces it
+    assert point["command"].endswith("--train-fraction 0.3 --repeat 0 --hold-out val")
+    again = pipeline.fit(cache, C=0.1, train_fraction=0.3, repeat=0, hold_out="val")
+    assert again.scores["top1"] == float(point["top1"]) and again.scores["log_loss"] == float(point["log_loss"])
+    ticks = plot_learning_curve(learning_curve(result.rows), str(tmp_path / "curve.png"))
+    assert ticks == [9.0, 27.0, len(y) - n_val]  # a label at each size measured, none crowding another
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_collapsed_setting_is_flagged_and_does_not_set_the_plot_range(tmp_path):
+    import pipeline
+    from pipeline.reports.plots import plot_accuracy_vs_C
+
+    X, y, classes = blobs(40, 3, 8, seed=3, spread=3.0)
+    keep = np.flatnonzero((y == 0) | (np.arange(len(y)) % 2 == 0))  # class c0 twice as large as c1, c2
+    cache = make_cache(tmp_path / "c.h5", X[keep], y[keep], classes, split_names(y[keep]))
+    request = pipeline.ExperimentRequest.from_text([str(cache)], ["C=1e-6,0.1,1"], jobs=1, out=str(tmp_path / "e"),
+                                                  command="transfer experiment c.h5")
+    result = pipeline.run_experiment(request)
+    rows = read_rows(tmp_path / "e" / "results.csv")
+    assert [r["collapsed"] for r in rows] == ["True", "False", "False"]  # C=1e-6: the intercept alone decides
+    summary = (tmp_path / "e" / "summary.md").read_text()
+    assert "## Collapsed settings" in summary and "| c\\.h5 | standard | 1e-06 | 1 | 0 | c0 |" in summary
+    assert "1 runs predict one class for every scored image" in "\n".join(result.lines())
+    low, high = plot_accuracy_vs_C(result.rows, str(tmp_path / "acc.png"))
+    assert result.rows[0]["val_top1"] < low <= min(r["val_top1"] for r in result.rows[1:])

@@ -339,6 +339,93 @@ def test_two_labelled_images_of_a_class_still_choose_C_by_two_folds(tmp_path):
     assert any("stratified 2-fold cross-validation" in n for n in result.notes), result.notes
 
 
+@pytest.fixture
+def one_thread():
+    """Small fits: one BLAS thread is as fast, and immune to a busy machine's oversubscription (4x here)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_select_logloss_ranks_Cs_on_validation_log_loss_and_the_report_names_the_other_choice(tmp_path):
+    X, y, classes = blobs(80, 10, 16, seed=1, spread=4.0)
+    path = make_cache(tmp_path / "ten.h5", X, y, classes, split_names(y, 1))
+    top1 = fit(path)
+    loss = fit(path, select="logloss")
+    best_loss = min(r["val_log_loss"] for r in loss.sweep)
+    assert next(r for r in loss.sweep if r["C"] == loss.C)["val_log_loss"] == best_loss
+    assert loss.C != top1.C  # on these features the two rules disagree (top-1 prefers a smaller C)
+    assert top1.alternative["select"] == "logloss" and top1.alternative["C"] != top1.C
+    assert any(n.startswith("--select logloss would choose C = ") for n in top1.notes)
+    assert any(n.startswith("--select top1 would choose C = ") for n in loss.notes)
+    from pipeline.reports.fit_run import metrics_doc, report_markdown
+
+    metrics = metrics_doc(loss, "transfer fit ten.h5 --select logloss")  # metrics.json
+    assert metrics["C_selection"]["select"] == "logloss" and "log-loss (ties: higher top-1)" in \
+        metrics["C_selection"]["method"]
+    assert metrics["C_selection"]["other_rule"]["select"] == "top1"
+    from pipeline.files import markdown_text  # report.md's notes are inert Markdown
+
+    assert markdown_text("--select top1 would choose C") in report_markdown(metrics, loss.describe_evaluation(), True)
+    assert_one_line_error(run_cli("fit", path, "--select", "auc", "--no-export"),
+                          "select (--select) must be one of top1, logloss; got 'auc'")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hold_out_val_scores_the_whole_val_split_that_nothing_else_saw(tmp_path):
+    X, y, classes = blobs(30, 2, 6, seed=6, spread=3.0)
+    split = split_names(y, test=0.0)
+    honest = make_cache(tmp_path / "tv.h5", X, y, classes, split)
+    from tests.test_fitting_solver import Recorder
+
+    progress = Recorder()
+    result = fit(honest, hold_out="val", progress=progress)
+    assert [p[0] for p in progress.phases][-1] == "refit on train"  # val is not refit on
+    val = np.flatnonzero(np.array(split) == "val")
+    assert result.evaluated_on == "val" and result.splits.held_out_val
+    assert np.array_equal(np.sort(result.predictions[0]), val)  # every val image, scored
+    assert result.splits.sizes() == {"train": len(y) - len(val), "val": len(val), "test": 0}
+    assert result.describe_evaluation().startswith("held-out validation split")
+    assert any("cross-validation on the 46 train images" in n for n in result.notes), result.notes
+    assert not result.calibration["optimistic"]
+    scrambled = make_cache(tmp_path / "b.h5", X, np.where(np.array(split) == "val", 1 - y, y), classes, split)
+    again = fit(scrambled, hold_out="val")
+    assert again.C == result.C and again.sweep == result.sweep  # val labels never reach the choice...
+    assert again.calibration["temperature"] == result.calibration["temperature"]  # ...nor the temperature
+    np.testing.assert_array_equal(again.head.weight, result.head.weight)  # ...nor the model
+    assert again.scores["top1"] == 1 - result.scores["top1"]  # ...which they score
+    with_test = make_cache(tmp_path / "t.h5", X, y, classes, split_names(y))
+    assert_one_line_error(run_cli("fit", with_test, "--hold-out", "val", "--no-export"),
+                          "hold_out (--hold-out) val is for caches without a test split")
+    assert_one_line_error(run_cli("fit", honest, "--hold-out", "val", "--solver", "streamed", "--no-export"),
+                          "--hold-out", "--solver")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_every_run_folder_has_the_predictions_its_scores_are_on(tmp_path):
+    X, y, classes = blobs(20, 2, 6, seed=3, spread=2.0)
+    path = make_cache(tmp_path / "c.h5", X, y, ["=HYPERLINK(\"x\")", "bees"], split_names(y))
+    result = fit(path, tmp_path / "run", C=1.0)
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "predictions.csv").open()))
+    scored, proba = result.predictions
+    assert len(rows) == len(scored) == result.scores["n"] and {r["split"] for r in rows} == {"test"}
+    cache = read_cache(path)
+    assert [r["path"] for r in rows] == [cache.paths[i] for i in scored]
+    assert rows[0]["true"] in ("'=HYPERLINK(\"x\")", "bees")  # a formula is written as text
+    assert all(r["true"] != "=HYPERLINK(\"x\")" for r in rows)
+    got = np.array([[float(r["p_=HYPERLINK(\"x\")"]), float(r["p_bees"])] for r in rows])
+    np.testing.assert_allclose(got, proba, atol=1e-6)
+    assert np.mean([r["true"] == r["predicted"] for r in rows]) == result.scores["top1"]
+    from pipeline import inspect
+
+    issues = list(csv.DictReader((tmp_path / "run" / "label_issues.csv").open()))
+    assert [r["path"] for r in issues] == [cache.paths[s.row] for s in inspect(path, C=1.0).suspects]
+
+
 def test_notes_show_names_that_are_not_utf8_as_escapes(tmp_path):
     """A class named with the byte \\xff is shown 'c\\xff' in notes, as everywhere (repr showed '\\udcff')."""
     import os

@@ -291,3 +291,20 @@ def test_damaged_onnx_and_pt2_files_are_refused_when_loaded(shipped, tmp_path):
         edited = _edit_metadata(shipped / name, tmp_path / f"renamed-{name}", lambda m: m["classes"].__setitem__(0, "x"))
         with pytest.raises(InputFileError, match="is damaged or was edited"):
             pipeline.load_model(edited, "cpu")
+
+
+def test_evaluate_gives_the_same_scores_with_all_three_formats(shipped, three_run):
+    """`transfer evaluate` (pipeline/shipping/evaluate.py) with model.pt, model.onnx and model.pt2 on the
+    same labelled images: the same predictions, so the same scores."""
+    import pipeline
+
+    found = {name: pipeline.evaluate(shipped / name, three_run.parent / "three-images", split="test", device="cpu")
+             for name in ("model.pt", "model.onnx", "model.pt2")}
+    reference = found.pop("model.pt")
+    assert reference.scores["n"] == 9
+    for name, other in found.items():
+        assert other.paths == reference.paths and np.array_equal(other.proba.argmax(1), reference.proba.argmax(1))
+        np.testing.assert_allclose(other.proba, reference.proba, atol=1e-5, err_msg=name)
+        assert other.scores["top1"] == reference.scores["top1"]
+        assert other.scores["confusion_matrix"] == reference.scores["confusion_matrix"]
+        assert other.scores["log_loss"] == pytest.approx(reference.scores["log_loss"], abs=1e-5), name

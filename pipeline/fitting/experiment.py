@@ -1,13 +1,18 @@
 """Cached-feature experiments: many heads and settings from one or more caches, never the network.
 
 Every run is one `fit_head` call (the same code and seeds as `transfer fit`), so any row can be
-reproduced exactly by the `transfer fit` command recorded beside it. Runs go to joblib workers and
+reproduced exactly by the `transfer fit` command recorded beside it. Every point of a learning
+curve is scored on the same rows: the test split, or, for caches without one, the whole validation
+split held out from every run (`hold_out="val"`: only train is subsampled, C and the temperature
+come from cross-validation on the run's own train rows); results.csv names the scored rows.
+Runs go to joblib workers and
 are saved as they finish (OUT.partial/runs.jsonl), so an interrupted experiment resumes.
 `reports.experiment` writes the folder; `pipeline.runs.run_experiment` does both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -27,7 +32,7 @@ from ..progress import resolve
 from ..settings import Interval, validate
 from .probe import fit_head
 from .settings import FitSettings
-from .splits import run_splits
+from .splits import make_splits, run_splits
 
 GRID_KEYS = ("C", "class_weight", "normalize", "pca")
 
@@ -64,12 +69,20 @@ class ExperimentResult:
     def lines(self) -> list[str]:
         """The best setting per cache, and where everything is, in a few lines for the user."""
         lines = [f"resumed: {self.resumed} runs were already saved"] if self.resumed else []
-        lines.append(f"{len(self.rows)} runs; best setting per cache (chosen on validation):")
+        by_cv = any("held-out" in str(r.get("scored_on", "")) for r in self.best.values())
+        lines.append(f"{len(self.rows)} runs; best setting per cache (chosen "
+                     f"{'by cross-validation on train' if by_cv else 'on validation'}):")
+        collapsed = sum(bool(r.get("collapsed")) for r in self.rows)
         for cache, r in self.best.items():
-            lines.append(f"  {display_path(os.path.basename(cache))}: {r['evaluated_on']} top-1 {r['top1']:.4f}  "
-                         f"(val top-1 {r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
+            held_out = "held-out" in str(r.get("scored_on", ""))
+            scored, chose = ("held-out val", "cross-validated") if held_out else (r["evaluated_on"], "val")
+            lines.append(f"  {display_path(os.path.basename(cache))}: {scored} top-1 {r['top1']:.4f}  ({chose} top-1 "
+                         f"{r['val_top1']:.4f}, C={r['chosen_C']:.4g}, {r['normalize']}, pca {r['pca']}, "
                          f"class weight {r['class_weight']})")
             lines.append(f"    reproduce: {r['command']}")
+        if collapsed:
+            lines.append(f"warning: {collapsed} runs predict one class for every scored image (collapsed): "
+                         "see summary.md")
         if self.out:
             lines.append(f"written: {display_path(self.out)}/ (results.csv, summary.md, accuracy_vs_C.png, "
                          "learning_curve.png)")
@@ -160,7 +173,9 @@ def check_caches_match(paths: list[str]) -> list[Cache]:
     return caches
 
 
-def plan(req: ExperimentRequest, dim: int) -> list[Run]:
+def plan(req: ExperimentRequest, dim: int, hold_out: str = "auto") -> list[Run]:
+    """Every run of the request, in order. hold_out: fit's hold_out setting for every run ("val"
+    for a learning curve on caches without a test split: see `yardstick`)."""
     for pca in req.grid["pca"]:
         if pca is not None and pca > dim:
             raise SettingError(f"PCA dimension {pca} is larger than the feature dimension {dim}")
@@ -176,7 +191,7 @@ def plan(req: ExperimentRequest, dim: int) -> list[Run]:
                 for repeat in range(req.repeats if fraction < 1 else 1):  # the whole train split is one sample
                     settings = FitSettings(C=C, class_weight=class_weight, max_iter=req.max_iter, seed=req.seed,
                                            normalize=normalize, pca=pca, train_fraction=fraction, repeat=repeat,
-                                           solver=req.solver)
+                                           solver=req.solver, hold_out=hold_out)
                     runs.append(Run(len(runs), cache, settings))
     return runs
 
@@ -193,14 +208,35 @@ def fit_command(cache: str, s: FitSettings) -> str:
         args += ["--train-fraction", repr(s.train_fraction), "--repeat", str(s.repeat)]
     if s.C_selection != "auto":
         args += ["--C-selection", s.C_selection]
+    for name, default in (("calibrate", "temperature"), ("select", "top1"), ("hold_out", "auto")):
+        if getattr(s, name) != default:
+            args += ["--" + name.replace("_", "-"), getattr(s, name)]
     return shlex.join(args)
+
+
+def yardstick(cache: Cache, req: ExperimentRequest) -> str:
+    """fit's hold_out for every run: "val" when the request draws a learning curve (a fraction
+    below 1) on a cache without a test split, so that every point is scored on the whole
+    validation split; "auto" otherwise (the test split, whole, already scores every point)."""
+    if min(req.fractions) >= 1:
+        return "auto"
+    return "val" if not len(make_splits(cache, req.seed).test) else "auto"
+
+
+def scored_digest(cache: Cache, rows) -> str:
+    """Which images scored a run, in 12 hex digits: the sha256 of their sorted path bytes (equal
+    digests: the same images)."""
+    names = sorted(cache.path_bytes[int(i)] for i in rows)
+    return hashlib.sha256(b"\0".join(names)).hexdigest()[:12]
 
 
 def run_one(run: Run) -> dict:
     """One row of results.csv (and the C sweep, for the plot)."""
     started = time.perf_counter()
-    result = fit_head(read_cache(run.cache), run.settings)
+    cache = read_cache(run.cache)
+    result = fit_head(cache, run.settings)
     s, sizes = result.settings, result.splits.sizes()
+    scored_rows = result.predictions[0]
     return {
         "run": run.index,
         "cache": run.cache,
@@ -215,12 +251,24 @@ def run_one(run: Run) -> dict:
         "n_train": sizes["train"],
         "n_val": sizes["val"],
         "n_test": sizes["test"],
+        "n_fitted": len(result.splits.train) + len(result.splits.val),
         "evaluated_on": result.evaluated_on,
+        "scored_on": result.describe_evaluation(),
+        "n_scored": len(scored_rows),
+        "scored_images": scored_digest(cache, scored_rows),
         "top1": result.scores["top1"],
         "balanced_accuracy": result.scores["balanced_accuracy"],
         "log_loss": result.scores["log_loss"],
+        "ece": result.scores["ece"],
+        "ece_uncalibrated": result.calibration["before"]["ece"],
+        "temperature": result.calibration["temperature"],
+        "classes_predicted": result.scores["classes_predicted"],
+        "collapsed": result.scores["classes_predicted"] == 1,
+        "collapsed_to": result.classes[int(result.predictions[1][0].argmax())]
+        if result.scores["classes_predicted"] == 1 else "",
         "val_top1": result.validation["top1"],
         "val_log_loss": result.validation["log_loss"],
+        "val_classes_predicted": result.validation["classes_predicted"],
         "converged": result.convergence["converged"],
         "fit_seconds": time.perf_counter() - started,
         "command": fit_command(run.cache, s),
@@ -243,7 +291,7 @@ def run_all(req: ExperimentRequest, progress=None) -> ExperimentResult:
     if not req.caches:
         raise SettingError("no cache given")
     caches = check_caches_match(req.caches)
-    runs = plan(req, min(c.dim for c in caches))
+    runs = plan(req, min(c.dim for c in caches), yardstick(caches[0], req))
     for r in runs:  # every setting and split is checked before the first fit starts
         r.settings.check(caches[0].dim)
         if r.cache == req.caches[0]:
@@ -347,16 +395,24 @@ def best_per_cache(rows: list[dict]) -> dict[str, dict]:
 
 
 def learning_curve(rows: list[dict]) -> list[dict]:
-    """Mean and std of top-1 over repeats, per setting (and requested C) and train fraction."""
+    """Mean, std, min and max of top-1 over repeats, per setting (and requested C) and train
+    fraction; the images the head learned from (train + val, or train alone when val is held out);
+    the scored images (their digests: one per point when every repeat was scored on the same rows)
+    and how many of the repeats collapsed to one class."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(setting_key(r) + (r["C"], r["train_fraction"]), []).append(r)
     out = []
     for key, members in groups.items():
         scores = np.array([m["top1"] for m in members])
+        learned = [m.get("n_fitted", m["n_train"] + m["n_val"]) for m in members]
         out.append({"cache": key[0], "class_weight": key[1], "normalize": key[2], "pca": key[3], "C": key[4],
-                    "train_fraction": key[5], "n_labelled": int(np.mean([m["n_train"] + m["n_val"] for m in members])),
-                    "repeats": len(members), "top1_mean": float(scores.mean()), "top1_std": float(scores.std())})
+                    "train_fraction": key[5], "n_labelled": int(np.mean(learned)),
+                    "repeats": len(members), "top1_mean": float(scores.mean()), "top1_std": float(scores.std()),
+                    "top1_min": float(scores.min()), "top1_max": float(scores.max()),
+                    "n_scored": int(members[0].get("n_scored", 0)),
+                    "scored_images": sorted({str(m.get("scored_images", "")) for m in members}),
+                    "collapsed": sum(bool(m.get("collapsed")) for m in members)})
     return out
 
 

@@ -18,8 +18,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from ..cache import Cache
+from ..errors import TransferError
 from ..progress import Progress
-from .selection import CV_FOLDS, FitAt, Fitted, choose_C, choose_selection, sweep_C
+from .selection import CV_FOLDS, FitAt, Fitted, choose_C, choose_selection
 from .settings import FitSettings
 from .splits import Splits
 
@@ -113,15 +114,24 @@ def fit_in_memory(cache: Cache, settings: FitSettings, splits: Splits, timings: 
     if selection == "cv":
         n = n_tr + n_val
         folds = min(CV_FOLDS, int(np.bincount(y[:n], minlength=len(cache.classes)).min()))
+        if folds < 2:  # only with hold_out="val": make_splits gives every class a train and a val image
+            small = int(np.argmin(np.bincount(y[:n], minlength=len(cache.classes))))
+            raise TransferError(f"class {cache.classes[small]!r} has one training image: cross-validation on the "
+                                "train rows (hold_out val) needs at least 2 per class; use a larger train fraction")
         steps = _preprocessing(settings, X[:n], n)  # label-free: fitted on train+val
         Z = _project(steps, X[:n])
-        C, sweep, val_proba, chosen = sweep_C(cv_fit_at(settings, Z, y[:n], len(cache.classes), folds), y[:n],
-                                              len(cache.classes), progress)
+        C, sweep, val_proba, chosen = choose_C(settings, cv_fit_at(settings, Z, y[:n], len(cache.classes), folds),
+                                               y[:n], len(cache.classes), progress)
         val_rows = order[:n]
         # Any fold model whose training rows held every class is as good a start for the refit.
         chosen = next((m for m in chosen if len(m.classes_) == len(cache.classes)), None)
-        notes = [f"C chosen by stratified {folds}-fold cross-validation on the {n} train+val "
-                 f"images ({why}); the test split was not used"]
+        rows = "train" if settings.hold_out == "val" else "train+val"
+        notes = [(f"C chosen by stratified {folds}-fold cross-validation on the {n} {rows} images ({why})"
+                  if settings.C is None else f"the held-out predictions (for the temperature and the validation "
+                                             f"score) are stratified {folds}-fold cross-validation on the {n} {rows} "
+                                             f"images ({why})") +
+                 ("; the held-out validation split was not used" if settings.hold_out == "val" else
+                  "; the test split was not used")]
     else:
         steps = _preprocessing(settings, X[:n_tr + n_val], n_tr)
         Z = _project(steps, X[:n_tr + n_val])
@@ -139,7 +149,7 @@ def fit_in_memory(cache: Cache, settings: FitSettings, splits: Splits, timings: 
     # 2. Refit on train+val with the chosen C, from freshly read features, warm-started from the
     # chosen train-only model (carried over to the new standardization; PCA's axes differ: cold).
     t = time.perf_counter()
-    progress.phase("refit on train+val", 1, "fit")
+    progress.phase(f"refit on {'train+val' if n_val else 'train'}", 1, "fit")  # train alone: --hold-out val
     cache.features(order, out=X)
     steps = _preprocessing(settings, X, n_tr + n_val)
     Z = _project(steps, X)

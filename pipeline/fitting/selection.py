@@ -3,8 +3,9 @@ predictions (the validation split, or out-of-fold predictions of k-fold cross-va
 what a solver hands back (Fitted).
 
 The protocol is Kornblith et al. (2019) and CLIP's (Radford et al. 2021, App. A.3): decades of C
-from 1e-6 to 1e5, then halving the step around the best until 8 steps per decade. Test labels
-never reach the choice: a sweep only ever sees train and val rows.
+from 1e-6 to 1e5, then halving the step around the best until 8 steps per decade, ranked on
+validation top-1 (`select="logloss"` ranks on validation log-loss instead). Test labels never
+reach the choice: a sweep only ever sees train and val rows.
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ SELECTIONS = ("validation", "cv", "given")  # how a fit's C was chosen (FitResul
 FitAt = Callable[[float, object], tuple[object, np.ndarray, dict]]
 
 
-def sweep_C(fit_at: FitAt, yval: np.ndarray, n_classes: int,
-            progress: Progress | None = None) -> tuple[float, list[dict], np.ndarray, object]:
+def rank_key(select: str, top1: float, loss: float, C: float) -> tuple:
+    """What a sweep maximizes: top1: val top-1, ties broken by lower log-loss (the published
+    protocol); logloss: lower val log-loss, ties broken by top-1. Then the smaller C."""
+    return (top1, -loss, -C) if select == "top1" else (-loss, top1, -C)
+
+
+def sweep_C(fit_at: FitAt, yval: np.ndarray, n_classes: int, progress: Progress | None = None,
+            select: str = "top1") -> tuple[float, list[dict], np.ndarray, object]:
     """Coarse decades walked upward, each fit warm-started from the one before (scikit-learn's
     `_logistic_regression_path` and liblinear's C search do the same); then halve the step around
-    the best, each neighbour warm-started from the best. Ranked by val top-1, ties broken by lower
-    val log-loss (accuracy alone ties often on small validation sets).
+    the best, each neighbour warm-started from the best. Ranked by `rank_key(select, ...)`: val
+    top-1 with ties broken by lower val log-loss (accuracy alone ties often on small validation
+    sets), or val log-loss.
 
     fit_at(C, start) -> (state, val probabilities (n_val, K), record): start is an earlier state or None.
     Returns the chosen C, one record per C tried, the chosen fit's val probabilities and its state.
@@ -46,16 +54,22 @@ def sweep_C(fit_at: FitAt, yval: np.ndarray, n_classes: int,
     progress.phase("C sweep", len(COARSE_C) + 2 * REFINE_HALVINGS, "C")
     tried: dict[float, dict] = {}
     best: tuple | None = None  # (rank key, C, state, val probabilities)
+    shown = "val top-1" if select == "top1" else "val log-loss"
 
     def evaluate(C: float, start):
         nonlocal best
         state, proba, record = fit_at(C, start)
-        top1 = float((proba.argmax(1) == yval).mean())
+        predicted = proba.argmax(1)
+        top1 = float((predicted == yval).mean())
         loss = float(log_loss(yval, proba, labels=np.arange(n_classes)))
-        tried[C] = {**record, "C": C, "val_top1": top1, "val_log_loss": loss}
-        if best is None or (top1, -loss, -C) > best[0]:
-            best = ((top1, -loss, -C), C, state, proba)
-        progress.advance(1, f"C={C:.3g} val top-1 {top1:.3f} (best: C={best[1]:.3g}, {best[0][0]:.3f})")
+        tried[C] = {**record, "C": C, "val_top1": top1, "val_log_loss": loss,
+                    "classes_predicted": int(len(np.unique(predicted)))}
+        key = rank_key(select, top1, loss, C)
+        if best is None or key > best[0]:
+            best = (key, C, state, proba)
+        value = tried[best[1]]["val_top1" if select == "top1" else "val_log_loss"]
+        progress.advance(1, f"C={C:.3g} {shown} {top1 if select == 'top1' else loss:.3f} "
+                            f"(best: C={best[1]:.3g}, {value:.3f})")
         return state
 
     previous = None
@@ -73,10 +87,25 @@ def sweep_C(fit_at: FitAt, yval: np.ndarray, n_classes: int,
     return best[1], sorted(tried.values(), key=lambda r: r["C"]), best[3], best[2]
 
 
+def other_choice(sweep: list[dict], select: str) -> dict | None:
+    """The C the other ranking rule would choose among the Cs this sweep tried (the refinement
+    halvings were made around the rule in use, so this is the other rule's best of those Cs).
+    Returns {"select", "C", "val_top1", "val_log_loss"}, or None without a sweep."""
+    if not sweep:
+        return None
+    other = "logloss" if select == "top1" else "top1"
+    r = max(sweep, key=lambda r: rank_key(other, r["val_top1"], r["val_log_loss"], r["C"]))
+    return {"select": other, "C": r["C"], "val_top1": r["val_top1"], "val_log_loss": r["val_log_loss"]}
+
+
 def choose_selection(settings: FitSettings, y_val: np.ndarray, classes: list[str]) -> tuple[str, str]:
     """"validation" or "cv" for choosing C, and why. auto: cross-validation when some class has
     fewer than MIN_VALIDATION_PER_CLASS validation images (a handful of images ranks Cs at random).
-    Every class has at least one train and one val image here (make_splits), so k-fold has k >= 2."""
+    Every class has at least one train and one val image here (make_splits), so k-fold has k >= 2.
+    hold_out="val": always cross-validation on the train rows (the validation split scores the head),
+    also at a given C, whose out-of-fold predictions then fit the temperature."""
+    if settings.hold_out == "val":
+        return "cv", "the validation split is held out: it scores the head"
     if settings.C is not None or settings.C_selection == "validation":
         return "validation", ""
     per_class = np.bincount(y_val, minlength=len(classes))
@@ -92,7 +121,7 @@ def choose_selection(settings: FitSettings, y_val: np.ndarray, classes: list[str
 def choose_C(settings: FitSettings, fit_at: FitAt, y_val: np.ndarray, n_classes: int, progress: Progress):
     """The sweep, or the one fit on train at a given C: (C, sweep, val probabilities, state)."""
     if settings.C is None:
-        return sweep_C(fit_at, y_val, n_classes, progress)
+        return sweep_C(fit_at, y_val, n_classes, progress, settings.select)
     progress.phase("fit on train", 1, "fit")
     state, val_proba, _ = fit_at(settings.C, None)
     progress.advance(1)

@@ -13,11 +13,17 @@ Normalization = Literal["standard", "l2", "none"]
 ClassWeight = Literal["none", "balanced"]
 CSelection = Literal["auto", "validation", "cv"]
 Solver = Literal["auto", "sklearn", "streamed"]
+Calibration = Literal["temperature", "none"]
+Select = Literal["top1", "logloss"]
+HoldOut = Literal["auto", "val"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("standard", "l2", "none")
 CLASS_WEIGHTS: tuple[ClassWeight, ...] = ("none", "balanced")
 C_SELECTIONS: tuple[CSelection, ...] = ("auto", "validation", "cv")
 SOLVERS: tuple[Solver, ...] = ("auto", "sklearn", "streamed")
 DEVICES = ("auto", "cpu", "cuda")
+CALIBRATIONS: tuple[Calibration, ...] = ("temperature", "none")
+SELECTS: tuple[Select, ...] = ("top1", "logloss")
+HOLD_OUTS: tuple[HoldOut, ...] = ("auto", "val")
 
 
 @dataclass
@@ -35,6 +41,12 @@ class FitSettings:
     C_selection: CSelection = "auto"  # how C=None is chosen: see choose_selection
     solver: Solver = "auto"  # auto: sklearn where its float64 features fit comfortably in memory, else streamed
     device: str = "auto"  # where the streamed solver computes: auto (a GPU when there is one), cpu, cuda
+    calibrate: Calibration = "temperature"  # temperature scaling on held-out predictions, folded into the head
+    select: Select = "top1"  # what ranks the Cs of a sweep: val top-1 (ties: log-loss), or val log-loss
+    # auto: the test split scores the head (without one, the validation split or CV: optimistic).
+    # val: the whole validation split is held out and scores the head; C and the temperature come
+    # from cross-validation on the train rows, which alone fit it (learning curves without a test split).
+    hold_out: HoldOut = "auto"
 
     CONSTRAINTS: ClassVar[dict[str, list]] = {
         "C": [NoneMeans("auto (None)"), Interval(Real, 0, None, closed="neither")],
@@ -48,6 +60,9 @@ class FitSettings:
         "C_selection": [Options(C_SELECTIONS)],
         "solver": [Options(SOLVERS)],
         "device": [Options(DEVICES)],
+        "calibrate": [Options(CALIBRATIONS)],
+        "select": [Options(SELECTS)],
+        "hold_out": [Options(HOLD_OUTS)],
     }
 
     @classmethod
@@ -64,3 +79,6 @@ class FitSettings:
             raise SettingError(f"PCA dimension {self.pca} is larger than the feature dimension {dim}")
         if self.pca is not None and self.solver == "streamed":
             raise SettingError("pca (--pca) is fitted in memory: use solver (--solver) sklearn or auto with it")
+        if self.hold_out == "val" and self.solver == "streamed":
+            raise SettingError("hold_out (--hold-out) val chooses C and the temperature by cross-validation, which "
+                               "fits in memory: use solver (--solver) sklearn or auto with it")

@@ -8,20 +8,26 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from ..cache import Cache
-from ..errors import TransferError
+from ..errors import SettingError, TransferError
 from .settings import FitSettings
 
 
 @dataclass
 class Splits:
-    """Row numbers into the cache: train (n_tr,), val (n_val,), test (n_te,) int64."""
+    """Row numbers into the cache: train (n_tr,), val (n_val,), test (n_te,) int64: the rows each
+    phase of a fit uses. held_out_val (hold_out="val"): `test` holds the whole validation split,
+    held out to score the head, and `val` is empty."""
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
     source: str  # how they were made, for the report
+    held_out_val: bool = False
 
     def sizes(self) -> dict:
+        """Images per split of the cache as this fit used them."""
+        if self.held_out_val:
+            return {"train": len(self.train), "val": len(self.test), "test": 0}
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
@@ -72,9 +78,16 @@ def _stratified(rows: np.ndarray, labels: np.ndarray, seed: int, what: str) -> t
 
 def run_splits(cache: Cache, settings: FitSettings) -> Splits:
     """The rows one run uses: the splits, then (for a learning-curve point) the same stratified
-    fraction of train and of val; test stays whole."""
+    fraction of train and of val; test stays whole. hold_out="val": the whole validation split
+    takes the test split's place (a fixed yardstick) and only train is subsampled."""
     splits = make_splits(cache, settings.seed)
     seed = settings.seed + settings.repeat
+    if settings.hold_out == "val":
+        if len(splits.test):
+            raise SettingError(f"hold_out (--hold-out) val is for caches without a test split; this one has "
+                               f"{len(splits.test)} test images, which already score the head")
+        splits = Splits(splits.train, splits.val[:0], splits.val, splits.source + "; the validation split is held "
+                        "out: it scores the head, fitted on train alone", held_out_val=True)
     splits.train = subsample(splits.train, cache.labels, settings.train_fraction, seed)
     splits.val = subsample(splits.val, cache.labels, settings.train_fraction, seed)
     if settings.pca is not None and settings.pca > len(splits.train):
@@ -105,7 +118,7 @@ def subsample(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) 
     """round(fraction * n) of each class's rows (at least one per class), drawn with `seed`, sorted.
 
     Per class rather than sklearn's train_test_split, which refuses classes with one member."""
-    if fraction >= 1:
+    if fraction >= 1 or len(rows) == 0:
         return rows
     rng = np.random.default_rng(seed)
     kept = []

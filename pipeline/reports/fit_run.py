@@ -1,6 +1,6 @@
-"""A fit's run folder: model.joblib, head.npz + head.json, metrics.json, report.md, the plots and
-report.html, written under a temporary name and renamed when complete (files.new_folder), so a
-folder named like a run is always a whole run.
+"""A fit's run folder: model.joblib, head.npz + head.json, metrics.json, predictions.csv, report.md,
+the plots, report.html and label_issues.csv, written under a temporary name and renamed when
+complete (files.new_folder), so a folder named like a run is always a whole run.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import joblib
 
 from .. import head as head_mod
 from ..files import display_path, markdown_code, markdown_text, new_folder
-from ..fitting.probe import FitResult
+from ..fitting.probe import FitResult, calibration_line
 from ..progress import resolve
-from . import pages, plots
+from . import pages, plots, tables
 from .inspection import inspect_fit
 
 
@@ -30,21 +30,34 @@ def write_fit_run(result: FitResult, run_dir: str, command: str, progress=None) 
         metrics = metrics_doc(result, command)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
+        write_predictions(result, os.path.join(tmp, "predictions.csv"))
         plots.plot_confusion(result.scores, result.classes, result.evaluated_on,
                              os.path.join(tmp, "confusion_matrix.png"))
+        plots.plot_reliability(result.calibration, result.describe_evaluation(), os.path.join(tmp, "reliability.png"))
         if result.sweep:
-            plots.plot_sweep(result.sweep, result.C, os.path.join(tmp, "c_sweep.png"))
+            plots.plot_sweep(result.sweep, result.C, os.path.join(tmp, "c_sweep.png"), result.settings.select)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(display_path(report_markdown(metrics, result.describe_evaluation(), bool(result.sweep),
                                                  result.cache.path is not None)))
         progress.advance(1)
         if result.cache.path is not None:  # the page: leaks and suspect labels need the cache's rows
             progress.phase("run folder: report.html (leaks, suspect labels, thumbnails)", 1, "step")
-            result.warnings += pages.write_fit_page(result, inspect_fit(result), tmp)
+            found = inspect_fit(result)
+            pages.write_label_issues(found, tmp)
+            result.warnings += pages.write_fit_page(result, found, tmp, calibration_line(result.calibration))
             progress.advance(1)
     progress.close()
     result.run_dir = run_dir
     return run_dir
+
+
+def write_predictions(result: FitResult, path: str) -> None:
+    """predictions.csv: the evaluated rows (what `scores` are on) with their calibrated probabilities."""
+    rows, proba = result.predictions
+    cache = result.cache
+    names = [cache.path_bytes[r] for r in rows] if cache.path is not None else [f"row {r}" for r in rows]
+    splits = None if cache.split is None else [str(cache.split[r]) for r in rows]
+    tables.write_predictions(path, names, cache.labels[rows], proba, result.classes, splits)
 
 
 def metrics_doc(result: FitResult, command: str) -> dict:
@@ -54,14 +67,20 @@ def metrics_doc(result: FitResult, command: str) -> dict:
         "classes": result.classes,
         "evaluated_on": result.evaluated_on,
         "scores": result.scores,
+        "calibration": result.calibration,
         "C": result.C,
         "C_selection": {
             "selection": result.selection,
-            "method": (("pooled out-of-fold top-1 of stratified k-fold cross-validation on train+val"
-                        if result.selection == "cv" else "validation top-1") +
-                       " (ties: lower log-loss) over decades 1e-6..1e5, then 3 halvings of the "
+            "select": result.settings.select,
+            "method": (("pooled out-of-fold " if result.selection == "cv" else "validation ") +
+                       ("top-1 (ties: lower log-loss)" if result.settings.select == "top1" else
+                        "log-loss (ties: higher top-1)") +
+                       (" of stratified k-fold cross-validation on " +
+                        ("train" if result.splits.held_out_val else "train+val") if result.selection == "cv" else "") +
+                       " over decades 1e-6..1e5, then 3 halvings of the "
                        "log10 step around the best (CLIP's coarse-to-fine, 8 steps per decade)")
             if result.sweep else "given by --C",
+            "other_rule": result.alternative,
             "sweep": result.sweep,
         },
         "convergence": {**result.convergence, "max_iter": result.settings.max_iter},
@@ -96,6 +115,8 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
         f"| top-5 | {top5} |",
         f"| balanced accuracy | {s['balanced_accuracy']:.4f} |",
         f"| log-loss | {s['log_loss']:.4f} |",
+        f"| ECE (15 bins) | {s['ece']:.4f} |",
+        f"| calibration | {_cell(calibration_line(m['calibration']))} |",
         f"| chosen C | {m['C']:.4g} ({m['C_selection']['method']}) |",
         f"| splits | train {m['splits']['train']}, val {m['splits']['val']}, test {m['splits']['test']} |",
         f"| final fit | {m['convergence']['iterations']} lbfgs iterations, "
@@ -106,6 +127,11 @@ def report_markdown(m: dict, where: str, has_sweep: bool, has_page: bool = True)
         *_failed_lines(m["failed_images"]),
         "",
         "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "Per image: `predictions.csv` (the evaluated images: true class, predicted class, a probability per class)"
+        + ("; suspect labels: `label_issues.csv`." if has_page else "."),
         "",
     ]
     if has_sweep:

@@ -4,6 +4,10 @@ there is one); image files are opened only to compare the bytes of near-identica
 
 `inspect(cache)` gathers it all for `transfer inspect`, `inspect_fit(result)` the same sections for a
 fit's report.html; `pages` turns them into a page.
+
+Suspect labels have one definition (`label_issues`), which both call: the train+val rows of the
+cache (as `fit` splits it), out-of-fold probabilities of stratified 5-fold cross-validation of the
+head at one C (fit's: chosen by fit's protocol, or given), and cleanlab's confident-learning rule.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from ..cache import Cache, read_cache
-from ..errors import SettingError
+from ..errors import SettingError, TransferError
 from ..files import display_path
 from ..fitting.splits import make_splits
 from ..progress import resolve
-from ..settings import Interval, validate
+from ..settings import Interval, NoneMeans, validate
 
 # Cosine similarity of mean-centred features above which two images count as the same picture
 # (a copy, a re-encode, a resize): measured on the real photos, see benchmarks/inspect_threshold.py.
@@ -53,13 +57,16 @@ class Pair:
 
 @dataclass
 class Suspect:
-    """A labelled image whose given label gets a low out-of-fold probability."""
+    """A labelled image whose given label looks wrong: its out-of-fold probability is below its
+    class's threshold and another class's is above that class's own (`confident_issues`)."""
 
     row: int
     given: int
     given_probability: float
-    preferred: int
+    preferred: int  # the class suggested instead: the most probable of those above their thresholds
     preferred_probability: float
+    threshold: float = 0.0  # the given class's threshold: its images' mean out-of-fold self-confidence
+    margin: float = 0.0  # p(given) - the largest other probability: the ranking (most negative first)
 
 
 @dataclass
@@ -70,7 +77,7 @@ class Inspection:
     threshold: float
     leaks: list[Pair]  # train image (a) vs val/test image (b)
     duplicates: list[Pair]  # byte-identical files anywhere in the cache
-    suspects: list[Suspect]  # lowest self-confidence first
+    suspects: list[Suspect]  # every suspect label, most negative margin first (label_issues.csv)
     balance: dict[str, list[int]]  # split (or "all") -> images per class
     map_rows: np.ndarray  # (M,) rows shown on the map
     map_xy: np.ndarray  # (M, 2) their first two principal components
@@ -78,6 +85,8 @@ class Inspection:
     out: str | None = None  # the folder written (inspect.html, map.png), if any
     warnings: list[str] = field(default_factory=list)  # e.g. images that could not be opened for thumbnails
     without_leaks: dict | None = None  # a fit's test top-1 without its leaked rows: n, removed, top1
+    suspect_method: str = ""  # how the suspects were found, in words: which rows, C, folds and rule
+    top: int = 24  # suspects shown on the page (all of them are in label_issues.csv)
 
     def lines(self) -> list[str]:
         """What was found, in a few lines for the user."""
@@ -85,10 +94,10 @@ class Inspection:
         lines = [f"{self.cache.n} images, {len(self.cache.classes)} classes",
                  f"leaks across splits: {len(self.leaks)} near-identical pairs ({same} byte-identical)",
                  f"duplicate files: {len(self.duplicates)} byte-identical pairs",
-                 f"suspect labels: {len(self.suspects)} (lowest out-of-fold probability of the given label)"]
+                 f"suspect labels: {len(self.suspects)} ({self.suspect_method})"]
         if self.out:
             lines.append(f"written: {display_path(self.out)}/inspect.html (open it in a browser), "
-                         f"{display_path(self.out)}/map.png")
+                         f"{display_path(self.out)}/label_issues.csv, {display_path(self.out)}/map.png")
         return lines
 
     def leaked_rows(self) -> set[int]:
@@ -197,33 +206,88 @@ def file_digest(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def suspect_labels(cache: Cache, rows: np.ndarray, C: float, normalize: str = "standard", top: int = 24,
-                   seed: int = 0) -> tuple[list[Suspect], np.ndarray]:
-    """Rank labelled rows by the out-of-fold probability of their given label (cleanlab's
-    self-confidence) under stratified k-fold cross-validation of the head (same C, same
-    normalization). Returns the `top` lowest and the out-of-fold probabilities (len(rows), K).
+def labelled_rows(cache: Cache, seed: int = 0) -> np.ndarray:
+    """The train+val rows of the cache as `fit` splits it (seeded): where suspect labels are sought."""
+    s = make_splits(cache, seed)
+    return np.sort(np.concatenate([s.train, s.val]))
 
-    A few lines of scikit-learn rather than cleanlab: the rule is one argsort, and cleanlab's
-    find_label_issues would refit the same model again through its own wrapper."""
+
+def confident_issues(proba: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cleanlab's confident learning on out-of-fold probabilities (n, K) of given labels y (n,):
+    class k's threshold t_k is the mean probability of k over the images labelled k; image i is
+    suspect when p_i(y_i) < t_(y_i) and some other class j has p_i(j) >= t_j (cleanlab's 1e-6
+    slack). Returns the suspects' positions ranked by margin p_i(y_i) - max_(j != y_i) p_i(j), most
+    negative first; the thresholds (K,) (inf for classes without images); the suggested class per
+    image (the most probable of the other classes above their thresholds); the margins (n,)."""
+    n, k = proba.shape
+    at = np.arange(n)
+    thresholds = np.full(k, np.inf)
+    for c in np.unique(y):
+        thresholds[c] = proba[y == c, c].mean()
+    confident = proba >= thresholds - 1e-6
+    confident[at, y] = False
+    given = proba[at, y]
+    others = proba.copy()
+    others[at, y] = -np.inf
+    margin = given - others.max(axis=1)
+    suggested = np.where(confident, proba, -np.inf).argmax(axis=1)
+    found = np.flatnonzero((given < thresholds[y]) & confident.any(axis=1))
+    return found[np.argsort(margin[found], kind="stable")], thresholds, suggested, margin
+
+
+def out_of_fold(cache: Cache, rows: np.ndarray, C: float, normalize: str = "standard",
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, str, list[str]]:
+    """Out-of-fold probabilities (n, K) of `rows` (more than SUSPECT_ROWS: that many, evenly
+    spaced): stratified k-fold cross-validation (k = 5, fewer when a class has fewer images;
+    shuffled with `seed`) of the head at C with this normalization. Returns the rows used, the
+    probabilities (None when k < 2), how, in words, and notes."""
+    notes = []
+    if len(rows) > SUSPECT_ROWS:
+        notes.append(f"suspect labels: {SUSPECT_ROWS} of the {len(rows)} train+val images were cross-validated")
+        rows = rows[np.linspace(0, len(rows) - 1, SUSPECT_ROWS).round().astype(np.int64)]
     y = cache.labels[rows]
     counts = np.bincount(y, minlength=len(cache.classes))
-    folds = int(min(SUSPECT_FOLDS, counts[counts > 0].min()))
+    folds = int(min(SUSPECT_FOLDS, counts[counts > 0].min())) if len(rows) else 0
     if folds < 2 or (counts > 0).sum() < 2:
-        return [], np.zeros((len(rows), len(cache.classes)))
+        return rows, None, "not computed: cross-validation needs two classes with two images each", notes
     X = cache.features(rows, dtype=np.float64)
     prep = {"standard": [StandardScaler()], "l2": [Normalizer()], "none": []}[normalize]
-    model = make_pipeline(*prep, LogisticRegression(C=C, max_iter=300))
+    model = make_pipeline(*prep, LogisticRegression(C=C, max_iter=1000))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         proba = cross_val_predict(model, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                   method="predict_proba")
-    present = np.flatnonzero(counts > 0)  # cross_val_predict's columns are the classes present
     full = np.zeros((len(rows), len(cache.classes)))
-    full[:, present] = proba
-    given = full[np.arange(len(rows)), y]
-    order = np.argsort(given, kind="stable")[:top]
-    return [Suspect(int(rows[i]), int(y[i]), float(given[i]), int(full[i].argmax()), float(full[i].max()))
-            for i in order if full[i].argmax() != y[i]], full
+    full[:, np.flatnonzero(counts > 0)] = proba  # cross_val_predict's columns are the classes present
+    how = (f"stratified {folds}-fold cross-validation (seed {seed}) of the head at C = {C:.4g} ({normalize} "
+           f"normalization) over the {len(rows)} train+val images")
+    return rows, full, how, notes
+
+
+def label_issues(cache: Cache, rows: np.ndarray, C: float, normalize: str = "standard",
+                 seed: int = 0) -> tuple[list[Suspect], str, list[str]]:
+    """Suspect labels among `rows` (fit's train+val rows: `labelled_rows`): `confident_issues` on
+    the `out_of_fold` probabilities at C. The one definition `transfer inspect` and a fit's report
+    share. Returns the suspects in rank order, the method in words and notes.
+
+    A few lines of scikit-learn rather than cleanlab: the rule is a threshold per class and one
+    argsort (benchmarks/label_issues.py compares it with cleanlab's find_label_issues)."""
+    rows, proba, how, notes = out_of_fold(cache, rows, C, normalize, seed)
+    if proba is None:
+        return [], how, notes
+    y = cache.labels[rows]
+    found, thresholds, suggested, margin = confident_issues(proba, y)
+    method = f"cleanlab's confident learning on out-of-fold probabilities: {how}; ranked by margin"
+    return [Suspect(int(rows[i]), int(y[i]), float(proba[i, y[i]]), int(suggested[i]), float(proba[i, suggested[i]]),
+                    float(thresholds[y[i]]), float(margin[i])) for i in found], method, notes
+
+
+def auto_C(cache: Cache, seed: int = 0) -> float:
+    """The C `transfer fit` chooses on this cache at its defaults (and this seed)."""
+    from ..fitting.probe import fit_head  # here: only `inspect` without --C fits a head
+    from ..fitting.settings import FitSettings  # (with fit_head)
+
+    return fit_head(cache, FitSettings(seed=seed, calibrate="none")).C
 
 
 def data_map(cache: Cache, max_points: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -256,13 +320,14 @@ def labelled_and_held_out(cache: Cache, seed: int = 0) -> tuple[np.ndarray, np.n
     return np.sort(np.concatenate([s.train, s.val])), s.test, f"train+val vs test of fit's split (seed {seed})"
 
 
-def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float = 0.1, top: int = 24, seed: int = 0,
-            progress=None) -> Inspection:
+def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float | None = None, top: int = 24,
+            seed: int = 0, progress=None) -> Inspection:
     """Leaks, byte-identical duplicates, suspect labels, a map and the class balance of a cache.
 
-    data: a cache path or a Cache. C: the regularisation of the head cross-validated for suspect
-    labels. top: how many suspects to keep. progress: one phase per section (pipeline.progress).
-    (`pipeline.inspect` also writes inspect.html.)
+    data: a cache path or a Cache. C: the head cross-validated for suspect labels (None: the C
+    `transfer fit` chooses on this cache, so that both list the same suspects). top: how many
+    suspects the page shows. progress: one phase per section (pipeline.progress). (`pipeline.inspect`
+    also writes inspect.html and label_issues.csv.)
     """
     check_settings(threshold, C, top)
     progress = resolve(progress)
@@ -281,21 +346,29 @@ def inspect(data, *, threshold: float = LEAK_THRESHOLD, C: float = 0.1, top: int
     duplicates = [p for p in candidates if p.same_bytes]
     progress.advance(1)
     progress.phase(f"inspect: suspect labels ({SUSPECT_FOLDS}-fold)", 1, "step")
-    suspects, _ = suspect_labels(cache, labelled, C, top=top, seed=seed)
+    notes = [f"leaks: {how}, cosine of mean-centred features >= {threshold:g}"]
+    suspects, method = [], ""
+    try:
+        chosen = auto_C(cache, seed) if C is None else C
+        suspects, method, more = label_issues(cache, labelled_rows(cache, seed), chosen, seed=seed)
+        notes += more
+        method += " (C chosen as `transfer fit` chooses it)" if C is None else " (C given)"
+    except TransferError as e:  # a cache `fit` refuses (e.g. a class with two images) still gets the rest
+        method = f"not computed: {e}"
     progress.advance(1)
     progress.phase("inspect: map", 1, "step")
     rows, xy = data_map(cache, seed=seed)
     progress.advance(1)
     progress.close()
-    notes = [f"leaks: {how}, cosine of mean-centred features >= {threshold:g}"]
     if any(p.same_bytes is None for p in leaks + candidates):
         notes.append("some image files could not be read, so byte identity is unknown for their pairs")
-    return Inspection(cache, threshold, leaks, duplicates, suspects, class_balance(cache), rows, xy, notes)
+    return Inspection(cache, threshold, leaks, duplicates, suspects, class_balance(cache), rows, xy, notes,
+                      suspect_method=method, top=top)
 
 
-def check_settings(threshold: float, C: float, top: int) -> None:
+def check_settings(threshold: float, C: float | None, top: int) -> None:
     validate("threshold", threshold, [Interval(Real, 0, 1, closed="right")], "--threshold")
-    validate("C", C, [Interval(Real, 0, None, closed="neither")], "--C")
+    validate("C", C, [NoneMeans("auto (None)"), Interval(Real, 0, None, closed="neither")], "--C")
     validate("top", top, [Interval(Integral, 1, None)], "--top")
 
 
@@ -307,28 +380,32 @@ def inspect_fit(result) -> Inspection:
     labelled = np.sort(np.concatenate([result.splits.train, result.splits.val]))
     mean = cache_mean(cache)
     # The held-out rows the scores are on, against the rows the scoring model learned from.
-    held, seen = {"test": (result.splits.test, labelled), "val": (result.splits.val, result.splits.train),
-                  "cv": (result.splits.test, labelled)}[result.evaluated_on]
+    if result.evaluated_on == "val" and not result.splits.held_out_val:
+        held, seen = result.splits.val, result.splits.train
+    else:  # the test split (or the held-out val split) against everything fitted on; cv: nothing held out
+        held, seen = result.splits.test, labelled
     leaks = []
     if len(held) * len(seen) * cache.dim <= LEAK_SEARCH_LIMIT:
         leaks = similar_pairs(cache, held, seen, LEAK_THRESHOLD, mean)
         mark_same_bytes(cache, leaks)
     else:
         notes.append("leak search skipped: too large for a fit report; run `transfer inspect` on the cache")
-    sample = labelled
-    if len(labelled) > SUSPECT_ROWS:
-        sample = labelled[np.linspace(0, len(labelled) - 1, SUSPECT_ROWS).round().astype(np.int64)]
-        notes.append(f"suspect labels: {SUSPECT_ROWS} of the {len(labelled)} train+val images were cross-validated")
-    suspects, _ = suspect_labels(cache, sample, result.C, result.settings.normalize, seed=result.settings.seed)
+    suspects, method, more = label_issues(cache, labelled_rows(cache, result.settings.seed), result.C,
+                                          result.settings.normalize, result.settings.seed)
+    notes += more
     rows, xy = data_map(cache, seed=result.settings.seed)
-    against = {"test": "train+val vs test", "val": "train vs val (the split scored)",
-               "cv": "nothing held out (scores are cross-validated)"}[result.evaluated_on]
+    against = ("train vs the held-out val split" if result.splits.held_out_val else
+               {"test": "train+val vs test", "val": "train vs val (the split scored)",
+                "cv": "nothing held out (scores are cross-validated)"}[result.evaluated_on])
     notes.insert(0, f"leaks: {against}, cosine of mean-centred features >= {LEAK_THRESHOLD:g}")
-    found = Inspection(cache, LEAK_THRESHOLD, leaks, [], suspects, class_balance(cache), rows, xy, notes)
+    if not method.startswith("not computed"):
+        method += " (the fit's C and normalization)"
+    found = Inspection(cache, LEAK_THRESHOLD, leaks, [], suspects, class_balance(cache), rows, xy, notes,
+                       suspect_method=method)
     scored, proba = result.predictions
     leaked = found.leaked_rows()
     clean = np.array([r not in leaked for r in scored])
-    if leaked and result.evaluated_on == "test" and clean.any():
+    if leaked and (result.evaluated_on == "test" or result.splits.held_out_val) and clean.any():
         right = proba.argmax(1) == cache.labels[scored]
         found.without_leaks = {"n": int(clean.sum()), "removed": int((~clean).sum()), "top1": float(right[clean].mean())}
     return found

@@ -1,5 +1,5 @@
-"""The plots people look at, as PNG files: a fit's confusion matrix and C sweep, an experiment's
-accuracy against C and learning curve, the 2-D map of a cache's features.
+"""The plots people look at, as PNG files: a fit's confusion matrix, C sweep and reliability
+diagram, an experiment's accuracy against C and learning curve, the 2-D map of a cache's features.
 
 Headless: matplotlib's Agg backend, files only, never a window.
 """
@@ -38,15 +38,17 @@ def plot_confusion(scores: dict, classes: list[str], evaluated_on: str, path: st
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     s = scores
-    ax.set_title(f"Confusion matrix, {evaluated_on} split (n={s['n']})\n"
+    where = f"{evaluated_on} split" if evaluated_on in ("test", "val", "cv") else evaluated_on
+    ax.set_title(f"Confusion matrix, {where} (n={s['n']})\n"
                  f"top-1 {s['top1']:.3f}, balanced accuracy {s['balanced_accuracy']:.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_sweep(sweep: list[dict], chosen: float, path: str) -> None:
-    """Validation top-1 and log-loss against C for every C a sweep tried; `chosen` marked."""
+def plot_sweep(sweep: list[dict], chosen: float, path: str, select: str = "top1") -> None:
+    """Validation top-1 and log-loss against C for every C a sweep tried; `chosen` marked (by
+    `select`: top-1 or log-loss)."""
     Cs = [r["C"] for r in sweep]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.semilogx(Cs, [r["val_top1"] for r in sweep], "o-", color="tab:blue", label="val top-1")
@@ -63,7 +65,7 @@ def plot_sweep(sweep: list[dict], chosen: float, path: str) -> None:
                 markersize=9, label="hit --max-iter")
     handles = ax.get_legend_handles_labels()[0] + loss.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    ax.set_title(f"Choosing C on the validation split ({len(Cs)} fits)")
+    ax.set_title(f"Choosing C by validation {'top-1' if select == 'top1' else 'log-loss'} ({len(Cs)} fits)")
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
@@ -121,57 +123,182 @@ def _finish_facets(fig, axes, bottom: float, title: str, path: str) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_vs_C(rows: list[dict], path: str) -> None:
-    """Validation top-1 against C, one panel per cache, one line per setting; C=auto runs show their sweep."""
+def _range(setters: list[float], context: list[float], window: float = 0.05) -> tuple[float, float]:
+    """y-limits (inside [0, 1]) that show every value in `setters` (the points that matter), and
+    the values of `context` (e.g. a C sweep's tail) only down to `window` below the best value."""
+    if not setters and not context:
+        return 0.0, 1.0
+    high = max(setters + context)
+    low = min(setters + [high - window])
+    pad = max(0.005, 0.06 * (high - low))
+    return max(0.0, low - pad), min(1.0, high + pad)
+
+
+COLLAPSED_STYLE = {"marker": "v", "s": 70, "zorder": 5, "clip_on": False}
+
+
+def _mark_collapsed(ax, xs: list[float], ys: list[float], low: float, color) -> bool:
+    """Points of runs that predict one class: an open ring where they are, a triangle on the bottom
+    edge when they lie below the range the other points set. Returns whether any was drawn."""
+    if not xs:
+        return False
+    below = [y < low for y in ys]
+    ax.scatter([x for x, b in zip(xs, below) if not b], [y for y, b in zip(ys, below) if not b], s=80,
+               facecolors="none", edgecolors=color, linewidths=1.4, zorder=5)
+    if any(below):
+        ax.scatter([x for x, b in zip(xs, below) if b], [low] * sum(below), color=color, **COLLAPSED_STYLE)
+    return True
+
+
+def _collapsed_legend(ax) -> None:
+    """One grey legend entry for the collapsed marks of every setting."""
+    ax.scatter([], [], color="0.35", label="predicts one class (triangle: below the range)", **COLLAPSED_STYLE)
+
+
+def plot_accuracy_vs_C(rows: list[dict], path: str) -> tuple[float, float]:
+    """Validation top-1 against C, one panel per cache, one line per setting; C=auto runs show their
+    sweep. The y-range follows the fixed-C fits and the Cs auto chose that predict more than one
+    class (and a sweep down to 0.05 below the best); collapsed fits (one class for every image:
+    accuracy = that class's share) are drawn as rings, or as triangles on the bottom edge when below
+    that range. Returns the y-range."""
     top = max(r["train_fraction"] for r in rows)
     caches = list(dict.fromkeys(r["cache"] for r in rows))
     names = cache_labels(caches)
     settings = list(dict.fromkeys(setting_label(r) for r in rows))
     style = dict(zip(settings, _styles(len(settings))))
     autos = any(r["C"] == "auto" for r in rows)
-    fig, axes, bottom = _facets(caches, len(settings) * (2 if autos else 1))
+    fig, axes, bottom = _facets(caches, len(settings) * (2 if autos else 1) + 1)
+    lines = []  # (ax, xs, ys, collapsed flags, setting, kind)
     for ax, cache in zip(axes, caches):
         mine = [r for r in rows if r["cache"] == cache and r["train_fraction"] == top and r["repeat"] == 0]
         for setting in settings:
             members = [r for r in mine if setting_label(r) == setting]
             fixed = sorted((r for r in members if r["C"] != "auto"), key=lambda r: r["chosen_C"])
             if fixed:
-                ax.semilogx([r["chosen_C"] for r in fixed], [r["val_top1"] for r in fixed], marker="o",
-                            label=setting, **style[setting])
+                lines.append((ax, [r["chosen_C"] for r in fixed], [r["val_top1"] for r in fixed],
+                              [r.get("val_classes_predicted", 2) == 1 for r in fixed], setting, "fixed"))
             for r in (r for r in members if r["C"] == "auto"):
-                ax.semilogx([s["C"] for s in r["_sweep"]], [s["val_top1"] for s in r["_sweep"]], marker=".",
-                            alpha=0.6, label=f"{setting} (auto sweep)", color=style[setting]["color"], linestyle=":")
-                ax.plot([r["chosen_C"]], [r["val_top1"]], "*", color=style[setting]["color"], markersize=13)
+                lines.append((ax, [s["C"] for s in r["_sweep"]], [s["val_top1"] for s in r["_sweep"]],
+                              [s.get("classes_predicted", 2) == 1 for s in r["_sweep"]], setting, "sweep"))
+                ax.plot([r["chosen_C"]], [r["val_top1"]], "*", color=style[setting]["color"], markersize=13, zorder=6)
+    setters = [y for _, _, ys, flags, _, kind in lines if kind == "fixed" for y, f in zip(ys, flags) if not f]
+    setters += [r["val_top1"] for r in rows if r["C"] == "auto" and r["train_fraction"] == top and r["repeat"] == 0
+                and r.get("val_classes_predicted", 2) > 1]
+    low, high = _range(setters, [y for _, _, ys, flags, _, kind in lines if kind == "sweep"
+                                 for y, f in zip(ys, flags) if not f])
+    marked = False
+    for ax, xs, ys, flags, setting, kind in lines:
+        color = style[setting]["color"]
+        if kind == "fixed":
+            ax.semilogx(xs, ys, marker="o", label=setting, **style[setting])
+        else:
+            ax.semilogx(xs, ys, marker=".", alpha=0.6, label=f"{setting} (auto sweep)", color=color, linestyle=":")
+        marked |= _mark_collapsed(ax, [x for x, f in zip(xs, flags) if f], [y for y, f in zip(ys, flags) if f], low,
+                                  color)
+    if marked:
+        _collapsed_legend(axes[0])
+    for ax, cache in zip(axes, caches):
+        ax.set_ylim(low, high)
         ax.set_title(names[cache], fontsize=10)
         ax.set_xlabel("C (inverse L2 regularisation strength)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("validation top-1")
-    _finish_facets(fig, axes, bottom, "Validation accuracy against C (stars: the C chosen by auto)", path)
+    _finish_facets(fig, axes, bottom, "Validation accuracy against C (stars: chosen by C=auto)", path)
+    return low, high
 
 
-def plot_learning_curve(curve: list[dict], path: str) -> None:
-    """Mean top-1 (error bars: std over repeats) against labelled images, one panel per cache."""
+def _log_ticks(ax, values: list[float]) -> None:
+    """Ticks at the values a curve was measured at, dropping any within 25% of the previous one
+    (their labels would overlap), and no minor labels."""
+    kept: list[float] = []
+    for v in sorted(set(values)):
+        if not kept or v >= 1.25 * kept[-1]:
+            kept.append(v)
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(kept))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_learning_curve(curve: list[dict], path: str) -> list[float]:
+    """Mean top-1 over repeats (line) and its spread (band: mean ± std) against the images the head
+    learned from, one panel per cache; the y-range follows the runs that did not collapse. Returns
+    the x ticks labelled (the first panel's)."""
     caches = list(dict.fromkeys(c["cache"] for c in curve))
     names = cache_labels(caches)
     settings = list(dict.fromkeys(f"{setting_label(c)}, C={c['C']}" for c in curve))
     style = dict(zip(settings, _styles(len(settings))))
-    fig, axes, bottom = _facets(caches, len(settings))
+    fig, axes, bottom = _facets(caches, len(settings) + 1)
+    drawn = []
     for ax, cache in zip(axes, caches):
         for setting in settings:
             members = sorted((c for c in curve if c["cache"] == cache and f"{setting_label(c)}, C={c['C']}" == setting),
                              key=lambda c: c["train_fraction"])
             if members:
-                ax.errorbar([c["n_labelled"] for c in members], [c["top1_mean"] for c in members],
-                            yerr=[c["top1_std"] for c in members], marker="o", capsize=4, label=setting,
-                            **style[setting])
+                drawn.append((ax, setting, members))
+    low, high = _range([v for _, _, members in drawn for c in members if not c["collapsed"]
+                        for v in (c["top1_mean"] - c["top1_std"], c["top1_mean"] + c["top1_std"])], [])
+    marked = False
+    for ax, setting, members in drawn:
+        xs = [c["n_labelled"] for c in members]
+        mean = np.array([c["top1_mean"] for c in members])
+        std = np.array([c["top1_std"] for c in members])
+        color = style[setting]["color"]
+        ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
+        ax.plot(xs, mean, marker="o", label=setting, **style[setting])
+        flagged = [(x, m) for x, m, c in zip(xs, mean, members) if c["collapsed"]]
+        marked |= _mark_collapsed(ax, [x for x, _ in flagged], [m for _, m in flagged], low, color)
+    if marked:
+        _collapsed_legend(axes[0])
+    for ax, cache in zip(axes, caches):
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        _log_ticks(ax, [c["n_labelled"] for a, _, members in drawn if a is ax for c in members])
+        ax.set_ylim(low, high)
         ax.set_title(names[cache], fontsize=10)
-        ax.set_xlabel("labelled images (train + val, same stratified fraction)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("top-1 (mean ± std over repeats)")
-    _finish_facets(fig, axes, bottom, "Learning curve", path)
+        ax.set_xlabel("labelled images the head learned from (log scale)")
+        ax.grid(True, which="major", alpha=0.3)
+    scored = {(c["n_scored"], tuple(c["scored_images"])) for c in curve}
+    where = (f"every point scored on the same {next(iter(scored))[0]} images" if len(scored) == 1 else
+             "points scored on different images: see summary.md")
+    axes[0].set_ylabel("top-1 (line: mean, band: ± std over repeats)")
+    ticks = list(axes[0].xaxis.get_major_locator().tick_values(0, 0))
+    _finish_facets(fig, axes, bottom, f"Learning curve ({where})", path)
+    return ticks
+
+
+def plot_reliability(calibration: dict, where: str, path: str) -> None:
+    """Reliability diagram of a head's predictions before and after calibration: per bin of the top
+    probability, accuracy against mean top probability (marker area: the bin's images), the
+    diagonal where they agree, ECE in the legend; below, how many predictions fall in each bin."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6.4, 6.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    shown = [("before", calibration.get("before_label", "uncalibrated"), "tab:red", "s")]
+    if calibration["method"] != "none":
+        shown.append(("after", f"temperature T = {calibration['temperature']:.3g}", "tab:blue", "o"))
+    bar = 0.9 / 15 / len(shown)  # 15 bins (calibration.ECE_BINS), the series side by side in each
+    for i, (key, label, color, marker) in enumerate(shown):
+        table = calibration[key]["reliability"]
+        total = max(sum(table["count"]), 1)
+        sizes = [20 + 400 * c / total for c in table["count"]]
+        ax.plot(table["confidence"], table["accuracy"], color=color, linewidth=1, alpha=0.4)
+        ax.scatter(table["confidence"], table["accuracy"], s=sizes, color=color, marker=marker, alpha=0.75,
+                   label=f"{label}: ECE {calibration[key]['ece']:.3f}, log-loss {calibration[key]['log_loss']:.3f}")
+        centres = [(lo + hi) / 2 + (i - (len(shown) - 1) / 2) * bar for lo, hi in zip(table["low"], table["high"])]
+        hist.bar(centres, table["count"], width=bar, color=color, alpha=0.6)
+    low = min([0.5] + [c for key, *_ in shown for c in calibration[key]["reliability"]["low"]])
+    ax.set_xlim(low, 1.0)
+    ax.set_ylim(min([low] + [a for key, *_ in shown for a in calibration[key]["reliability"]["accuracy"]]) - 0.02, 1.02)
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title(f"Reliability on the {where}\n(n = {sum(calibration['before']['reliability']['count'])}, "
+                 "15 bins of the top probability)", fontsize=10)
+    hist.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left", framealpha=0.9)  # the empty corner
+    ax.grid(True, alpha=0.3)
+    hist.set_xlabel("top probability (confidence)")
+    hist.set_ylabel("images")
+    hist.set_ylim(0, 1.9 * max(c for key, *_ in shown for c in calibration[key]["reliability"]["count"]))
+    hist.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_map(cache, rows: np.ndarray, xy: np.ndarray, path: str, errors: set[int] = frozenset(),
