@@ -247,18 +247,23 @@ def fit(cache_files, run_dir, C, class_weight, max_iter, seed, normalize, pca, t
 @click.option("--skip-image-parity", is_flag=True,
               help="Skip the export's check of the model on original images (for photos edited since extraction); "
                    "the checks on cached features still run.")
-def export_cmd(run_dir, model_path, formats, weights, skip_image_parity):
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="The backbone's precision inside the model. auto: bf16 where the features were extracted in "
+                   "bf16 and this machine computes bf16 natively (GPU, AVX-512 BF16, AMX), else fp32. "
+                   "model.onnx is fp32 only.")
+def export_cmd(run_dir, model_path, formats, weights, skip_image_parity, precision):
     """Write RUN_DIR/head.pt (a torch.nn.Linear state_dict) and the model (preprocessing + frozen
     backbone + new head + softmax) as model.pt, model.onnx and/or model.pt2, each checked against
     scikit-learn before it is renamed into place."""
-    _export_and_report(run_dir, model_path, formats, weights, skip_image_parity)
+    _export_and_report(run_dir, model_path, formats, weights, skip_image_parity, precision)
 
 
 def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscript",), weights=None,
-                       skip_image_parity: bool = False) -> None:
+                       skip_image_parity: bool = False, precision: str = "auto") -> None:
     result = pipeline.export(run_dir, model_path, formats=list(formats) or None, weights=weights,
-                             skip_image_parity=skip_image_parity)
+                             skip_image_parity=skip_image_parity, precision=precision, progress=True)
     _echo_all(result.lines())
+    _echo_all([f"warning: {w}" for w in result.warnings()], err=True)
 
 
 @cli.command(name="predict")
@@ -267,7 +272,9 @@ def _export_and_report(run_dir: str, model_path: str | None, formats=("torchscri
 @click.option("--out", "out", type=click.Path(path_type=str), default=None,
               help="Write predictions to a .csv or .json file instead of the terminal.")
 @click.option("--top-k", type=int, default=None, help="Labels per image [default: min(3, classes)].")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Images per forward pass [default: the batch size extraction probed for this backbone on this "
+                   "machine, else 16].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     """Classify image files (or every image in folders) with a model from `transfer export`:

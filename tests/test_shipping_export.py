@@ -454,3 +454,70 @@ def test_a_cache_without_a_backbone_fits_and_ships_its_head_alone(tmp_path):
     refused = run_cli("export", run)
     assert_one_line_error(refused, "records no backbone", "head.pt")
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_export_shows_its_steps_before_the_first_figure_and_imports_no_dynamo(binary_run, tmp_path):
+    """#25: no silent minute (phases on stderr while it works); #23: model.pt alone needs no torch._dynamo or onnx."""
+    import os
+
+    out = tmp_path / "m" / "model.pt"
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "cli.py"), "export", str(binary_run),
+                           "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    # torch._dynamo comes with torchvision 0.29 itself (torchvision.ops.roi_align), which every backbone needs
+    assert not {"onnx", "onnxruntime", "onnxscript", "torch.onnx._internal.exporter._core"} & imported
+    said = [line for line in lines if not line.startswith("import time:")]
+    first = next(i for i, line in enumerate(said) if line.startswith("parity: "))
+    before = "\n".join(said[:first])
+    for step in ("building the model: efficientnet_lite0", "reading the images to check", "writing model.pt",
+                 "model.pt written and loaded back in", "checking model.pt on 12 original images"):
+        assert step in before, before
+    assert "precision: fp32 (auto: the features were extracted in fp32)" in proc.stdout
+    model, head = (next(line.split(": ", 1)[1] for line in said if line.startswith(what)) for what in ("model: ", "head: "))
+    assert os.path.dirname(model.split(" (")[0]) == os.path.dirname(head)  # both relative, or both absolute
+
+
+def test_auto_precision_follows_the_cache_and_the_machine(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline.errors import SettingError
+    from pipeline.shipping import export as export_mod
+
+    def resolved(requested, precision, chosen=("torchscript",)):
+        return export_mod.resolve_precision(requested, SimpleNamespace(provenance={"precision": precision}),
+                                            list(chosen)).value
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(export_mod, "cpu_bf16", lambda: (False, "this CPU emulates bf16"))
+    assert resolved("auto", "bf16") == "fp32" and resolved("auto", "fp32") == "fp32"
+    assert resolved("bf16", "fp32") == "bf16" and resolved("fp32", "bf16") == "fp32"
+    monkeypatch.setattr(export_mod, "cpu_bf16", lambda: (True, "AMX"))
+    assert resolved("auto", "bf16") == "bf16" and resolved("auto", "fp32") == "fp32"
+    assert resolved("auto", "bf16", ("torchscript", "onnx")) == "fp32"  # model.onnx is fp32 only
+    with pytest.raises(SettingError, match="model.onnx is written in fp32 only"):
+        resolved("bf16", "bf16", ("onnx",))
+
+
+def test_a_bf16_model_pt_is_checked_to_the_bf16_bound_and_predicts(three_run, tmp_path, monkeypatch):
+    from pipeline import export as export_function
+    from pipeline.shipping import parity
+    from pipeline.shipping.predict import predict
+
+    monkeypatch.setattr(parity, "PARITY_IMAGES", 3)  # bf16 is emulated on CPUs without AVX-512 BF16: ~12x fp32's time
+    exported = export_function(three_run, tmp_path / "model.pt", precision="bf16")
+    e2e = exported.parity["torchscript"]["end_to_end"]
+    assert exported.precision == "bf16" and e2e["model_precision"] == "bf16"
+    assert e2e["images"] > 0 and e2e["max_abs_diff"] <= e2e["tolerance"] == 5e-2 and e2e["argmax_identical"]
+    assert e2e["cached_feature_cosine_min"] > 0.9  # the bf16 cache's rows are still their photos' features
+    assert "precision: bf16 (asked for)" in exported.lines()
+    extra = {"transfer.json": ""}
+    torch.jit.load(tmp_path / "model.pt", _extra_files=extra)
+    assert json.loads(extra["transfer.json"])["precision"] == "bf16"
+    assert (tmp_path / "model.pt").stat().st_size < 0.7 * (three_run / "model.pt").stat().st_size  # bf16 weights
+    images = sorted(Path(read_cache(json.loads((three_run / "head.json").read_text())["provenance"]["cache"])
+                         .image_dir).rglob("*.png"))[:1]
+    got = predict(tmp_path / "model.pt", images, top_k=1)
+    assert all(p.error is None and p.labels[0] in ("a", "b", "c") for p in got)

@@ -180,12 +180,13 @@ def test_a_format_whose_head_disagrees_is_not_written(three_run, tmp_path, monke
     from pipeline.shipping.export import export
 
     run, before = _copy_run(three_run, tmp_path)
-    real = formats.head_probabilities
-    monkeypatch.setattr(formats, "head_probabilities", lambda fmt, model, x: real(fmt, model, x)[:, ::-1].copy())
+    for runner in (formats.ProgramRunner, formats.OnnxRunner):  # the head cut from the file's own graph, swapped
+        real = runner.probabilities
+        monkeypatch.setattr(runner, "probabilities", lambda self, x, real=real: real(self, x)[:, ::-1].copy())
     result = run_cli("export", run, "--format", "pt2")
-    assert_one_line_error(result, "the head in pt2 disagrees with scikit-learn")
+    assert_one_line_error(result, "the head in model.pt2 disagrees with scikit-learn")
     assert sorted(p.name for p in run.iterdir()) == before
-    with pytest.raises(TransferError, match="the head in onnx disagrees"):
+    with pytest.raises(TransferError, match="the head in model.onnx disagrees"):
         export(run, tmp_path / "elsewhere", formats="onnx")
     assert not (tmp_path / "elsewhere" / "model.onnx").exists()
 
@@ -308,3 +309,47 @@ def test_evaluate_gives_the_same_scores_with_all_three_formats(shipped, three_ru
         assert other.scores["top1"] == reference.scores["top1"]
         assert other.scores["confusion_matrix"] == reference.scores["confusion_matrix"]
         assert other.scores["log_loss"] == pytest.approx(reference.scores["log_loss"], abs=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def large_inputs(tmp_path_factory) -> dict:
+    """The hostile and the large: a 1x3000 and a 3000x1 PNG, one 24 MP photo, eight 12 MP photos (hard links)."""
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("large")
+    Image.fromarray(np.full((3000, 1, 3), 90, np.uint8)).save(folder / "tall.png")
+    Image.fromarray(np.full((1, 3000, 3), 90, np.uint8)).save(folder / "wide.png")
+    for name, (h, w) in (("p24.jpg", (4000, 6000)), ("p12.jpg", (3000, 4000))):
+        y, x = np.mgrid[0:h, 0:w]
+        Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(folder / name, quality=90)
+    for k in range(8):
+        os.link(folder / "p12.jpg", folder / f"p12_{k}.jpg")
+    return {"strips": [folder / "tall.png", folder / "wide.png"], "24 MP": [folder / "p24.jpg"],
+            "8 x 12 MP": [folder / f"p12_{k}.jpg" for k in range(8)]}
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.onnx", "model.pt2"])
+def test_predict_memory_is_bounded_by_the_output_not_the_input(shipped, large_inputs, name, tmp_path):
+    """#23 item 5: peak RSS of `transfer predict` (a process of its own, under an 8 GB address-space limit so that a
+    regression fails instead of taking the machine down): strips and one 24 MP photo under 1.5 GB, eight 12 MP
+    photos at the default batch size under 2 GB."""
+    import os
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    for case, limit in (("strips", 1.5), ("24 MP", 1.5), ("8 x 12 MP", 2.0)):
+        with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "predict", str(shipped / name),
+                                     *map(str, large_inputs[case])], cwd=ROOT, preexec_fn=limited, stdout=out, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the test process's other children
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0), err.seek(0)
+            said, errors = out.read(), err.read()
+        assert proc.returncode == 0, errors[-2000:]
+        assert "error" not in said and len(said.splitlines()) >= len(large_inputs[case]), said
+        peak = usage.ru_maxrss / 2**20  # GiB (ru_maxrss is in KiB on Linux)
+        assert peak < limit, f"{name} on {case}: peak RSS {peak:.2f} GiB (limit {limit})"

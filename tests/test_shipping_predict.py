@@ -129,3 +129,90 @@ def test_loading_model_pt_surfaces_no_torchscript_deprecation_warning(binary_run
         warnings.simplefilter("always")
         torch.jit.load(str(binary_run / "model.pt"))
     assert any(issubclass(w.category, FutureWarning) and "torch.jit.load" in str(w.message) for w in caught)
+
+
+class _Recorder:
+    """A stand-in for a loaded model file: `crops` like model.pt (each image prepared to a 4x4 crop, crops of any
+    sizes batch together) or not, like model.onnx (whole images, batched by size). p(image) = (m, 1 - m), m the
+    mean of its first pixel's channels / 255; records each batch; fails on images `fail_width` wide."""
+
+    def __init__(self, crops: bool, fail_width: int | None = None):
+        from pipeline.shipping.formats import Runner
+
+        self.crops, self.fail_width, self.batches, self.base = crops, fail_width, [], Runner
+        self.format = "torchscript" if crops else "onnx"
+
+    def images(self, x):
+        return self.run(list(x))
+
+    def prepare(self, image):
+        if self.fail_width is not None and image.shape[2] == self.fail_width and self.crops:
+            return image[:, :4, :4].clone().fill_(255)  # a crop that marks the failing image
+        return image[:, :4, :4].contiguous() if self.crops else image.contiguous()
+
+    def key(self, item):
+        return None if self.crops else tuple(item.shape)
+
+    def run(self, items):
+        return self.base.run(self, items)
+
+    def _run(self, items):
+        import numpy as np
+
+        self.batches.append([tuple(i.shape) for i in items])
+        bad = [i for i in items if (i.shape[2] == self.fail_width if not self.crops else bool((i == 255).all()))]
+        if bad:
+            raise RuntimeError("Failed to allocate memory for requested buffer of size 123456")
+        m = np.array([float(i[:, 0, 0].float().mean()) / 255 for i in items])
+        return np.stack([m, 1 - m], axis=1).astype(np.float32)
+
+
+def _mixed_sizes(tmp_path, sizes):
+    return [write_image(tmp_path / f"im{k}.png", k, size=s) for k, s in enumerate(sizes)]
+
+
+def _predict_with(runner, files, **options):
+    from pipeline.shipping.predict import Model, predict
+
+    return predict(Model("fake.pt", runner, ["x", "y"], {}, torch.device("cpu")), [str(f) for f in files],
+                   top_k=2, **options)
+
+
+def test_images_of_different_sizes_share_one_batch_and_keep_their_order(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    sizes = [(48, 36), (97, 61), (20, 300), (300, 20), (48, 36)]
+    files = _mixed_sizes(tmp_path, sizes)
+    runner = _Recorder(crops=True)
+    got = _predict_with(runner, files, batch_size=16)
+    assert len(runner.batches) == 1 and len(runner.batches[0]) == 5  # one forward pass, no per-size loop
+    for prediction, f in zip(got, files):
+        m = np.asarray(Image.open(f).convert("RGB"))[0, 0].mean() / 255
+        assert prediction.path == str(f) and prediction.error is None
+        assert dict(zip(prediction.labels, prediction.probabilities)) == pytest.approx({"x": m, "y": 1 - m}, abs=1e-6)
+    runner = _Recorder(crops=True)
+    _predict_with(runner, files, batch_size=2)
+    assert [len(b) for b in runner.batches] == [2, 2, 1]
+
+
+def test_whole_images_are_batched_by_size_within_the_memory_budget(tmp_path):
+    sizes = [(200, 100)] * 6 + [(100, 200)] * 3 + [(400, 300)]  # 60 kB each, and one 360 kB image
+    files = _mixed_sizes(tmp_path, sizes)
+    runner = _Recorder(crops=False)
+    got = _predict_with(runner, files, batch_size=16, batch_bytes=200_000)
+    assert all(p.error is None for p in got) and [p.path for p in got] == [str(f) for f in files]
+    for batch in runner.batches:
+        assert len(set(batch)) == 1  # one size per call of the whole file
+        assert len(batch) == 1 or sum(3 * h * w for _, h, w in batch) <= 200_000, runner.batches
+    assert sorted(len(b) for b in runner.batches if b[0] == (3, 100, 200)) != [6]  # 360 kB of them: split
+    assert [(3, 300, 400)] in runner.batches  # larger than the budget alone: run alone, not refused
+
+
+@pytest.mark.parametrize("crops", [True, False])
+def test_one_image_the_model_fails_on_is_that_images_error(tmp_path, crops):
+    files = _mixed_sizes(tmp_path, [(48, 36), (13, 36), (48, 36), (48, 36)])
+    got = _predict_with(_Recorder(crops=crops, fail_width=13), files, batch_size=4)
+    assert [p.error is None for p in got] == [True, False, True, True]
+    assert got[1].error.startswith("the model failed on this image: RuntimeError: Failed to allocate memory")
+    assert got[0].labels and got[2].labels and not got[1].labels

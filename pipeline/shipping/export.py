@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,13 +19,18 @@ from .. import head as head_mod
 from ..backbones import parse as parse_backbone
 from ..cache import Cache, open_caches
 from ..cache.format import DEFAULT_PROVENANCE
+from ..devices import Choice, cpu_bf16
 from ..errors import InputFileError, SettingError, TransferError
 from ..files import (check_path_given, display_path, make_folder_for, remove_quietly, remove_stale_temporaries,
                      size_text, write_atomically)
 from ..fitting.probe import FitResult
+from ..progress import resolve
+from ..settings import Options, validate
 from . import formats as formats_mod
 from . import parity as checks
 from .model import build, linear_state
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -34,6 +40,9 @@ class ExportResult:
     parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
     paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
     skipped: str = ""  # why no model file was written (a cache with no backbone), when none was
+    precision: str = "fp32"  # the backbone's inside the model files
+    precision_why: str = ""
+    sample_lines: list = field(default_factory=list)  # what the sample of original images says (unreadable ones)
 
     def lines(self) -> list[str]:
         """What was checked and written, in a few lines for the user."""
@@ -42,9 +51,10 @@ class ExportResult:
                  f"{h['max_abs_diff']:.1e} (<= {h['tolerance']:.0e}), same argmax"]
         for fmt, path in self.paths.items():
             checked = self.parity[fmt]
-            name, e = os.path.basename(path), checked["end_to_end"]
-            if fmt != "torchscript":  # model.pt's head is the torch Linear above
-                h = checked["cached_features"]
+            name, e, h = os.path.basename(path), checked["end_to_end"], checked["cached_features"]
+            if "skipped" in h:
+                lines.append(f"parity: {name}'s head on cached rows not checked: {h['skipped']}")
+            else:
                 lines.append(f"parity: {name}'s head vs scikit-learn on {h['rows']} cached rows: max |p diff| "
                              f"{h['max_abs_diff']:.1e} (<= {h['tolerance']:.0e}), same argmax")
             if "skipped" in e:
@@ -52,17 +62,28 @@ class ExportResult:
                 continue
             lines.append(f"parity: {name} on {e['images']} original images vs scikit-learn: max |p diff| "
                          f"{e['max_abs_diff']:.1e} (<= {e['tolerance']:.0e}), same argmax")
-            if "reference" in e:
-                lines.append(f"  (reference: {e['reference']}; cached features at cosine >= "
-                             f"{e['cached_feature_cosine_min']:.4f})")
+            if "reference" in e or "cached_feature_cosine_min" in e:
+                lines.append(f"  (reference: {e.get('reference', 'the cached features')}; cached features at cosine "
+                             f">= {e['cached_feature_cosine_min']:.4f} to the photos' fp32 features, floor "
+                             f"{e['cosine_floor']})")
+        lines += self.sample_lines
+        if self.paths:
+            lines.append(f"precision: {self.precision} ({self.precision_why})")
         lines += [f"model: {display_path(path)} ({size_text(os.path.getsize(path))})" for path in self.paths.values()]
         if self.skipped:
             lines.append(f"model files skipped: {self.skipped}")
         return lines + [f"head: {display_path(self.head_path)}"]
 
+    def warnings(self) -> list[str]:
+        """Checks that could not run (no original image readable): said apart, on stderr by the CLI."""
+        return [f"{os.path.basename(self.paths[fmt])} was not checked on original images: {e['skipped']}"
+                for fmt in self.paths for e in [self.parity[fmt]["end_to_end"]]
+                if "skipped" in e and e.get("images") == 0]
+
 
 def export(source, out: str | os.PathLike | None = None, formats=None,
-           weights: str | os.PathLike | None = None, skip_image_parity: bool = False) -> ExportResult:
+           weights: str | os.PathLike | None = None, skip_image_parity: bool = False, precision: str = "auto",
+           progress="auto") -> ExportResult:
     """Write head.pt and the model in each of `formats`, after checking each against scikit-learn.
 
     source: a fit run folder, or the FitResult of `fit` (written or not). out: the folder to
@@ -75,12 +96,16 @@ def export(source, out: str | os.PathLike | None = None, formats=None,
     refused. weights: the backbone's weights file, when the one recorded
     at extraction has moved (it must have the recorded sha256). skip_image_parity: skip only the
     check on original images (for photos edited since extraction); the cached-feature checks run.
+    precision: the backbone's inside the model, "fp32", "bf16" (not for model.onnx), or "auto": bf16
+    where the cache is bf16/fp16 and this machine computes bf16 natively (a GPU, or a CPU with AVX-512
+    BF16, AMX or Arm BF16), else fp32. progress: see pipeline.progress (each step and check is shown).
 
     >>> exported = export(fit("cache/photos.h5"), "models/photos", formats="all")
     >>> exported.paths                    # {'torchscript': 'models/photos/model.pt', 'onnx': ..., 'pt2': ...}
     """
     check_path_given(out, "--out (the folder or model file to write)")
     chosen = formats_mod.parse_formats("torchscript" if formats is None else formats)
+    validate("precision", precision, [Options(PRECISION_CHOICES)], "--precision")
     if isinstance(source, FitResult):
         head, reference, cache, run_dir = source.head, source.pipeline, source.cache, source.run_dir
     else:
@@ -111,7 +136,8 @@ def export(source, out: str | os.PathLike | None = None, formats=None,
     if missing:
         result = _export_head(head, reference, cache, folder, missing)
     else:
-        result = _export(head, reference, cache, paths, folder, weights, skip_image_parity)
+        result = _export(head, reference, cache, paths, folder, weights, skip_image_parity,
+                         resolve_precision(precision, cache, chosen), resolve(progress))
     if elsewhere:
         head_mod.save(head, folder)  # so the folder describes its model on its own
     return result
@@ -188,23 +214,57 @@ def _model_paths(out: str, chosen: list[str]) -> dict[str, str]:
     return {named[0]: out}
 
 
+def resolve_precision(requested: str, cache: Cache, chosen: list[str]) -> Choice:
+    """The backbone's precision inside the model files, and why (see `export`)."""
+    if requested == "bf16" and "onnx" in chosen:
+        raise SettingError("--precision bf16: model.onnx is written in fp32 only (onnxruntime's CPU provider "
+                           "runs no bf16 convolutions); export model.onnx with --precision fp32 or auto")
+    if requested != "auto":
+        return Choice(requested, "asked for")
+    extracted = cache.provenance.get("precision")
+    if extracted not in ("bf16", "fp16"):
+        return Choice("fp32", f"auto: the features were extracted in {extracted or 'fp32'}")
+    if "onnx" in chosen:
+        return Choice("fp32", f"auto: the features were extracted in {extracted}, but model.onnx is fp32 only")
+    if torch.cuda.is_available():
+        return Choice("bf16", f"auto: the features were extracted in {extracted}, and this machine has a GPU")
+    native, why = cpu_bf16()
+    return Choice("bf16" if native else "fp32", f"auto: the features were extracted in {extracted}; {why}")
+
+
 def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str, str], folder: str,
-            weights: str | None = None, skip_image_parity: bool = False) -> ExportResult:
+            weights: str | None, skip_image_parity: bool, precision: Choice, progress) -> ExportResult:
     """parity.json: {"cached_features": the torch Linear, FORMAT: {"file", "cached_features", "end_to_end"}}."""
+    try:
+        return _write_checked(head, reference, cache, paths, folder, weights, skip_image_parity, precision, progress)
+    finally:
+        progress.close()
+
+
+def _write_checked(head, reference, cache, paths, folder, weights, skip_image_parity, precision, progress):
     linear = checks.on_features(head, reference, cache)
     report: dict = {"cached_features": linear}
-    model, backbone = build(head, weights)
+    progress.note(f"building the model: {head.meta['provenance'].get('backbone')} + the head, backbone in "
+                  f"{precision.value} ({precision.why})")
+    model, backbone = build(head, weights, precision.value)
     _check_free_space(model, paths, folder)
-    for fmt, path in paths.items():  # model.pt's head is the torch Linear checked above
-        report[fmt] = {"file": os.path.basename(path), "cached_features": linear if fmt == "torchscript" else
-                       checks.format_on_features(fmt, model, reference, cache)}
-    program = formats_mod.image_program(model) if {"onnx", "pt2"} & set(paths) else None  # both start from it
+    sample = None
+    if not skip_image_parity:
+        sample = checks.sample_images(cache, backbone, checks.needs_fresh(cache, precision.value), progress=progress)
+    program = None
     # Every file is written under a temporary name and checked as loaded back from it; only when all
     # agree with scikit-learn are they renamed into place.
-    written, memo = {}, {}
+    written = {}
     try:
         for fmt, path in paths.items():
             name = os.path.basename(path)
+            if fmt in ("onnx", "pt2") and program is None:  # both start from one torch.export (traced once)
+                progress.note("tracing the model with torch.export (model.onnx and model.pt2 start from it)")
+                started = time.perf_counter()
+                program = formats_mod.image_program(model)
+                progress.note(f"  traced in {time.perf_counter() - started:.1f} s")
+            progress.note(f"writing {name}")
+            started = time.perf_counter()
             written[fmt] = tmp = f"{path}.writing-{os.getpid()}"
             try:
                 formats_mod.write(fmt, model, tmp, program)
@@ -213,9 +273,14 @@ def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str,
                 raise TransferError(f"writing {name} into {display_path(folder)} failed: "
                                     f"{(reason or [type(e).__name__])[0][:200]}; no model file was written") from None
             runner, _ = formats_mod.load(tmp, torch.device("cpu"), fmt)
+            progress.note(f"  {name} written and loaded back in {time.perf_counter() - started:.1f} s "
+                          f"({size_text(os.path.getsize(tmp))})")
+            report[fmt] = {"file": name, "cached_features": checks.format_on_features(runner, reference, cache, name)}
             report[fmt]["end_to_end"] = ({"skipped": "asked for (--skip-image-parity)"} if skip_image_parity else
-                                         checks.end_to_end(runner.images, reference, cache, name, backbone, memo))
-        head_path = os.path.join(folder, "head.pt")
+                                         checks.end_to_end(runner, reference, cache, sample, name, precision.value,
+                                                           progress))
+            del runner
+        head_path = os.path.join(os.path.dirname(next(iter(paths.values()))), "head.pt")
         write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
         for fmt, path in paths.items():
             os.replace(written.pop(fmt), path)
@@ -230,7 +295,8 @@ def _export(head: head_mod.LinearHead, reference, cache: Cache, paths: dict[str,
         pass
     write_atomically(lambda p: _write_json(report, p), parity_path)
     model_path = paths.get("torchscript") or next(iter(paths.values()))
-    return ExportResult(model_path, head_path, report, dict(paths))
+    return ExportResult(model_path, head_path, report, dict(paths), precision.value, precision.why,
+                        sample.lines() if sample is not None else [])
 
 
 # Beyond the weights, a model file holds its code, graph and metadata: measured under 5% of

@@ -14,28 +14,26 @@ file (`integrity`):
 All three resize with `resize.resize_crop` (Pillow's bits; traceable by torch.export with symbolic
 N, H and W).
 
-`write` writes one format, `load` reads any of them into a `Runner`, and `head_probabilities` runs
-just the head (Linear + softmax) in a format's own runtime, for the parity check on cached features.
+`write` writes one format, `load` reads any of them into a `Runner`: the whole file on images of one
+size, or (model.pt, model.pt2) each image's crop by the file's own preprocessing and crops of any
+sizes together, and the file's own head on cached features (`parts`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import warnings
-from itertools import groupby
 
 import numpy as np
 import torch
 from torch import nn
-from torch.export.passes import move_to_device_pass
 
 from ..errors import InputFileError, SettingError, TransferError
 from ..files import display_path
 from ..resize import resize_crop
-from . import integrity
+from . import integrity, parts
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # format -> file suffix
 MODEL_FORMAT = "transfer.model"  # transfer.json's "format": a model file written by `transfer export`
@@ -83,19 +81,6 @@ class ExportableModel(nn.Module):
         m = self.model
         crops = resize_crop(images, m.resize_to, m.crop, m.mode == "bicubic", m.vertical_first_rule, m.squash)
         return m.classify(crops)
-
-
-class HeadModel(nn.Module):
-    """Just the head of a TransferModel: features (N, D) float32 -> probabilities (N, K)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.head, self.l2_normalize = model.head, model.l2_normalize
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.l2_normalize:
-            features = features / torch.linalg.vector_norm(features, 2.0, dim=[1], keepdim=True).clamp_min(1e-12)
-        return torch.softmax(self.head(features), dim=1)
 
 
 def _program(module: nn.Module, example: torch.Tensor, dims: dict) -> torch.export.ExportedProgram:
@@ -160,33 +145,16 @@ def write(fmt: str, model: nn.Module, path: str, program: torch.export.ExportedP
         raise SettingError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def head_probabilities(fmt: str, model: nn.Module, features: np.ndarray) -> np.ndarray:
-    """The head alone, (N, D) features -> (N, K) float64 probabilities, run as format `fmt` runs it:
-    TorchScript, a torch.export program after a save/load round trip, or ONNX under onnxruntime."""
-    head = HeadModel(model).eval()
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    if fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            run = torch.jit.script(head)
-        with torch.inference_mode():
-            return run(x).double().numpy()
-    program = _program(head, x[:2] if len(x) >= 2 else torch.cat([x, x]), {0: torch.export.Dim("batch", min=1)})
-    if fmt == "pt2":
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)
-        buffer.seek(0)
-        with torch.inference_mode():
-            return torch.export.load(buffer).module()(x).double().numpy()
-    session = _onnx_session(_onnx_bytes(program, None), torch.device("cpu"))
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].astype(np.float64)
 
 
 # --- loading and running ---------------------------------------------------------------------------
 
 class Runner:
-    """A loaded model of any format. `images(x)`: (N, 3, H, W) uint8 -> (N, K) float32 numpy.
-    For batches of images of different sizes: `prepare(image)` each (3, H, W) uint8, then `run(prepared)`."""
+    """A loaded model of any format. `images(x)`: (N, 3, H, W) uint8 -> (N, K) float32 numpy, the whole
+    file as its users run it. For images of different sizes: `prepare(image)` each (3, H, W) uint8,
+    then `run(prepared)`: items of one `key` go through the model together (None: any items do, the
+    file's classify part on crops; otherwise the key is the image size). `probabilities(features)`:
+    the file's own head on (N, D) features, or None where it cannot be cut out of the file."""
 
     format: str
 
@@ -196,31 +164,59 @@ class Runner:
     def prepare(self, image: torch.Tensor):
         return image.contiguous()
 
+    def key(self, prepared) -> tuple | None:
+        return tuple(prepared.shape)
+
     def run(self, prepared: list) -> np.ndarray:
-        """Consecutive images of one size go through the model together."""
-        out = []
-        for _, group in groupby(prepared, key=lambda t: tuple(t.shape)):
-            out.append(self.images(torch.stack(list(group))))
-        return np.concatenate(out)
+        """(n, K) for n prepared items, in their order; items of one key run as one batch."""
+        groups: dict = {}
+        for i, item in enumerate(prepared):
+            groups.setdefault(self.key(item), []).append(i)
+        out = None
+        for members in groups.values():
+            p = self._run([prepared[i] for i in members])
+            out = np.empty((len(prepared), p.shape[1]), dtype=p.dtype) if out is None else out
+            out[members] = p
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+    def _run(self, items: list) -> np.ndarray:
+        return self.images(torch.stack(items))
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        return None
 
 
 class TorchScriptRunner(Runner):
+    """model.pt. Images of a new size run its preprocessing unoptimized: TorchScript's profiling executor
+    would otherwise specialize (and optimize) the graph again for each new size, which made the first
+    calls on 12 photos of 12 sizes cost 2-15x the later ones (measured, torch 2.14)."""
+
     format = "torchscript"
 
     def __init__(self, module, device: torch.device):
         self.module, self.device = module, device
 
     def images(self, x):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
             return self.module(x.to(self.device)).float().cpu().numpy()
 
     def prepare(self, image):  # model.pt crops each image itself, so any sizes batch together
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
             return self.module.preprocess(image.to(self.device))
 
-    def run(self, prepared):
+    def key(self, prepared):
+        return None
+
+    def _run(self, items):
         with torch.inference_mode():
-            return self.module.classify(torch.stack(prepared)).float().cpu().numpy()
+            return self.module.classify(torch.stack(items)).float().cpu().numpy()
+
+    def probabilities(self, features):
+        if not hasattr(self.module, "probabilities"):  # exported before the head was a method
+            return None
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+            return self.module.probabilities(x).double().cpu().numpy()
 
 
 class ProgramRunner(Runner):
@@ -228,22 +224,56 @@ class ProgramRunner(Runner):
 
     def __init__(self, program: torch.export.ExportedProgram, device: torch.device):
         if device.type != "cpu":
+            from torch.export.passes import move_to_device_pass  # only for a GPU
+
             program = move_to_device_pass(program, device)
         self.module, self.device = program.module(), device
+        self.parts = parts.program_parts(self.module)  # (preprocess, classify), or None: the whole file
 
     def images(self, x):
         with torch.inference_mode():
             return self.module(x.to(self.device).contiguous()).float().cpu().numpy()
 
+    def prepare(self, image):
+        if self.parts is None:
+            return image.contiguous()
+        with torch.inference_mode():
+            return self.parts[0](image.to(self.device).unsqueeze(0).contiguous())[0]
+
+    def key(self, prepared):
+        return None if self.parts is not None else tuple(prepared.shape)
+
+    def _run(self, items):
+        if self.parts is None:
+            return self.images(torch.stack(items))
+        with torch.inference_mode():
+            return self.parts[1](torch.stack(items)).float().cpu().numpy()
+
+    def probabilities(self, features):
+        head = parts.program_head(self.module)
+        if head is None:
+            return None
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+            return head(x).double().cpu().numpy()
+
 
 class OnnxRunner(Runner):
     format = "onnx"
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, session, data: bytes | None = None):
+        self.session, self.data = session, data
 
     def images(self, x):
         return self.session.run(None, {ONNX_INPUT: x.cpu().contiguous().numpy()})[0]
+
+    def probabilities(self, features):
+        head = parts.onnx_head(_onnx_proto(self.data)) if self.data is not None else None
+        if head is None:
+            return None
+        session = _onnx_session(head.SerializeToString(), torch.device("cpu"))
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        return session.run(None, {"features": x})[0].astype(np.float64)
 
 
 def _onnx_proto(data: bytes):
@@ -329,7 +359,7 @@ def _metadata(text, shown: str, fmt: str) -> dict:
 def _runner(fmt: str, f, data: bytes | None, device: torch.device) -> Runner:
     """The runtime over a file already checked: f, the open file at its start (data: ONNX's bytes)."""
     if fmt == "onnx":
-        return OnnxRunner(_onnx_session(data, device))
+        return OnnxRunner(_onnx_session(data, device), data)
     if fmt == "pt2":
         with _quiet("torch.export"):  # it logs a traceback before raising
             return ProgramRunner(torch.export.load(f), device)

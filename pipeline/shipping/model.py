@@ -1,9 +1,15 @@
 """The model every format ships: uint8 images of any size -> the extraction's resize, crop and
 normalization -> frozen backbone -> Linear -> softmax (TransferModel), rebuilt from a head's
 provenance, and the metadata each model file carries.
+
+Precision: fp32, or bf16 (the backbone's weights and activations in bfloat16; the resize,
+normalization, head and softmax stay exact / fp32). TorchScript cannot script `torch.autocast` on
+a backbone (measured with torch 2.14: "Input type (c10::BFloat16) and bias type (float) should be
+the same"), so the backbone is converted instead, which scripts, exports and halves the file.
 """
 
 # No `from __future__ import annotations` here: TorchScript reads TransferModel's annotations as types.
+import copy
 import json
 import os
 from typing import List
@@ -21,24 +27,50 @@ from ..resize import VERTICAL_FIRST_IF_TALLER_CUT, resize_crop
 from .formats import MODEL_FORMAT
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+class Head(nn.Linear):
+    """The new last layer: (N, D) float32 features -> (N, K) probabilities (L2 normalization when the head
+    was fitted on normalized features, then the Linear, then softmax). A module of its own, so that each
+    format's head can be run alone on cached features, cut from the file's own graph (`parts`)."""
+
+    l2_normalize: bool
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, l2_normalize: bool):
+        super().__init__(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.bias.copy_(bias)
+        self.l2_normalize = l2_normalize
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.l2_normalize:
+            features = features / torch.linalg.vector_norm(features, 2.0, dim=[1], keepdim=True).clamp_min(1e-12)
+        return torch.softmax(torch.nn.functional.linear(features, self.weight, self.bias), dim=1)
+
+
 class TransferModel(nn.Module):
     """uint8 RGB images (N, 3, H, W), any H and W -> class probabilities (N, K) in `classes` order.
 
     Also `preprocess(image)` for one (3, H, W) image -> (3, S, S) uint8 crop, and
-    `classify(crops)` for (N, 3, S, S) uint8 crops: so images of different sizes can be batched.
+    `classify(crops)` for (N, 3, S, S) uint8 crops: so images of different sizes can be batched;
+    `probabilities(features)` for (N, D) backbone features (the head alone).
+    precision "bf16": the backbone runs on a bfloat16 copy of itself (`backbone` is left as it is).
     """
 
     classes: List[str]
     metadata: str
+    bf16: bool
 
     def __init__(self, backbone: nn.Module, weight: torch.Tensor, bias: torch.Tensor, l2_normalize: bool,
-                 prep: Preprocessing, classes: list[str], metadata: dict):
+                 prep: Preprocessing, classes: list[str], metadata: dict, precision: str = "fp32"):
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-            self.head.bias.copy_(bias)
+        if precision not in PRECISIONS:
+            raise TransferError(f"model precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.bf16 = precision == "bf16"
+        self.backbone = copy.deepcopy(backbone).to(torch.bfloat16) if self.bf16 else backbone
+        self.head = Head(weight, bias, l2_normalize)
         self.l2_normalize = l2_normalize
         self.resize_to = prep.resize
         self.squash = prep.resize_mode == "squash"
@@ -68,15 +100,20 @@ class TransferModel(nn.Module):
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) uint8 -> (N, D) backbone features, as cached at extraction."""
         x = (crops.float() / 255.0 - self.mean) / self.std
-        return self.backbone(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.bf16:
+            return self.backbone(x.to(torch.bfloat16)).float()
+        return self.backbone(x)
+
+    @torch.jit.export
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) float32 features -> (N, K) probabilities: the head alone."""
+        return self.head(features)
 
     @torch.jit.export
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) uint8 -> (N, K) probabilities."""
-        features = self.embed(crops)
-        if self.l2_normalize:
-            features = features / torch.linalg.vector_norm(features, 2.0, dim=[1], keepdim=True).clamp_min(1e-12)
-        return torch.softmax(self.head(features), dim=1)
+        return self.probabilities(self.embed(crops))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 RGB -> (N, K) probabilities."""
@@ -122,22 +159,25 @@ def rebuild_backbone(provenance: dict, weights: str | None = None) -> Backbone:
     return backbone
 
 
-def build_model(head: head_mod.LinearHead, weights: str | None = None) -> TransferModel:
+def build_model(head: head_mod.LinearHead, weights: str | None = None, precision: str = "fp32") -> TransferModel:
     """The model every format ships, in eval mode: the extraction's backbone and preprocessing + this
     head. weights: see rebuild_backbone."""
-    return build(head, weights)[0]
+    return build(head, weights, precision)[0]
 
 
-def build(head: head_mod.LinearHead, weights: str | None = None) -> tuple[TransferModel, Backbone]:
+def build(head: head_mod.LinearHead, weights: str | None = None,
+          precision: str = "fp32") -> tuple[TransferModel, Backbone]:
+    """(the model, the extraction's backbone in fp32: parity's reference)."""
     provenance = head.meta["provenance"]
     backbone = rebuild_backbone(provenance, weights)
+    backbone.network.eval()
     prep = recorded_preprocessing(provenance)
     model = TransferModel(backbone.network, torch.from_numpy(head.weight).float(), torch.from_numpy(head.bias).float(),
-                          head.l2_normalize, prep, head.classes, model_metadata(head))
+                          head.l2_normalize, prep, head.classes, model_metadata(head, precision), precision)
     return model.eval(), backbone
 
 
-def model_metadata(head: head_mod.LinearHead) -> dict:
+def model_metadata(head: head_mod.LinearHead, precision: str = "fp32") -> dict:
     p = head.meta["provenance"]
     return {
         "format": MODEL_FORMAT,
@@ -149,6 +189,7 @@ def model_metadata(head: head_mod.LinearHead) -> dict:
         "tta": p.get("tta", "none"),
         "preprocessing": p["preprocessing"],
         "extraction_precision": p["precision"],
+        "precision": precision,  # the backbone's, inside this model
         "l2_normalize": head.l2_normalize,
         "C": head.meta.get("C"),
         "input": "uint8 RGB tensor (N, 3, H, W), any size",
