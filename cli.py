@@ -314,7 +314,7 @@ def demo(ctx, workdir, per_class):
     cache_file = images + ".h5"
     ctx.invoke(extract, image_dir=images, out=cache_file, backbone="efficientnet_lite0")
     run_dir = default_run_dir("demo-digits")
-    ctx.invoke(fit, cache_file=cache_file, run_dir=run_dir)
+    ctx.invoke(fit, cache_files=(cache_file,), run_dir=run_dir)
     _echo("")
     _echo(f"results: {run_dir}/report.md (scores, confusion_matrix.png, c_sweep.png), "
           f"{run_dir}/model.pt (TorchScript model)")

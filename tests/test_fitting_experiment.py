@@ -54,7 +54,7 @@ def test_grid_over_two_caches_writes_results_summary_and_plots(caches, tmp_path)
         assert column in rows[0]
     assert {r["cache"] for r in rows} == {str(a), str(b)}
     summary = (out / "summary.md").read_text()
-    assert "| wide.h5 |" in summary and "| narrow.h5 |" in summary
+    assert "| wide\\.h5 |" in summary and "| narrow\\.h5 |" in summary  # Markdown-escaped: inert text
     assert summary.count("transfer fit ") >= 2
     for png in ("accuracy_vs_C.png", "learning_curve.png"):
         assert Image.open(out / png).size[0] >= 800

@@ -187,7 +187,9 @@ def test_streamed_fit_on_real_photos_exports_like_sklearn(hymenoptera_lite0, tmp
     progress = Recorder()
     result = pipeline.fit(hymenoptera_lite0, tmp_path / "run", solver="streamed", progress=progress)
     assert capsys.readouterr().out == ""  # the library prints nothing; the sink got it all
-    assert progress.phases == [["C sweep", 18, 18], ["refit on train+val", None, result.convergence["iterations"]]]
+    assert progress.phases[:2] == [["C sweep", 18, 18], ["refit on train+val", None, result.convergence["iterations"]]]
+    assert [name for name, *_ in progress.phases[2:]] == ["run folder: metrics, report.md, plots",
+                                                          "run folder: report.html (leaks, suspect labels, thumbnails)"]
     assert any("val top-1" in s and s.startswith("C=") for s in progress.statuses)
     assert abs(np.log10(result.C / reference.C)) <= 1 / 8 + 1e-9  # the same C or one refinement step away
     assert result.validation["top1"] >= 0.92 and result.solver["name"] == "streamed"

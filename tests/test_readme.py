@@ -10,7 +10,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT, make_folder, run_cli
 
@@ -58,6 +60,10 @@ def test_the_readme_tour_and_python_blocks_run_as_written(tmp_path, monkeypatch,
     """On generated photos: the tour's commands in order, then the Python blocks in the same folder
     (the first finds its cache already extracted by the tour, as a reader going on would)."""
     make_folder(tmp_path / "photos", {"ants": 4, "bees": 4}, splits=("train", "val", "test"), ext=".jpg")
+    for photo in (tmp_path / "photos").rglob("*.jpg"):  # classes a network can tell apart, as a reader's are
+        pixels = np.asarray(Image.open(photo), dtype=np.float32)
+        pixels[..., 0 if photo.parent.name == "ants" else 2] += 80
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(photo)
     (tmp_path / "new_photos").mkdir()
     for f in sorted((tmp_path / "photos" / "test" / "bees").iterdir())[:2]:
         (tmp_path / "new_photos" / f.name).write_bytes(f.read_bytes())

@@ -131,10 +131,13 @@ def test_model_pt2_runs_on_cuda(shipped):
     np.testing.assert_allclose(gpu(x).numpy(), cpu(x).numpy(), atol=1e-3)
 
 
-def _constant_onnx(path: str, k: int) -> None:
-    """A valid ONNX model with the exported input and output that always answers class 0."""
+def _constant_onnx(path: str, k: int, metadata: str | None = None) -> None:
+    """A valid ONNX model with the exported input and output that always answers class 0; with
+    `metadata`, sealed as `transfer export` seals its files (so it loads, and is wrong)."""
     import onnx
     from onnx import TensorProto, helper
+
+    from pipeline.shipping import integrity
 
     graph = helper.make_graph(
         [helper.make_node("Shape", ["images"], ["shape"], end=1),
@@ -146,7 +149,11 @@ def _constant_onnx(path: str, k: int) -> None:
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k])],
         [helper.make_tensor("k", TensorProto.INT64, [1], [k]),
          helper.make_tensor("first", TensorProto.FLOAT, [k], [1.0] + [0.0] * (k - 1))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if metadata is not None:
+        helper.set_model_props(proto, {formats.METADATA_KEY: integrity.seal(
+            metadata, lambda meta: integrity.onnx_digest(proto, meta))})
+    onnx.save(proto, path)
 
 
 def _copy_run(run: Path, tmp_path: Path) -> tuple[Path, list[str]]:
@@ -167,7 +174,7 @@ def test_a_model_onnx_that_disagrees_end_to_end_leaves_nothing(three_run, tmp_pa
     def wrong_onnx(fmt, model, path, program=None):
         if fmt != "onnx":
             return real_write(fmt, model, path, program)
-        _constant_onnx(path, len(model.classes))
+        _constant_onnx(path, len(model.classes), model.metadata)
 
     monkeypatch.setattr(formats, "write", wrong_onnx)
     monkeypatch.setattr(formats, "image_program", lambda model: None)  # not needed by the stand-in
@@ -330,26 +337,31 @@ def large_inputs(tmp_path_factory) -> dict:
             "8 x 12 MP": [folder / f"p12_{k}.jpg" for k in range(8)]}
 
 
+# Runs the CLI under an 8 GB address-space limit and says its peak RSS on exit. VmHWM, not ru_maxrss:
+# Linux carries a process's maxrss over fork and exec, so a child of a large test worker would
+# report the worker's size; VmHWM is the new program's own high-water mark.
+PEAK_RSS = """
+import atexit, resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+def say_peak():
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write(f"peak {line.split()[1]} kB\\n")
+atexit.register(say_peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("name", ["model.pt", "model.onnx", "model.pt2"])
 def test_predict_memory_is_bounded_by_the_output_not_the_input(shipped, large_inputs, name, tmp_path):
     """#23 item 5: peak RSS of `transfer predict` (a process of its own, under an 8 GB address-space limit so that a
     regression fails instead of taking the machine down): strips and one 24 MP photo under 1.5 GB, eight 12 MP
     photos at the default batch size under 2 GB."""
-    import os
-    import resource
-
-    def limited():
-        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-
     for case, limit in (("strips", 1.5), ("24 MP", 1.5), ("8 x 12 MP", 2.0)):
-        with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
-            proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "predict", str(shipped / name),
-                                     *map(str, large_inputs[case])], cwd=ROOT, preexec_fn=limited, stdout=out, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the test process's other children
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0), err.seek(0)
-            said, errors = out.read(), err.read()
-        assert proc.returncode == 0, errors[-2000:]
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(ROOT / "cli.py"), "predict", str(shipped / name),
+                               *map(str, large_inputs[case])], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said = proc.stdout
         assert "error" not in said and len(said.splitlines()) >= len(large_inputs[case]), said
-        peak = usage.ru_maxrss / 2**20  # GiB (ru_maxrss is in KiB on Linux)
+        peak = int(re.search(r"^peak (\d+) kB$", proc.stderr, re.M).group(1)) / 2**20  # GiB
         assert peak < limit, f"{name} on {case}: peak RSS {peak:.2f} GiB (limit {limit})"

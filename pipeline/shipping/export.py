@@ -39,10 +39,10 @@ class ExportResult:
     head_path: str  # head.pt: the torch.nn.Linear(D, K) state_dict
     parity: dict  # what was checked against scikit-learn (also in parity.json beside the model)
     paths: dict = field(default_factory=dict)  # format -> file written ("torchscript", "onnx", "pt2")
-    skipped: str = ""  # why no model file was written (a cache with no backbone), when none was
     precision: str = "fp32"  # the backbone's inside the model files
     precision_why: str = ""
     sample_lines: list = field(default_factory=list)  # what the sample of original images says (unreadable ones)
+    skipped: str = ""  # why no model file was written (a cache with no backbone), when none was
 
     def lines(self) -> list[str]:
         """What was checked and written, in a few lines for the user."""
