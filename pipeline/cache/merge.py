@@ -177,7 +177,7 @@ def _with_columns(digest: ListingDigest, entries: list, parts: list[Cache], colu
     return digest.hexdigest()
 
 
-def merge_caches(parts, out: str | os.PathLike, *, overwrite: bool = False, progress=None) -> Cache:
+def merge_caches(parts, out: str | os.PathLike, *, overwrite: bool = False, progress="auto") -> Cache:
     """Join finished caches of one extraction (written by any engine, or by `extract`) into one
     cache at `out`, in `extract`'s row order; refuses parts extracted differently, of different
     image folders, or sharing a file. `out` appears only when complete. Returns it opened.
