@@ -447,11 +447,11 @@ def test_backbones_lists_names_dims_costs_accuracy_and_weights_and_the_layers_of
     assert ["resnet101", "2048", "42.5M", "7.80", "81.89", "download"] in rows
     assert all("resnet1" in r[0] for r in rows)
     timm_rows = [line.split() for line in run_cli("backbones", "--source", "timm", "--filter", "test_vit").out.splitlines()]
-    assert ["timm:test_vit.r160_in1k", "64", "0.2M", "0.06", "download"] in timm_rows  # timm publishes no top-1
-    assert ["timm:test_vit4", "96", "0.3M", "0.03", "none"] in [r[:2] + r[2:] for r in timm_rows]
+    assert ["timm:test_vit.r160_in1k", "64", "0.3M", "0.04", "download"] in timm_rows  # timm publishes no top-1
+    assert ["timm:test_vit4", "96", "0.9M", "0.11", "none"] in [r[:2] + r[2:] for r in timm_rows]
     best = [line.split()[0] for line in run_cli("backbones", "--filter", "resnet", "--sort", "top1",
                                                 "--source", "torchvision").out.splitlines()[1:]]
-    assert best[:2] == ["resnet152", "resnet101"] and best.index("resnet18") == len(best) - 1
+    assert best[:3] == ["wide_resnet101_2", "resnet152", "resnet101"] and best.index("resnet18") == len(best) - 1
     layers = run_cli("backbones", "--layers", "resnet18")
     assert layers.code == 0, layers.err
     lines = [line.split("\t") for line in layers.out.splitlines()]
