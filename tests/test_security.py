@@ -319,22 +319,24 @@ def _outside_code_spans(markdown: str) -> str:
     return re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", markdown)
 
 
-def test_reports_escape_html_and_markdown_in_names(tmp_path):
+def test_reports_escape_html_and_markdown_in_names(tmp_path, monkeypatch):
     X, y, _ = blobs(12, 2, 4)
-    cache = make_cache(tmp_path / f"{HTML}.h5", X, y, [HTML, "<script>alert(1)</script>"],
-                       splits=["train", "val", "test"] * 8)
+    cache = make_cache(tmp_path / f"=1+1 {HTML}.h5", X, y, [HTML, "<script>alert(1)</script>"],
+                       splits=["train", "val", "test"] * 8)  # a file name a spreadsheet would run, too
     result = pipeline.fit(cache, tmp_path / "run", C=1.0)
     report = (Path(result.run_dir) / "report.md").read_text()
     assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in report  # the class name, shown as text
     assert "<" not in _outside_code_spans(report)  # no tag anywhere a viewer would render one
+    monkeypatch.chdir(tmp_path)  # the cache named relatively: its results.csv cell starts with its name
     experiment = pipeline.run_experiment(pipeline.ExperimentRequest.from_text(
-        [str(cache)], ["C=1"], "1.0", "standard", None, out=str(tmp_path / "exp"), command=f"x {HTML}", jobs=1))
+        [cache.name], ["C=1"], "1.0", "standard", None, out=str(tmp_path / "exp"), command=f"x {HTML}", jobs=1))
     summary = (Path(experiment.out) / "summary.md").read_text()
     assert "<" not in _outside_code_spans(summary) and "&lt;img" in summary, summary
     import csv
 
     cells = [c for row in csv.reader((Path(experiment.out) / "results.csv").open()) for c in row]
     assert all(not c.startswith("=") for c in cells)
+    assert f"'=1+1 {HTML}.h5" in cells  # the cache's cell: neutralized by one ' in front, not dropped
 
 
 def test_escape_sequences_in_names_are_printed_escaped(models, tmp_path):
