@@ -30,7 +30,7 @@ needs_hymenoptera = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"real p
 
 
 # A test that uses one of these is slow: a real network over real photos, or a fitted and exported run.
-HEAVY_FIXTURES = {"hymenoptera_lite0", "planted", "binary_run", "three_run"}
+HEAVY_FIXTURES = {"hymenoptera_lite0", "planted", "binary_run", "three_run", "shipped"}
 
 
 def built_once(tmp_path_factory, name: str, build):
@@ -228,6 +228,21 @@ def binary_run(tmp_path_factory) -> Path:
 def three_run(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "three",
                       lambda folder: fitted_run(folder, {"a": 3, "b": 3, "c": 3}, "three", "bf16"))
+
+
+@pytest.fixture(scope="session")
+def shipped(three_run, tmp_path_factory) -> Path:
+    """three_run's head exported as model.onnx and model.pt2 (model.pt copied beside them)."""
+
+    def build(out: Path) -> Path:
+        result = run_cli("export", three_run, "--format", "onnx", "--format", "pt2", "--out", out)
+        assert result.code == 0, result.err
+        for name in ("model.onnx", "model.pt2"):
+            assert f"parity: {name} on " in result.out and f"parity: {name}'s head vs scikit-learn" in result.out
+        shutil.copy(three_run / "model.pt", out / "model.pt")
+        return out
+
+    return built_once(tmp_path_factory, "shipped", build)
 
 
 # --- a small partial cache, for the tests of the cache modules ---------------------------------------
