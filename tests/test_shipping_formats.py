@@ -299,3 +299,53 @@ def test_evaluate_gives_the_same_scores_with_all_three_formats(shipped, three_ru
         assert other.scores["top1"] == reference.scores["top1"]
         assert other.scores["confusion_matrix"] == reference.scores["confusion_matrix"]
         assert other.scores["log_loss"] == pytest.approx(reference.scores["log_loss"], abs=1e-5), name
+
+
+# predict's memory, here beside the files it loads: they are built once, and this file runs on one worker
+@pytest.fixture(scope="module")
+def large_inputs(tmp_path_factory) -> dict:
+    """The hostile and the large: a 1x3000 and a 3000x1 PNG, one 24 MP photo, eight 12 MP photos (hard links)."""
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("large")
+    Image.fromarray(np.full((3000, 1, 3), 90, np.uint8)).save(folder / "tall.png")
+    Image.fromarray(np.full((1, 3000, 3), 90, np.uint8)).save(folder / "wide.png")
+    for name, (h, w) in (("p24.jpg", (4000, 6000)), ("p12.jpg", (3000, 4000))):
+        y, x = np.mgrid[0:h, 0:w]
+        Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(folder / name, quality=90)
+    for k in range(8):
+        os.link(folder / "p12.jpg", folder / f"p12_{k}.jpg")
+    return {"strips": [folder / "tall.png", folder / "wide.png"], "24 MP": [folder / "p24.jpg"],
+            "8 x 12 MP": [folder / f"p12_{k}.jpg" for k in range(8)]}
+
+
+# Runs the CLI under an 8 GB address-space limit and says its peak RSS on exit. VmHWM, not ru_maxrss:
+# Linux carries a process's maxrss over fork and exec, so a child of a large test worker would
+# report the worker's size; VmHWM is the new program's own high-water mark.
+PEAK_RSS = """
+import atexit, resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+def say_peak():
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write(f"peak {line.split()[1]} kB\\n")
+atexit.register(say_peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.onnx", "model.pt2"])
+def test_predict_memory_is_bounded_by_the_output_not_the_input(shipped, large_inputs, name, tmp_path):
+    """#23 item 5: peak RSS of `transfer predict` (a process of its own, under an 8 GB address-space limit so that a
+    regression fails instead of taking the machine down): strips and one 24 MP photo under 1.5 GB, eight 12 MP
+    photos at the default batch size under 2 GB."""
+    for case, limit in (("strips", 1.5), ("24 MP", 1.5), ("8 x 12 MP", 2.0)):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(ROOT / "cli.py"), "predict", str(shipped / name),
+                               *map(str, large_inputs[case])], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said = proc.stdout
+        assert "error" not in said and len(said.splitlines()) >= len(large_inputs[case]), said
+        peak = int(re.search(r"^peak (\d+) kB$", proc.stderr, re.M).group(1)) / 2**20  # GiB
+        assert peak < limit, f"{name} on {case}: peak RSS {peak:.2f} GiB (limit {limit})"
