@@ -9,6 +9,7 @@ tells an unchanged file from a changed one when a cache is updated (`extraction.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -291,12 +292,19 @@ def decode_image(path: str) -> Image.Image:
 
     Raises DecodeError, never anything else, so one bad file cannot stop a run.
     """
-    try:
+    with _one_reason(path):
         return _decode(path)
+
+
+@contextlib.contextmanager
+def _one_reason(path: str | None):
+    """Any failure reading or decoding one image (of file `path`, or bytes in memory) as a DecodeError."""
+    try:
+        yield
     except DecodeError:
         raise
     except FileNotFoundError:
-        raise DecodeError("dangling symlink" if os.path.islink(path) else "file not found") from None
+        raise DecodeError("dangling symlink" if path and os.path.islink(path) else "file not found") from None
     except PermissionError:
         raise DecodeError("permission denied") from None
     except IsADirectoryError:
@@ -350,16 +358,8 @@ def decode_image_bytes(data: bytes) -> Image.Image:
     Raises DecodeError, never anything else."""
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
-    try:
+    with _one_reason(None):
         return _decode_open(io.BytesIO(data))
-    except DecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeError("not a recognised image format") from None
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is one bad image, not a crash
-        raise DecodeError(short_reason(f"corrupt image: {type(e).__name__}: {e}")) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
