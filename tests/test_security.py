@@ -7,6 +7,7 @@ in one line, and what we write is inert."""
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import List
 
@@ -202,6 +203,18 @@ def test_an_untouched_copy_of_the_archive_loads(models, tmp_path):
     """The inspection refuses what was crafted, not what torch writes."""
     same = _rewrite(models / "model.pt2", tmp_path / "same.pt2", lambda records: None)
     assert pipeline.load_model(same, "cpu").classes == CLASSES
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pt2", "model.onnx"])
+def test_a_model_loaded_again_is_not_read_again_but_always_checked(models, tmp_path, name):
+    """formats.load keeps the runtimes of the last files by their verified content: a copy of a loaded file gets
+    the same runtime back (model.pt2 takes 10-20 s to deserialize), and an edited copy is still refused."""
+    first = pipeline.load_model(models / name, "cpu")
+    shutil.copy(models / name, tmp_path / name)
+    assert pipeline.load_model(tmp_path / name, "cpu").runner is first.runner
+    edited = _edit_metadata(models / name, tmp_path / f"edited-{name}", lambda m: m.update(classes=["cnts", "bees"]))
+    with pytest.raises(InputFileError, match="damaged or was edited"):
+        pipeline.load_model(edited, "cpu")
 
 
 # --- 2. tampered class names, in every format ----------------------------------------------------------

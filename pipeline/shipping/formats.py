@@ -21,6 +21,7 @@ sizes together, and the file's own head on cached features (`parts`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -306,6 +307,12 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
+# The runtimes of the files loaded last, by verified content: loading the same model again in one process
+# (`predict("model.pt2", ...)` in a loop, evaluate after export) does not deserialize it again. model.pt2
+# costs most: torch.export.load parses the symbolic shapes of the exact resize (10-20 s here, measured).
+LOADED_KEPT = 2
+_LOADED: collections.OrderedDict = collections.OrderedDict()
+
 DESCRIPTIONS = {"torchscript": "a TorchScript model", "onnx": "an ONNX model", "pt2": "a torch.export program (.pt2)"}
 
 
@@ -313,7 +320,8 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
     """Read a model file of format `fmt` (default: by its suffix) -> (Runner, its transfer.json metadata).
     Raises InputFileError (one line) when the file is not a model `transfer export` wrote, is
     damaged or edited (its seal), or holds what loading could run (`integrity.check_pt2_archive`):
-    all checked before the runtime reads it."""
+    all checked before the runtime reads it. A file of the same verified content loaded on the same
+    device shortly before gets the same Runner back (`LOADED_KEPT` are kept)."""
     fmt = fmt or format_of(path)
     shown = display_path(path)
     try:
@@ -331,8 +339,14 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
                 digest = lambda meta: integrity.archive_digest(reader, meta)  # noqa: E731
             meta = _metadata(text, shown, fmt)
             integrity.verify(meta, digest(integrity.canonical_metadata(meta)), shown)
-            f.seek(0)
-            runner = _runner(fmt, f, data if fmt == "onnx" else None, device)
+            key = (fmt, str(device), meta[DIGEST_KEY])  # the content just verified, not the path
+            runner = _LOADED.pop(key, None)
+            if runner is None:
+                f.seek(0)
+                runner = _runner(fmt, f, data if fmt == "onnx" else None, device)
+            _LOADED[key] = runner
+            while len(_LOADED) > LOADED_KEPT:
+                _LOADED.popitem(last=False)
     except TransferError:
         raise
     except Exception as e:  # noqa: BLE001 - each runtime raises its own types for "not this format"
