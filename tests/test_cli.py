@@ -20,6 +20,11 @@ def test_library_warnings_are_not_printed(tmp_path):
         result = run_cli("fit", cache, "--out", tmp_path / "run", "--C", "1", "--no-export")
     assert result.code == 0, result.err
     assert [str(w.message) for w in shown] == []  # was: one "Glyph ... missing from font(s)" per character
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        result = run_cli("--debug", "fit", cache, "--out", tmp_path / "debug", "--C", "1", "--no-export")
+    assert result.code == 0, result.err
+    assert any(re.search("Glyph .* missing from font", str(w.message)) for w in shown), [str(w.message) for w in shown]
 
 
 def test_version_names_transfer_and_the_libraries_that_shape_its_results():

@@ -198,25 +198,56 @@ def test_transfer_model_module_is_scriptable_with_any_head():
     assert scripted.classes == ["w", "x", "y", "z"]
 
 
-def test_class_names_that_are_not_utf8_survive_into_model_pt_and_predict(tmp_path):
-    """TorchScript strings are UTF-8: model.classes shows such a name as \\xNN, the metadata keeps its bytes."""
+def _model_with_a_class_name_that_is_not_utf8() -> TransferModel:
+    """A TransferModel over a pooling 'backbone' whose class 0 (the bytes caf\\xe9) wins with p ~ 1."""
     import os
 
-    import pipeline
     from pipeline.backbones import Preprocessing
     from pipeline.shipping import formats
 
     name = os.fsdecode(b"caf\xe9")
     prep = Preprocessing(8, 8, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    model = TransferModel(pool, torch.zeros(2, 3), torch.tensor([9.0, 0.0]), False, prep, [name, "tea"],
-                          {"format": formats.MODEL_FORMAT, "classes": [name, "tea"]})
-    formats.write("torchscript", model.eval(), str(tmp_path / "model.pt"))  # was: Could not cast attribute 'classes'
+    return TransferModel(pool, torch.zeros(2, 3), torch.tensor([9.0, 0.0]), False, prep, [name, "tea"],
+                         {"format": formats.MODEL_FORMAT, "classes": [name, "tea"]}).eval()
+
+
+def test_class_names_that_are_not_utf8_survive_into_model_pt_and_predict(tmp_path):
+    """TorchScript strings are UTF-8: model.classes shows such a name as \\xNN, the metadata keeps its bytes."""
+    import os
+
+    import pipeline
+    from pipeline.shipping import formats
+
+    model = _model_with_a_class_name_that_is_not_utf8()
+    formats.write("torchscript", model, str(tmp_path / "model.pt"))  # was: Could not cast attribute 'classes'
     assert torch.jit.load(str(tmp_path / "model.pt")).classes == ["caf\\xe9", "tea"]
     loaded = pipeline.load_model(tmp_path / "model.pt", "cpu")
     assert [os.fsencode(c) for c in loaded.classes] == [b"caf\xe9", b"tea"]  # the exact bytes
     result = run_cli("predict", tmp_path / "model.pt", write_image(tmp_path / "p.png", 1, size=(16, 12)))
     assert result.code == 0 and "caf\\xe9 1.000" in result.out, result.out + result.err
+
+
+@pytest.mark.slow  # one torch.export trace (~12 s) and the ONNX exporter (~20 s), even of this tiny model
+def test_class_names_that_are_not_utf8_survive_into_model_onnx_and_pt2_and_predict(tmp_path):
+    """model.onnx and model.pt2 hold class names only in their metadata: the exact bytes (JSON escapes),
+    loaded back as the same name and printed by predict as \\xNN, as fit prints it. Both files are
+    written as `transfer export` writes them, from one trace."""
+    import os
+
+    import pipeline
+    from pipeline.shipping import formats
+
+    model = _model_with_a_class_name_that_is_not_utf8()
+    program = formats.image_program(model)
+    photo = write_image(tmp_path / "p.png", 1, size=(16, 12))
+    for name in ("model.onnx", "model.pt2"):
+        formats.write(formats.format_of(name), model, str(tmp_path / name), program)
+        loaded = pipeline.load_model(tmp_path / name, "cpu")  # (a model.pt2 takes ~5 s to load: once each way)
+        assert [os.fsencode(c) for c in loaded.classes] == [b"caf\xe9", b"tea"], name  # the exact bytes
+        assert [p.labels for p in pipeline.predict(loaded, [photo], progress=False)] == [loaded.classes], name
+        shown = run_cli("predict", tmp_path / name, photo)
+        assert shown.code == 0 and "caf\\xe9 1.000" in shown.out, shown.out + shown.err
 
 
 @needs_hymenoptera
