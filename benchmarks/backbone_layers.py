@@ -48,6 +48,11 @@ def main() -> None:
                     f"{result.C:.2g} | {summary.seconds:.0f} s ({summary.images_per_second:.1f} img/s) |")
         print(f"{label}: scored on {result.evaluated_on}, n = {s['n']}", file=sys.stderr)
     cpu = platform.processor() or platform.machine()
+    try:  # the CPU's model name ("AMD EPYC"); platform only knows the architecture on Linux
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
     print(f"{datetime.date.today().isoformat()}, {os.cpu_count()} cores ({cpu}); {pipeline.version_line()}")
     print("`python benchmarks/backbone_layers.py`\n")
     print("| features | dim | val top-1 | val log-loss | chosen C | extract time (398 photos, same run) |")

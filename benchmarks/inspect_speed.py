@@ -33,9 +33,10 @@ def main() -> None:
     labels = np.arange(args.rows) % 10
     centres = rng.normal(0, 1, size=(10, args.dim)).astype(np.float32)
     X = centres[labels] + rng.normal(0, 2, size=(args.rows, args.dim)).astype(np.float32)
-    split = np.where(np.arange(args.rows) % 10 < 7, "train", np.where(np.arange(args.rows) % 10 < 8, "val", "test"))
-    test = np.flatnonzero(split == "test")[:50]
-    X[test] = X[test - 3] + rng.normal(0, 0.01, size=(50, args.dim)).astype(np.float32)  # near-copies of train rows
+    # 70/10/20 per class (a split drawn from i % 10, as the labels are, put whole classes in one split)
+    split = np.array(["train"] * 7 + ["val"] + ["test"] * 2)[(np.arange(args.rows) // 10) % 10]
+    test, train = np.flatnonzero(split == "test")[:50], np.flatnonzero(split == "train")[:50]
+    X[test] = X[train] + rng.normal(0, 0.01, size=(50, args.dim)).astype(np.float32)  # near-copies of train rows
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "synthetic.h5"
         pipeline.write_cache(cache, X, labels, classes=[f"c{i}" for i in range(10)], split=split)

@@ -4,9 +4,10 @@ The library never prints. Long work calls a `Progress`: `phase` starts a bar (an
 before), `advance` moves it, `note` is one line for the user, `close` ends the last bar. The CLI
 passes a `Bars` (tqdm on stderr); from Python, `progress=True` shows the same bars (tqdm.auto: widgets
 in a notebook), `progress=False` or None shows nothing, and any object with these four methods works.
-Every entry point (extract, fit, predict, inspect, run_experiment, list_backbones) defaults to
-`progress="auto"`: bars when a person is watching (`interactive()`: stderr is a terminal, or the
-code runs in a Jupyter kernel), nothing otherwise (scripts with redirected output, tests, services).
+Every entry point (extract, merge_caches, fit, export, predict, evaluate, inspect, run_experiment,
+list_backbones, bench_backbones) defaults to `progress="auto"`: bars when a person is watching
+(`interactive()`: stderr is a terminal, or the code runs in a Jupyter kernel), nothing otherwise
+(scripts with redirected output, tests, services); tests/test_progress.py checks every public one.
 """
 
 from __future__ import annotations

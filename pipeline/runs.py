@@ -119,14 +119,15 @@ def inspect(data, out: str | os.PathLike | None = None, *, threshold: float | No
 
 
 def evaluate(model, data, out: str | os.PathLike | None = None, *, split: str | None = None, batch_size: int = 16,
-             device: str = "auto", progress=None):
+             device: str = "auto", progress="auto"):
     """Score a model file (model.pt, model.onnx, model.pt2) on labelled images: top-1, balanced
     accuracy, log-loss, ECE, per-class precision/recall/F1 and the confusion matrix.
 
     data: a folder with one subfolder per class (or train/val/test folders of them; `split` picks
     one), or a .csv/.jsonl manifest (path,label[,split]). out: a folder to write metrics.json,
     predictions.csv, the plots and report.html (the worst errors) into ("auto":
-    reports/evaluate-<model folder>-<time>; None: nothing is written). progress: True for bars.
+    reports/evaluate-<model folder>-<time>; None: nothing is written). progress: True, False, "auto"
+    (bars when interactive) or a progress.Progress: the images' bar, then writing the folder.
 
     >>> evaluate("models/photos/model.pt", "new_photos/", "auto").scores["top1"]
     """
@@ -134,7 +135,11 @@ def evaluate(model, data, out: str | os.PathLike | None = None, *, split: str | 
     name = os.path.basename(os.path.dirname(os.path.abspath(os.fspath(model if isinstance(model, (str, os.PathLike))
                                                                        else model.path))))
     with run_folder(out, f"evaluate-{name or 'model'}") as folder:
+        progress = resolve(progress)
         found = evaluate_model(model, data, split=split, batch_size=batch_size, device=device, progress=progress)
         if folder is not None:
+            progress.phase("evaluate: report.html (thumbnails), predictions.csv and the plots", 1, "folder")
             found.warnings = write_evaluation(found, folder)
+            progress.advance(1)
+            progress.close()
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -107,3 +108,48 @@ def test_inspect_and_a_written_fit_report_their_phases_to_a_custom_sink(tmp_path
     assert phases[-2:] == ["run folder: metrics, report.md, plots",
                            "run folder: report.html (leaks, suspect labels, thumbnails)"], phases
     assert np.isfinite(pipeline.read_cache(cache).features()).all()
+
+
+def test_an_experiment_reports_its_runs_then_the_folder_in_order(tmp_path):
+    X, y, classes = blobs(15, 2, 6)
+    cache = make_cache(tmp_path / "c.h5", X, y, classes, ["train", "train", "val"] * 10)
+    request = pipeline.ExperimentRequest.from_text([str(cache)], ["C=0.01,0.1,1"], jobs=1, out=str(tmp_path / "e"))
+    sink = Recorder()
+    pipeline.run_experiment(request, progress=sink)
+    assert sink.calls == [("phase", "experiment", 3), ("advance", 1), ("advance", 1), ("advance", 1), ("close",),
+                          ("phase", "writing results.csv, summary.md and the plots", 1), ("advance", 1), ("close",)]
+    assert (tmp_path / "e" / "results.csv").is_file()
+    sink = Recorder()  # nothing written: the runs' bar alone
+    pipeline.run_experiment(pipeline.ExperimentRequest.from_text([str(cache)], ["C=0.1"], jobs=1), progress=sink)
+    assert sink.calls == [("phase", "experiment", 1), ("advance", 1), ("close",)]
+
+
+def _takes_progress(function) -> bool:
+    return "progress" in inspect.signature(function).parameters
+
+
+# Public calls that take no progress: quick (a file's header, a module listing) or a class's constructor.
+QUICK = {"read_cache", "write_cache", "load_model", "list_layers"}
+
+
+def test_every_public_call_that_reports_progress_defaults_to_auto():
+    """Each public function (and each public method of a public class) with a `progress` parameter
+    defaults to "auto", so that it resolves like every other entry point; one without it is named
+    in QUICK, so that a new long call cannot be added silent."""
+    checked = []
+    for name in pipeline.__all__:
+        value = getattr(pipeline, name)
+        if inspect.isclass(value):
+            for method_name, method in vars(value).items():
+                function = getattr(method, "__func__", method)
+                if not method_name.startswith("_") and inspect.isfunction(function) and _takes_progress(function):
+                    checked.append(f"{name}.{method_name}")
+                    assert inspect.signature(function).parameters["progress"].default == "auto", f"{name}.{method_name}"
+        elif inspect.isfunction(value):
+            if _takes_progress(value):
+                checked.append(name)
+                assert inspect.signature(value).parameters["progress"].default == "auto", name
+            else:
+                assert name in QUICK, f"pipeline.{name} takes no progress argument and is not listed as quick"
+    assert {"extract", "fit", "export", "predict", "inspect", "run_experiment", "evaluate", "merge_caches",
+            "list_backbones", "bench_backbones"} <= set(checked), checked

@@ -30,6 +30,7 @@ def test_evaluate_gives_the_scores_fit_reported_on_the_same_images(binary_run, t
     for key in ("log_loss", "ece", "balanced_accuracy"):
         assert scored[key] == pytest.approx(fitted[key], abs=1e-5), key
     assert "top-1" in result.out and "log-loss" in result.out and "ECE" in result.out
+    assert result.err.index("predict") < result.err.index("evaluate: report.html"), result.err  # the bars, in order
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 8 and set(rows[0]) == {"path", "true", "predicted", "probability", "p_ants", "p_bees"}
     assert all(abs(float(r["p_ants"]) + float(r["p_bees"]) - 1) < 1e-5 for r in rows)

@@ -265,11 +265,13 @@ def plot_learning_curve(curve: list[dict], path: str) -> list[float]:
     return ticks
 
 
-def plot_reliability(calibration: dict, where: str, path: str) -> None:
+def plot_reliability(calibration: dict, where: str, path: str) -> tuple[float, float]:
     """Reliability diagram of a head's predictions before and after calibration: per bin of the top
     probability, accuracy against mean top probability (marker area: the bin's images), the
-    diagonal where they agree, ECE in the legend; below, how many predictions fall in each bin."""
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6.4, 6.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    diagonal where they agree, ECE in the legend; below, how many predictions fall in each bin.
+    Returns the legend's top and the lowest panel's bottom (its x label included), both in display
+    units from the figure's bottom: the legend covers nothing when the first is below the second."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6.4, 7.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
     shown = [("before", calibration.get("before_label", "uncalibrated"), "tab:red", "s")]
     if calibration["method"] != "none":
@@ -290,15 +292,19 @@ def plot_reliability(calibration: dict, where: str, path: str) -> None:
     ax.set_ylabel("accuracy in the bin")
     ax.set_title(f"Reliability on the {where}\n(n = {sum(calibration['before']['reliability']['count'])}, "
                  "15 bins of the top probability)", fontsize=10)
-    hist.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left", framealpha=0.9)  # the empty corner
+    # Below both panels: inside either, it hid points (accuracy 1.0 at low confidence) or tall bars.
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=1, frameon=False)
     ax.grid(True, alpha=0.3)
     hist.set_xlabel("top probability (confidence)")
     hist.set_ylabel("images")
-    hist.set_ylim(0, 1.9 * max(c for key, *_ in shown for c in calibration[key]["reliability"]["count"]))
+    hist.set_ylim(0, 1.1 * max(c for key, *_ in shown for c in calibration[key]["reliability"]["count"]))
     hist.grid(True, alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.01 + 0.022 * len(ax.get_legend_handles_labels()[1]), 1, 1))
     fig.savefig(path, dpi=120)
+    renderer = fig.canvas.get_renderer()
+    extents = fig.legends[0].get_window_extent(renderer).y1, hist.get_tightbbox(renderer).y0
     plt.close(fig)
+    return extents
 
 
 def plot_map(cache, rows: np.ndarray, xy: np.ndarray, path: str, errors: set[int] = frozenset(),

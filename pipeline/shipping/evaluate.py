@@ -98,7 +98,7 @@ def list_labelled(data: str, split: str | None = None):
 
 
 def evaluate(model, data, *, split: str | None = None, batch_size: int | None = None, device: str = "auto",
-             progress=None) -> Evaluation:
+             progress="auto") -> Evaluation:
     """Run a model over labelled images and score it: top-1, top-5, balanced accuracy, log-loss,
     ECE (15 bins), per-class precision/recall/F1, the confusion matrix.
 
