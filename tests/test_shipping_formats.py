@@ -172,13 +172,16 @@ def test_a_model_onnx_that_disagrees_end_to_end_leaves_nothing(three_run, tmp_pa
 
 
 def test_a_format_whose_head_disagrees_is_not_written(three_run, tmp_path, monkeypatch):
+    """Every format's own head (cut from its graph by its Runner) goes through one check,
+    parity.format_on_features: shown on model.pt, the cheapest to write (model.pt2 and model.onnx start
+    with a torch.export trace of ~25 s; the `shipped` fixture asserts their heads are cut out and checked)."""
     run, before = _copy_run(three_run, tmp_path)
-    for runner in (formats.ProgramRunner, formats.OnnxRunner):  # the head cut from the file's own graph, swapped
+    for runner in (formats.TorchScriptRunner, formats.ProgramRunner, formats.OnnxRunner):  # the head's outputs swapped
         real = runner.probabilities
         monkeypatch.setattr(runner, "probabilities", lambda self, x, real=real: real(self, x)[:, ::-1].copy())
-    result = run_cli("export", run, "--format", "pt2")
-    assert_one_line_error(result, "the head in model.pt2 disagrees with scikit-learn")
-    assert sorted(p.name for p in run.iterdir()) == before  # (model.onnx goes through the same check: one export is enough)
+    result = run_cli("export", run, "--format", "torchscript")
+    assert_one_line_error(result, "the head in model.pt disagrees with scikit-learn")
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_export_and_predict_bad_format_inputs(shipped, three_run, tmp_path):
@@ -207,7 +210,7 @@ def test_formats_are_parsed_by_name():
 
 @needs_hymenoptera
 def test_real_photos_onnx_and_pt2_agree_with_model_pt(hymenoptera_lite0, tmp_path):
-    """The proof on raw val photos (every 4th of 153; all of them: benchmarks/export_parity_real.py),
+    """The proof on raw val photos (every 8th of 153; all of them: benchmarks/export_parity_real.py),
     pretrained EfficientNet-Lite0, head fitted on train only: model.onnx (onnxruntime) and model.pt2
     give model.pt's top-1 on every photo and max |dp| <= 1e-4. (The export's own checks are tested above.)"""
     import pipeline
@@ -223,7 +226,7 @@ def test_real_photos_onnx_and_pt2_agree_with_model_pt(hymenoptera_lite0, tmp_pat
     for fmt, suffix in formats.FORMATS.items():
         formats.write(fmt, model, str(tmp_path / f"model{suffix}"), program)
     models = {fmt: pipeline.load_model(tmp_path / f"model{suffix}", "cpu") for fmt, suffix in formats.FORMATS.items()}
-    files = sorted((HYMENOPTERA / "val").rglob("*.*"))[::4]
+    files = sorted((HYMENOPTERA / "val").rglob("*.*"))[::8]
     probs = {fmt: [] for fmt in models}
     for f in files:
         image = image_tensor(decode_image(str(f)))
@@ -231,7 +234,7 @@ def test_real_photos_onnx_and_pt2_agree_with_model_pt(hymenoptera_lite0, tmp_pat
             probs[fmt].append(loaded.runner.run([loaded.runner.prepare(image)])[0])
     reference = np.array(probs.pop("torchscript"))
     truth = np.array([models["onnx"].classes.index(f.parent.name) for f in files])
-    assert len(files) == 39 and (reference.argmax(1) == truth).mean() >= 0.9
+    assert len(files) == 20 and (reference.argmax(1) == truth).mean() >= 0.9
     for fmt, p in probs.items():
         p = np.array(p)
         assert np.array_equal(p.argmax(1), reference.argmax(1)), fmt

@@ -164,11 +164,15 @@ def os_reason(e: Exception) -> str:
 @contextlib.contextmanager
 def quiet_h5py_teardown():
     """When a write fails, h5py also reports each object it can no longer close through
-    sys.unraisablehook (a traceback on stderr); the failure itself is raised and reported once."""
+    sys.unraisablehook (a traceback on stderr); the failure itself is raised and reported once.
+    Only a failed write collects garbage: a full collection costs seconds in a process holding a
+    large graph (a notebook, a test worker), on every cache written."""
     previous = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
         yield
+    except BaseException:
+        gc.collect()  # the failed write's h5py objects are closed now, while their reports are silenced
+        raise
     finally:
-        gc.collect()
         sys.unraisablehook = previous
