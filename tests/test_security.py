@@ -4,10 +4,12 @@ would load it; the checks are that no code ran (a sentinel file never appears), 
 in one line, and what we write is inert."""
 
 # No `from __future__ import annotations`: TorchScript reads Tiny's annotations as types.
+import gc
 import io
 import json
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import List
 
@@ -251,14 +253,20 @@ def test_an_untouched_copy_of_the_archive_loads(models, tmp_path):
 
 @pytest.mark.parametrize("name", ["model.pt", "model.pt2", "model.onnx"])
 def test_a_model_loaded_again_is_not_read_again_but_always_checked(models, tmp_path, name):
-    """formats.load keeps the runtimes of the last files by their verified content: a copy of a loaded file gets
-    the same runtime back (model.pt2 takes 10-20 s to deserialize), and an edited copy is still refused."""
+    """formats.load keeps loaded runtimes by their verified content (while held, and the last one): a copy of a
+    loaded file gets the same runtime back (model.pt2 takes 10-20 s to deserialize), an edited copy is still
+    refused, and a model nobody holds is let go."""
     first = pipeline.load_model(models / name, "cpu")
     shutil.copy(models / name, tmp_path / name)
     assert pipeline.load_model(tmp_path / name, "cpu").runner is first.runner
     edited = _edit_metadata(models / name, tmp_path / f"edited-{name}", lambda m: m.update(classes=["cnts", "bees"]))
     with pytest.raises(InputFileError, match="damaged or was edited"):
         pipeline.load_model(edited, "cpu")
+    kept = weakref.ref(first.runner)
+    del first
+    pipeline.load_model(models / ("model.onnx" if name != "model.onnx" else "model.pt"), "cpu")  # the last one now
+    gc.collect()
+    assert kept() is None  # a model nobody holds is not kept once another was loaded after it
 
 
 # --- 2. tampered class names, in every format ----------------------------------------------------------

@@ -21,11 +21,11 @@ sizes together, and the file's own head on cached features (`parts`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -307,11 +307,12 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-# The runtimes of the files loaded last, by verified content: loading the same model again in one process
-# (`predict("model.pt2", ...)` in a loop, evaluate after export) does not deserialize it again. model.pt2
-# costs most: torch.export.load parses the symbolic shapes of the exact resize (10-20 s here, measured).
-LOADED_KEPT = 2
-_LOADED: collections.OrderedDict = collections.OrderedDict()
+# Loaded runtimes by verified content: loading a model again in one process (`predict("model.pt2", ...)` in
+# a loop, evaluate after export) does not deserialize it again; model.pt2 costs most, as torch.export.load
+# parses the symbolic shapes of the exact resize (10-20 s here, measured). Kept while a caller holds them,
+# and the last one loaded: at most one model's memory beyond what callers hold.
+_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_LAST: list = [None]
 
 DESCRIPTIONS = {"torchscript": "a TorchScript model", "onnx": "an ONNX model", "pt2": "a torch.export program (.pt2)"}
 
@@ -320,8 +321,8 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
     """Read a model file of format `fmt` (default: by its suffix) -> (Runner, its transfer.json metadata).
     Raises InputFileError (one line) when the file is not a model `transfer export` wrote, is
     damaged or edited (its seal), or holds what loading could run (`integrity.check_pt2_archive`):
-    all checked before the runtime reads it. A file of the same verified content loaded on the same
-    device shortly before gets the same Runner back (`LOADED_KEPT` are kept)."""
+    all checked before the runtime reads it. A file of the same verified content already loaded on the
+    same device (and still held, or the last one loaded) gets the same Runner back."""
     fmt = fmt or format_of(path)
     shown = display_path(path)
     try:
@@ -340,13 +341,11 @@ def load(path: str, device: torch.device, fmt: str | None = None) -> tuple[Runne
             meta = _metadata(text, shown, fmt)
             integrity.verify(meta, digest(integrity.canonical_metadata(meta)), shown)
             key = (fmt, str(device), meta[DIGEST_KEY])  # the content just verified, not the path
-            runner = _LOADED.pop(key, None)
+            runner = _LOADED.get(key)
             if runner is None:
                 f.seek(0)
-                runner = _runner(fmt, f, data if fmt == "onnx" else None, device)
-            _LOADED[key] = runner
-            while len(_LOADED) > LOADED_KEPT:
-                _LOADED.popitem(last=False)
+                runner = _LOADED[key] = _runner(fmt, f, data if fmt == "onnx" else None, device)
+            _LAST[0] = runner
     except TransferError:
         raise
     except Exception as e:  # noqa: BLE001 - each runtime raises its own types for "not this format"
