@@ -60,7 +60,16 @@ def test_onnx_and_pt2_are_checked_and_carry_the_same_metadata(shipped):
         np.testing.assert_allclose(onnx_model.images(x), expected, atol=1e-5)
 
 
-def test_predict_gives_the_same_output_for_all_three_formats(shipped, three_run, tmp_path):
+@pytest.fixture(scope="module")
+def held(shipped) -> dict:
+    """The three shipped files loaded once and held for this file's tests: `formats.load` gives a held model's
+    runtime back to the CLI and the library (model.pt2 takes 10-20 s to deserialize)."""
+    import pipeline
+
+    return {name: pipeline.load_model(shipped / name, "cpu") for name in ("model.pt", "model.onnx", "model.pt2")}
+
+
+def test_predict_gives_the_same_output_for_all_three_formats(shipped, held, three_run, tmp_path):
     images = sorted((three_run.parent / "three-images" / "test").rglob("*.png"))
     images += [write_image(tmp_path / "tall.png", 5, size=(90, 300)), write_image(tmp_path / "wide.png", 6, (301, 177))]
     docs = {}
@@ -287,7 +296,7 @@ def test_damaged_onnx_and_pt2_files_are_refused_when_loaded(shipped, tmp_path):
             pipeline.load_model(edited, "cpu")
 
 
-def test_evaluate_gives_the_same_scores_with_all_three_formats(shipped, three_run):
+def test_evaluate_gives_the_same_scores_with_all_three_formats(shipped, held, three_run):
     """`transfer evaluate` (pipeline/shipping/evaluate.py) with model.pt, model.onnx and model.pt2 on the
     same labelled images: the same predictions, so the same scores."""
     import pipeline
