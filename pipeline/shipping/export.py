@@ -279,7 +279,6 @@ def _write_checked(head, reference, cache, paths, folder, weights, skip_image_pa
             report[fmt]["end_to_end"] = ({"skipped": "asked for (--skip-image-parity)"} if skip_image_parity else
                                          checks.end_to_end(runner, reference, cache, sample, name, precision.value,
                                                            progress))
-            del runner
         head_path = os.path.join(os.path.dirname(next(iter(paths.values()))), "head.pt")
         write_atomically(lambda p: torch.save(linear_state(head), p), head_path)
         for fmt, path in paths.items():
