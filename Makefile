@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/write_cache_memory.py
 	$(PY) benchmarks/export_speed.py
 	$(PY) benchmarks/predict_vs_extract.py
+	$(PY) benchmarks/fold_speed.py
 	$(PY) benchmarks/shards_vs_folder.py
 
 clean:

@@ -1,7 +1,7 @@
 """`transfer predict` with each model format vs `transfer extract`: marginal images/s on the same real
 photos (full size, mixed sizes), same backbone and precision, in one run.
 
-    python benchmarks/predict_vs_extract.py [--small 100] [--rounds 1] [--backbone efficientnet_lite0]
+    python benchmarks/predict_vs_extract.py [--small 100] [--rounds 1] [--backbone efficientnet_lite0] [--keep]
 
 Marginal rate: each call runs on the first `--small` photos and on all of them; (all - small) /
 (t_all - t_small) leaves out what a call costs whatever its size (imports, building the network or
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,12 +47,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (caches, run, model files)")
     args = parser.parse_args()
     if not args.photos.is_dir():
         sys.exit(f"photos not found at {args.photos}")
     files = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     small = files[::max(1, len(files) // args.small)][:args.small]  # every k-th: both classes, both splits
     work = Path(tempfile.mkdtemp(prefix="predict-vs-extract-"))
+    try:
+        run(args, files, small, work)
+    finally:
+        if args.keep:
+            print(f"kept {work} (the model files are in {work / 'run'})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, files: list[Path], small: list[Path], work: Path) -> None:
     folders = {"small": linked_folder(small, args.photos, work / "small"),
                "all": linked_folder(files, args.photos, work / "all")}
     sizes = {"small": len(small), "all": len(files)}

@@ -369,3 +369,46 @@ def test_predict_memory_is_bounded_by_the_output_not_the_input(shipped, large_in
         assert s["said"] == len(large_inputs[s["case"]]) and not s["errors"], s
         peak = s["peak_kb"] / 2**20  # GiB
         assert peak < LIMITS_GB[s["case"]], f"{name} on {s['case']}: peak RSS {peak:.2f} GiB (limit {LIMITS_GB[s['case']]})"
+
+
+def test_a_pt2_loads_as_the_same_program_with_each_shape_expression_parsed_once(tmp_path, monkeypatch):
+    """model.pt2 loads with each distinct symbolic shape expression parsed once: the program read back is
+    the one plain `torch.export.load` reads (graph, every node's shape, ranges, outputs), with far fewer
+    parses (the exact resize repeats its expressions)."""
+    from torch._export.serde.serialize import GraphModuleDeserializer
+
+    from pipeline.resize import resize_crop
+
+    class Resized(torch.nn.Module):
+        def forward(self, x):
+            return resize_crop(x, 12, 10, True, False, False).float().mean(dim=(2, 3))
+
+    dims = {0: torch.export.Dim("n", min=1), 2: torch.export.Dim("h", min=1, max=4096),
+            3: torch.export.Dim("w", min=1, max=4096)}
+    with torch.no_grad():
+        program = torch.export.export(Resized(), (torch.zeros(2, 3, 30, 40, dtype=torch.uint8),), dynamic_shapes=(dims,))
+    path = tmp_path / "resized.pt2"
+    torch.export.save(program, path)
+    original, calls = GraphModuleDeserializer._parse_sym_expr, []
+
+    def counted(self, expr, hint=None):
+        calls.append(expr)
+        return original(self, expr, hint)
+
+    monkeypatch.setattr(GraphModuleDeserializer, "_parse_sym_expr", counted)
+    plain = torch.export.load(path)
+    parsed_plainly = len(calls)
+    calls.clear()
+    with formats._expressions_parsed_once():
+        once = torch.export.load(path)
+    assert GraphModuleDeserializer._parse_sym_expr is counted  # put back as it was
+    assert 0 < len(calls) < parsed_plainly / 2, (len(calls), parsed_plainly)
+
+    def described(p):
+        return (p.graph_module.code, [str(n.meta.get("val")) for n in p.graph.nodes],
+                {str(k): str(v) for k, v in p.range_constraints.items()})
+
+    assert described(once) == described(plain)
+    for shape in [(1, 3, 7, 50), (3, 3, 61, 9)]:
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(once.module()(x), plain.module()(x))
