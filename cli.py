@@ -281,9 +281,12 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     model.pt (TorchScript), model.onnx (onnxruntime) or model.pt2 (torch.export), by its suffix."""
     results = pipeline.predict(model_path, list(paths), top_k=top_k, batch_size=batch_size, out=out, device=device,
                                progress=True)
+    from pipeline.shipping.predict import MODEL_FAILED, failures  # torch is loaded by now
+
     errors = sum(r.error is not None for r in results)
+    what = failures([r.error for r in results])
     if out:
-        _echo(f"wrote {len(results)} predictions to {out} ({errors} unreadable files)")
+        _echo(f"wrote {len(results)} predictions to {out} ({what or '0 errors'})")
     else:
         names = [terminal_text(r.path) for r in results]  # as _echo shows them: the columns line up
         width = min(60, max(len(n) for n in names))
@@ -291,9 +294,12 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
             shown = r.error and f"error: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probabilities))
             _echo(f"{name:<{width}}  {shown}")
         if errors:
-            _echo(f"{errors} of {len(results)} files could not be read")
+            _echo(f"{errors} of {len(results)} files were not classified: {what}")
     if errors == len(results):
-        raise _Exit(f"none of the {len(results)} files could be read as an image", 1)
+        model_failed = [r.error for r in results if r.error.startswith(MODEL_FAILED)]
+        if not model_failed:
+            raise _Exit(f"none of the {len(results)} files could be read as an image", 1)
+        raise _Exit(f"none of the {len(results)} files was classified ({what}); e.g. {model_failed[0]}", 1)
 
 
 @cli.command()

@@ -68,6 +68,21 @@ def test_classes_the_model_does_not_know_are_named_before_any_image_is_run(binar
     assert not (tmp_path / "ev").exists()
 
 
+def test_a_model_that_fails_on_every_image_is_named_not_the_images(binary_run, tmp_path, monkeypatch):
+    from pipeline.shipping import formats
+
+    def fails(self, items):
+        raise RuntimeError("Failed to allocate memory")
+
+    monkeypatch.setattr(formats.TorchScriptRunner, "_run", fails)
+    write_image(tmp_path / "data" / "ants" / "1.png", 1)
+    write_image(tmp_path / "data" / "bees" / "2.png", 2)
+    result = run_cli("evaluate", binary_run / "model.pt", tmp_path / "data", "--out", tmp_path / "ev")
+    assert_one_line_error(result, "none of the 2 images in", "could be scored (the model failed on 2); e.g. the model "
+                          "failed on this image: RuntimeError: Failed to allocate memory")
+    assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.parametrize("make, args, fragment", [
     (lambda d: None, (), "does not exist"),
     (lambda d: write_image(d / "a" / "1.png", 0), ("--split", "val"), "has no split folders (or split column)"),

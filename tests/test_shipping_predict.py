@@ -36,7 +36,7 @@ def test_files_and_folders_with_errors_listed_and_run_continues(three_run, input
     for r in good:
         assert r["label_1"] in {"a", "b", "c"} and r["label_2"] in {"a", "b", "c"}
         assert float(r["prob_1"]) >= float(r["prob_2"])
-    assert "wrote 4 predictions" in result.out and "1 unreadable" in result.out
+    assert "wrote 4 predictions" in result.out and "(1 could not be read)" in result.out
     assert "img/s" in result.err  # the progress bar with its rate
 
 
@@ -50,7 +50,7 @@ def test_json_output_and_terminal_table(three_run, inputs, tmp_path):
     table = run_cli("predict", three_run / "model.pt", folder)
     assert table.code == 0
     assert "broken.png" in table.out and "error: not a recognised image format" in table.out
-    assert "1 of 3 files could not be read" in table.out
+    assert "1 of 3 files were not classified: 1 could not be read" in table.out
 
 
 def test_predict_bad_inputs(three_run, inputs, tmp_path):
@@ -111,6 +111,23 @@ def test_predict_fails_when_no_file_could_be_read(three_run, tmp_path):
     result = run_cli("predict", three_run / "model.pt", tmp_path)
     assert_one_line_error(result, "none of the 2 files could be read as an image")
     assert "error: not a recognised image format" in result.out  # each file's reason is still listed
+
+
+def test_a_model_that_fails_on_every_image_is_said_to_have_failed_not_the_files(three_run, inputs, monkeypatch):
+    """The files were read: the summary and the one-line error name the model, not the decoder."""
+    from pipeline.shipping import formats
+
+    def fails(self, items):
+        raise RuntimeError("Failed to allocate memory")
+
+    monkeypatch.setattr(formats.TorchScriptRunner, "_run", fails)
+    folder, single = inputs
+    result = run_cli("predict", three_run / "model.pt", single)
+    assert_one_line_error(result, "none of the 1 files was classified (the model failed on 1); e.g. the model failed "
+                                  "on this image: RuntimeError: Failed to allocate memory")
+    table = run_cli("predict", three_run / "model.pt", folder)  # one unreadable file, two the model failed on
+    assert "3 of 3 files were not classified: 1 could not be read, the model failed on 2" in table.out
+    assert_one_line_error(table, "none of the 3 files was classified (1 could not be read, the model failed on 2)")
 
 
 def test_loading_model_pt_surfaces_no_torchscript_deprecation_warning(binary_run, tmp_path):

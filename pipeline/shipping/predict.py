@@ -39,6 +39,8 @@ DEFAULT_BATCH = 16  # where extraction has not probed this backbone on this mach
 BATCH_BYTES = 256 * 2**20
 PREPARE_THREADS = 1  # intra-op threads of the cropping thread (extraction's Pillow resize is single-threaded too)
 
+MODEL_FAILED = "the model failed on this image"  # how a Prediction.error the model (not the file) caused begins
+
 
 @dataclass
 class Prediction:
@@ -187,6 +189,14 @@ def default_batch_size(model: Model) -> int:
     return known["batch_size"] if known else DEFAULT_BATCH
 
 
+def failures(errors: list[str | None]) -> str:
+    """What went wrong, counted: "2 could not be read, the model failed on 1" ('' when nothing did)."""
+    failed = sum(e is not None and e.startswith(MODEL_FAILED) for e in errors)
+    unreadable = sum(e is not None for e in errors) - failed
+    said = [unreadable and f"{unreadable} could not be read", failed and f"the model failed on {failed}"]
+    return ", ".join(text for text in said if text)
+
+
 def _run(runner: Runner, items: list, indices: list[int], results: list[Prediction]) -> list:
     """Probabilities per item (None where it failed: its error set). A failing batch (an allocation
     refused by onnxruntime, say) is run again one image at a time, so that only the image that fails
@@ -196,7 +206,7 @@ def _run(runner: Runner, items: list, indices: list[int], results: list[Predicti
     except Exception as e:  # noqa: BLE001 - whatever the runtime raises, it is about these images
         if len(items) > 1:
             return [p for k in range(len(items)) for p in _run(runner, items[k:k + 1], indices[k:k + 1], results)]
-        results[indices[0]].error = short_reason(f"the model failed on this image: {type(e).__name__}: {e}")
+        results[indices[0]].error = short_reason(f"{MODEL_FAILED}: {type(e).__name__}: {e}")
         return [None]
 
 
