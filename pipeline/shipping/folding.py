@@ -8,8 +8,8 @@ the same themselves; a model.pt2 is run as saved, so the fold is done before sav
 
 Done on the ATen graph, not on modules, so that it holds for any backbone: timm's BatchNormAct2d and
 torchvision's blocks reach the graph as the same `aten.batch_norm` node. The folded weights are computed
-in float64 and stored in float32 (each folded activation differs from the unfolded one by float32
-rounding: measured below 1e-6 relative on Lite0's features).
+in float64 and stored in float32, so the features move by float32 rounding only (measured on pretrained
+Lite0's features: at most 1.3e-6 of their largest value).
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def _tensor(program: ExportedProgram, node) -> torch.Tensor | None:
 def _plan(bn: fx.Node, spec_of: dict, program: ExportedProgram):
     """(conv, its new bias node, weight spec, bias spec, folded weight, folded bias), or None when this
     batch norm cannot be folded safely."""
+    if len(bn.args) < 8:  # torch.export writes every argument out; anything else is left alone
+        return None
     x, gamma, beta, mean, var, training, _momentum, eps = bn.args[:8]
     conv = x
     if training or not isinstance(conv, fx.Node) or conv.target not in _CONVOLUTIONS or len(conv.users) != 1:
