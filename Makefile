@@ -20,16 +20,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/transfer demo
 
-# Two pytest-xdist workers (a test file each at a time; the heavy fixtures are built once for both), given
-# the longest files first (tests/conftest.py: LONGEST_FIRST).
+# Two pytest-xdist workers (a test file each at a time; the heavy fixtures are built once for both).
 WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 # The edit-test loop: everything but the slow end-to-end tests (marked `slow`).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_throughput.py

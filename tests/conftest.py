@@ -51,24 +51,11 @@ def built_once(tmp_path_factory, name: str, build):
         return value
 
 
-# The longest test files, longest first (worker seconds from `pytest -n 2 --dist loadfile --durations=0`,
-# 2026-12-07: 228, 93, 113, 85, 81, 62, 59, 54, 49, 43, 43 s). `make test` hands files to its two workers
-# in this order (--no-loadscope-reorder; pytest-xdist would otherwise order them by how many tests they
-# hold), so that no long file starts last while the other worker sits idle. test_shipping_export comes
-# third: it waits for three_run, which the first file's worker builds.
-LONGEST_FIRST = ["test_shipping_formats.py", "test_reliability_resume.py", "test_shipping_export.py",
-                 "test_backbones.py", "test_examples.py", "test_fitting_probe.py", "test_extraction_distributed.py",
-                 "test_gpu_check.py", "test_resize.py", "test_readme.py", "test_fitting_experiment.py"]
-
-
 def pytest_collection_modifyitems(items):
-    """Mark the tests that need a heavy session fixture `slow` (`make test-fast` leaves them out), and put
-    the longest files first (LONGEST_FIRST)."""
+    """Mark the tests that need a heavy session fixture `slow` (`make test-fast` leaves them out)."""
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep their order
 
 
 def write_image(path: Path, seed: int, size=(48, 36), fmt: str | None = None) -> Path:
