@@ -8,7 +8,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 .PHONY: demo test test-fast bench clean
 
 # --no-compile: pip would byte-compile every file it installs (torch, ray, pyspark: 75 of the 170 s measured
-# here); Python compiles each module on its first import instead, and keeps it, so that is not turned off.
+# here); Python compiles each module on its first import instead and keeps the result, which it would not
+# where the environment sets PYTHONDONTWRITEBYTECODE (ours does): so that is not passed on.
 unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml
