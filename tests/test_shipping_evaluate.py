@@ -77,9 +77,10 @@ def test_a_model_that_fails_on_every_image_is_named_not_the_images(binary_run, t
     monkeypatch.setattr(formats.TorchScriptRunner, "_run", fails)
     write_image(tmp_path / "data" / "ants" / "1.png", 1)
     write_image(tmp_path / "data" / "bees" / "2.png", 2)
+    (tmp_path / "data" / "bees" / "broken.png").write_bytes(b"not an image")  # listed, then failed to read
     result = run_cli("evaluate", binary_run / "model.pt", tmp_path / "data", "--out", tmp_path / "ev")
-    assert_one_line_error(result, "none of the 2 images in", "could be scored (the model failed on 2); e.g. the model "
-                          "failed on this image: RuntimeError: Failed to allocate memory")
+    assert_one_line_error(result, "none of the 3 images in", "could be scored (1 could not be read, the model failed "
+                          "on 2); e.g. ", "1.png: the model failed on this image: RuntimeError: Failed to allocate memory")
     assert not (tmp_path / "ev").exists()
 
 

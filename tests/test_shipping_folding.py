@@ -137,3 +137,28 @@ def test_training_mode_and_bf16_convolutions_are_left_alone():
     training = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), _batch_norm(4, 9)).train()
     program = torch.export.export(training, (torch.randn(2, 3, 4, 4),))
     assert fold_batch_norms(program) == 0  # batch statistics: nothing to fold
+
+
+def test_a_batch_norm_that_is_the_programs_output_is_left_and_the_program_stays_valid():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), _batch_norm(4, 10)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        program = torch.export.export(net, (x,))
+    assert fold_batch_norms(program) == 0
+    program.validate()
+    torch.export.save(program, io.BytesIO())
+    with torch.inference_mode():
+        assert torch.allclose(program.module()(x), net(x))
+
+
+def test_a_convolution_on_an_unbatched_input_is_not_folded_along_the_wrong_dimension():
+    """Conv1d on (C, L): the batch norm after it normalizes dimension 1 (L here, equal to C_out), not the
+    convolution's output channels."""
+    net = nn.Sequential(nn.Conv1d(3, 5, 1, bias=False), nn.BatchNorm1d(5), nn.ReLU()).eval()
+    net[1].load_state_dict({k: v for k, v in _batch_norm(5, 11).state_dict().items()})
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        program = torch.export.export(net, (x,))
+    assert fold_batch_norms(program) == 0
+    with torch.inference_mode():
+        assert torch.allclose(program.module()(x), net(x))

@@ -75,10 +75,15 @@ def _plan(bn: fx.Node, spec_of: dict, program: ExportedProgram):
     conv = x
     if training or not isinstance(conv, fx.Node) or conv.target not in _CONVOLUTIONS or len(conv.users) != 1:
         return None
+    if any(user.op == "output" for user in bn.users):  # the program's output names it: left as it is
+        return None
     weight_node = conv.args[1]
     bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
     weight, mean_t, var_t = (_tensor(program, n) for n in (weight_node, mean, var))
     if weight is None or mean_t is None or var_t is None or weight.dtype != torch.float32:
+        return None
+    out = conv.meta.get("val")  # batched: (N, C_out, ...), so the batch norm's channels are the conv's outputs
+    if getattr(out, "dim", lambda: -1)() != weight.dim() or weight.shape[0] != mean_t.numel():
         return None
     if len(weight_node.users) != 1 or weight_node.name not in spec_of:  # its weight is rewritten: only it may read it
         return None

@@ -314,7 +314,7 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-_PARSING = threading.Lock()
+_PARSING = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -330,19 +330,19 @@ def _expressions_parsed_once():
         from torch._export.serde.serialize import GraphModuleDeserializer as deserializer
     except ImportError:
         deserializer = None
-    original = getattr(deserializer, "_parse_sym_expr", None)
-    if original is None:
+    if getattr(deserializer, "_parse_sym_expr", None) is None:
         yield
         return
+    with _PARSING:  # read and put back under the lock: another thread's patch is never taken for torch's own
+        original = deserializer._parse_sym_expr
 
-    def parse_once(self, expr, hint=None):
-        parsed = self.__dict__.setdefault("_transfer_parsed", {})
-        key = (expr, hint)
-        if key not in parsed:
-            parsed[key] = original(self, expr, hint)
-        return parsed[key]
+        def parse_once(self, expr, hint=None):
+            parsed = self.__dict__.setdefault("_transfer_parsed", {})
+            key = (expr, hint)
+            if key not in parsed:
+                parsed[key] = original(self, expr, hint)
+            return parsed[key]
 
-    with _PARSING:
         deserializer._parse_sym_expr = parse_once
         try:
             yield
