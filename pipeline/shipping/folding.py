@@ -24,8 +24,9 @@ _BATCH_NORM = torch.ops.aten.batch_norm.default  # torch.export's IR: (x, weight
 
 
 def fold_batch_norms(program: ExportedProgram) -> int:
-    """Fold, in place, every eval-mode batch norm whose input is a float32 convolution read by nothing
-    else into that convolution; the batch norm's nodes and now unread weights leave the program. The
+    """Fold, in place, every eval-mode batch norm whose input is a float32 convolution of a batched input,
+    read by nothing else, into that convolution (not one that is the program's own output); the batch
+    norm's nodes and now unread weights leave the program. The
     convolution's new bias is stored under the batch norm's bias (or the convolution's own, when it has
     one). Returns how many were folded; the rest are left as they are."""
     graph = program.graph_module.graph
