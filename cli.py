@@ -281,7 +281,7 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
     model.pt (TorchScript), model.onnx (onnxruntime) or model.pt2 (torch.export), by its suffix."""
     results = pipeline.predict(model_path, list(paths), top_k=top_k, batch_size=batch_size, out=out, device=device,
                                progress=True)
-    from pipeline.shipping.predict import MODEL_FAILED, failures  # torch is loaded by now
+    from pipeline.shipping.predict import failures, model_failed  # torch is loaded by now
 
     errors = sum(r.error is not None for r in results)
     what = failures([r.error for r in results])
@@ -296,10 +296,10 @@ def predict_cmd(model_path, paths, out, top_k, batch_size, device):
         if errors:
             _echo(f"{errors} of {len(results)} files were not classified: {what}")
     if errors == len(results):
-        model_failed = [r.error for r in results if r.error.startswith(MODEL_FAILED)]
-        if not model_failed:
+        by_model = [r.error for r in results if model_failed(r.error)]
+        if not by_model:
             raise _Exit(f"none of the {len(results)} files could be read as an image", 1)
-        raise _Exit(f"none of the {len(results)} files was classified ({what}); e.g. {model_failed[0]}", 1)
+        raise _Exit(f"none of the {len(results)} files was classified ({what}); e.g. {by_model[0]}", 1)
 
 
 @cli.command()

@@ -20,7 +20,7 @@ from ..files import display_path
 from ..fitting.calibration import summary
 from ..fitting.metrics import scores as score
 from ..images import SPLIT_NAMES, scan_image_folder
-from .predict import MODEL_FAILED, Model, failures, load_model, predict
+from .predict import Model, failures, load_model, model_failed, predict
 
 
 @dataclass
@@ -139,8 +139,7 @@ def evaluate(model, data, *, split: str | None = None, batch_size: int | None = 
         kept.append(i)
         rows.append(p)
     if not kept:
-        model_failed = [(p, e) for p, e in failed if e.startswith(MODEL_FAILED)]
-        path, error = (model_failed or failed)[0]
+        path, error = ([(p, e) for p, e in failed if model_failed(e)] or failed)[0]
         raise InputFileError(f"none of the {len(paths)} images in {display_path(data)} could be scored "
                              f"({failures([e for _, e in failed])}); e.g. {display_path(path)}: {error}")
     proba = np.array(rows)

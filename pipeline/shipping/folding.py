@@ -57,14 +57,10 @@ def fold_batch_norms(program: ExportedProgram) -> int:
     return folded
 
 
-def _tensor(program: ExportedProgram, node) -> torch.Tensor | None:
+def _tensor(program: ExportedProgram, spec_of: dict, node) -> torch.Tensor | None:
     """The value behind a lifted parameter or buffer placeholder (None for anything else)."""
-    if not (isinstance(node, fx.Node) and node.op == "placeholder"):
-        return None
-    spec = next((s for s in program.graph_signature.input_specs if getattr(s.arg, "name", None) == node.name), None)
-    if spec is None or spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER):
-        return None
-    return program.state_dict.get(spec.target, program.constants.get(spec.target))
+    spec = spec_of.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None
+    return None if spec is None else program.state_dict.get(spec.target, program.constants.get(spec.target))
 
 
 def _plan(bn: fx.Node, spec_of: dict, program: ExportedProgram):
@@ -80,26 +76,26 @@ def _plan(bn: fx.Node, spec_of: dict, program: ExportedProgram):
         return None
     weight_node = conv.args[1]
     bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
-    weight, mean_t, var_t = (_tensor(program, n) for n in (weight_node, mean, var))
+    weight, mean_t, var_t = (_tensor(program, spec_of, n) for n in (weight_node, mean, var))
     if weight is None or mean_t is None or var_t is None or weight.dtype != torch.float32:
         return None
     out = conv.meta.get("val")  # batched: (N, C_out, ...), so the batch norm's channels are the conv's outputs
     if getattr(out, "dim", lambda: -1)() != weight.dim() or weight.shape[0] != mean_t.numel():
         return None
-    if len(weight_node.users) != 1 or weight_node.name not in spec_of:  # its weight is rewritten: only it may read it
+    if len(weight_node.users) != 1:  # its weight is rewritten: only it may read it
         return None
-    gamma_t = _tensor(program, gamma) if gamma is not None else torch.ones_like(mean_t)
-    beta_t = _tensor(program, beta) if beta is not None else torch.zeros_like(mean_t)
+    gamma_t = _tensor(program, spec_of, gamma) if gamma is not None else torch.ones_like(mean_t)
+    beta_t = _tensor(program, spec_of, beta) if beta is not None else torch.zeros_like(mean_t)
     if gamma_t is None or beta_t is None:
         return None
     if bias_node is not None:  # the convolution's own bias takes the folded one
-        bias_t = _tensor(program, bias_node)
-        if bias_t is None or len(bias_node.users) != 1 or bias_node.name not in spec_of:
+        bias_t = _tensor(program, spec_of, bias_node)
+        if bias_t is None or len(bias_node.users) != 1:
             return None
         target = bias_node
     else:  # the batch norm's bias becomes the convolution's
         bias_t = torch.zeros_like(mean_t)
-        if beta is None or len(beta.users) != 1 or beta.name not in spec_of:
+        if beta is None or len(beta.users) != 1:
             return None
         target = beta
     scale = gamma_t.double() / torch.sqrt(var_t.double() + float(eps))

@@ -352,7 +352,8 @@ def _expressions_parsed_once():
 
 # Loaded runtimes by verified content: loading a model again in one process (`predict("model.pt2", ...)` in
 # a loop, evaluate after export) does not deserialize it again; model.pt2 costs most, as torch.export.load
-# parses the symbolic shapes of the exact resize (10-20 s here, measured). Kept while a caller holds them,
+# parses the symbolic shapes of the exact resize (2-3 s here with `_expressions_parsed_once`, 10 s without:
+# benchmarks/pt2_load.py). Kept while a caller holds them,
 # and the last one loaded: at most one model's memory beyond what callers hold.
 _LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _LAST: list = [None]

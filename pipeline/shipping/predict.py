@@ -189,9 +189,14 @@ def default_batch_size(model: Model) -> int:
     return known["batch_size"] if known else DEFAULT_BATCH
 
 
+def model_failed(error: str | None) -> bool:
+    """Whether a Prediction.error is the model's failure on its image (not the file's)."""
+    return error is not None and error.startswith(MODEL_FAILED)
+
+
 def failures(errors: list[str | None]) -> str:
     """What went wrong, counted: "2 could not be read, the model failed on 1" ('' when nothing did)."""
-    failed = sum(e is not None and e.startswith(MODEL_FAILED) for e in errors)
+    failed = sum(map(model_failed, errors))
     unreadable = sum(e is not None for e in errors) - failed
     said = [unreadable and f"{unreadable} could not be read", failed and f"the model failed on {failed}"]
     return ", ".join(text for text in said if text)
